@@ -1,0 +1,302 @@
+"""
+The composition root: opens the store and the socket, starts server and scheduler, handles signals.
+
+The only module that knows everyone. `server` reaches the scheduler through
+the handler defined here; `scheduler` knows nothing of sockets.
+
+    run:    config → store.open (lock) → bind → serve → schedule → READY=1
+    reload: SIGHUP → RELOADING=1 → config.load → keep the old one on error → READY=1
+    stop:   SIGTERM/SIGINT → STOPPING=1 → cancel → in-flight refreshes finish → socket removed
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import datetime
+from functools import partial
+from pathlib import Path
+
+import httpx
+import structlog
+import trio
+
+from mailoauthd import __version__, config, oauth, paths
+from mailoauthd.errors import ConfigError, MailoauthdError, ProtocolError, TimedOut
+from mailoauthd.notify import Notifier
+from mailoauthd.scheduler import Scheduler
+from mailoauthd.secret import Secret
+from mailoauthd.server import Peer, Server, bind
+from mailoauthd.state import AccountState, TokenStore
+
+log = structlog.get_logger(__name__)
+
+# Bounds on what a request may ask us to wait: a mail program should never
+# hang for minutes on a password command.
+MAX_REQUEST_TIMEOUT = 300.0
+DEFAULT_REQUEST_TIMEOUT = 15.0
+# `refresh` and `import` are run by people, who can wait for a slow provider.
+DEFAULT_ADMIN_TIMEOUT = 60.0
+# STATUS= is refreshed this often for `systemctl status`.
+STATUS_INTERVAL = 30.0
+
+
+def read_secrets(cfg: config.Config) -> dict[str, Secret | None]:
+    """Every provider's client secret, read now (files, commands)."""
+    secrets: dict[str, Secret | None] = {}
+    for name, provider in cfg.providers.items():
+        source = provider.client_secret
+        secrets[name] = (
+            source.read(where=f"{cfg.source}: [providers.{name}] client_secret")
+            if source is not None
+            else None
+        )
+    return secrets
+
+
+def _number(request: Mapping[str, object], key: str, default: float) -> float:
+    value = request.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ProtocolError(f"'{key}' must be a number of seconds")
+    return float(value)
+
+
+def _text(request: Mapping[str, object], key: str) -> str:
+    value = request.get(key)
+    if not isinstance(value, str) or not value:
+        raise ProtocolError(f"'{key}' must be a non-empty string")
+    return value
+
+
+class Daemon:
+    """A running daemon: its configuration, store, scheduler and server."""
+
+    def __init__(
+        self,
+        cfg: config.Config,
+        *,
+        config_path: Path | None,
+        store: TokenStore,
+        scheduler: Scheduler,
+        notifier: Notifier,
+        socket_path: Path,
+    ) -> None:
+        self.config = cfg
+        self.config_path = config_path
+        self.store = store
+        self.scheduler = scheduler
+        self.notifier = notifier
+        self.socket_path = socket_path
+        self.server = Server(self.handle, allowed_uids={os.geteuid(), 0})
+
+    # --- requests ----------------------------------------------------------------
+
+    async def handle(self, request: dict[str, object], peer: Peer) -> dict[str, object]:
+        """Answer one request; errors propagate to the server as MailoauthdError."""
+        if request.get("v") != 1:
+            raise ProtocolError(f"unsupported protocol version {request.get('v')!r}; expected 1")
+        op = request.get("op")
+        if op == "token":
+            return await self._token(request, peer)
+        if op == "status":
+            return {"ok": True, "version": __version__, "accounts": self.scheduler.status()}
+        if op == "refresh":
+            name = _text(request, "account")
+            st = await self._bounded(name, request, partial(self.scheduler.refresh, name))
+            return {"ok": True, "account": name, **_expiry(st.expires_at, self.scheduler.now())}
+        if op == "import":
+            name = _text(request, "account")
+            token = Secret(_text(request, "refresh_token"))
+            st = await self._bounded(
+                name, request, partial(self.scheduler.import_token, name, token)
+            )
+            return {"ok": True, "account": name, **_expiry(st.expires_at, self.scheduler.now())}
+        if op == "revoke":
+            name = _text(request, "account")
+            return {"ok": True, "account": name, "note": await self.scheduler.forget(name)}
+        if op == "ping":
+            return {"ok": True, "version": __version__, "pid": os.getpid()}
+        raise ProtocolError(f"unknown operation {op!r}")
+
+    async def _bounded(
+        self,
+        name: str,
+        request: Mapping[str, object],
+        work: Callable[[], Awaitable[AccountState]],
+    ) -> AccountState:
+        timeout = min(_number(request, "timeout", DEFAULT_ADMIN_TIMEOUT), MAX_REQUEST_TIMEOUT)
+        with trio.move_on_after(max(0.0, timeout)):
+            return await work()
+        raise self._timed_out(name, timeout)
+
+    async def _token(self, request: dict[str, object], peer: Peer) -> dict[str, object]:
+        name = _text(request, "account")
+        min_validity = _number(request, "min_validity", -1.0)
+        timeout = min(_number(request, "timeout", DEFAULT_REQUEST_TIMEOUT), MAX_REQUEST_TIMEOUT)
+        deadline = trio.current_time() + max(0.0, timeout)
+        account = self.scheduler.account(name)
+        with trio.move_on_at(deadline):
+            st = await self.scheduler.token(
+                name, None if min_validity < 0 else min_validity, deadline
+            )
+            assert st.access_token is not None
+            log.debug("token.served", account=name, uid=peer.uid, pid=peer.pid, exe=_exe(peer.pid))
+            return {
+                "ok": True,
+                "token": st.access_token.reveal(),
+                "expires_at": int(st.expires_at.timestamp()) if st.expires_at else None,
+                "username": account.username or "",
+            }
+        raise self._timed_out(name, timeout)
+
+    def _timed_out(self, name: str, timeout: float) -> MailoauthdError:
+        last = self.scheduler.last_error(name)
+        why = f"; last error: {last}" if last else ""
+        return TimedOut(f"{name}: no valid token within {timeout:g} s{why}")
+
+    # --- operations ----------------------------------------------------------------
+
+    async def reload(self) -> bool:
+        """Re-read the configuration; on any error keep running the old one."""
+        if self.config_path is None:
+            log.warning("config.reload_skipped", reason="no config file")
+            return False
+        self.notifier.reloading()
+        try:
+            cfg = await trio.to_thread.run_sync(config.load, self.config_path)
+            secrets = await trio.to_thread.run_sync(read_secrets, cfg)
+        except ConfigError as exc:
+            log.error("config.reload_failed", error=exc.message, kept="the running configuration")
+            self.notifier.ready(self.scheduler.summary())
+            return False
+        for warning in cfg.warnings:
+            log.warning("config.warning", warning=warning)
+        for key in ("socket", "state_dir"):
+            if getattr(cfg.daemon, key) != getattr(self.config.daemon, key):
+                log.warning("config.restart_needed", key=key, reason="takes effect on restart")
+        self.config = cfg
+        self.scheduler.reconfigure(cfg.daemon, cfg.accounts, secrets)
+        log.info("config.reloaded", accounts=len(cfg.accounts))
+        self.notifier.ready(self.scheduler.summary())
+        return True
+
+    async def _watchdog(self, interval: float) -> None:
+        while True:
+            self.notifier.watchdog()
+            await trio.sleep(interval)
+
+    async def _status_updates(self) -> None:
+        while True:
+            await trio.sleep(STATUS_INTERVAL)
+            self.notifier.status(self.scheduler.summary())
+
+    async def _signals(self, cancel: trio.CancelScope) -> None:
+        with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    await self.reload()
+                    continue
+                log.info("daemon.stopping", signal=signal.Signals(signum).name)
+                self.notifier.stopping()
+                cancel.cancel()
+                return
+
+
+def _exe(pid: int) -> str | None:
+    with contextlib.suppress(OSError):
+        return os.readlink(f"/proc/{pid}/exe")
+    return None
+
+
+def _expiry(expires_at: datetime | None, now: datetime) -> dict[str, object]:
+    if expires_at is None:
+        return {"expires_at": None, "expires_in": None}
+    return {
+        "expires_at": expires_at.isoformat(timespec="seconds"),
+        "expires_in": round((expires_at - now).total_seconds()),
+    }
+
+
+async def run(
+    cfg: config.Config,
+    *,
+    config_path: Path | None,
+    env: Mapping[str, str],
+    system: bool,
+    now: Callable[[], datetime] = oauth.now_utc,
+    handle_signals: bool = True,
+    task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """
+    Run the daemon until cancelled or told to stop by a signal.
+
+    Args:
+        cfg: the parsed configuration.
+        config_path: the file it came from, for reloads (None: no reloads).
+        env: the environment (socket and state defaults, NOTIFY_SOCKET).
+        system: system mode (root, or --system): the system's default paths.
+        now: the wall clock.
+        handle_signals: install SIGHUP/SIGTERM/SIGINT handlers (main thread only).
+        task_status: receives the Daemon once READY=1 has been sent.
+    """
+    plain_env = dict(env)
+    state_dir = cfg.daemon.state_dir or Path(paths.state_dir(plain_env, system=system))
+    socket_path = cfg.daemon.socket or Path(
+        paths.daemon_socket(plain_env, os.getuid(), system=system)
+    )
+    notifier = Notifier(env)
+    for warning in cfg.warnings:
+        log.warning("config.warning", warning=warning)
+    secrets = read_secrets(cfg)
+    store = TokenStore(state_dir)
+    store.open()
+    listener = None
+    try:
+        # httpx's timeout is a backstop: the scheduler bounds each attempt itself.
+        backstop = cfg.daemon.request_timeout.total_seconds() + 5
+        async with httpx.AsyncClient(timeout=backstop, follow_redirects=False) as http:
+            scheduler = Scheduler(
+                store=store,
+                http=http,
+                settings=cfg.daemon,
+                accounts=cfg.accounts,
+                secrets=secrets,
+                now=now,
+            )
+            listener = bind(socket_path)
+            daemon = Daemon(
+                cfg,
+                config_path=config_path,
+                store=store,
+                scheduler=scheduler,
+                notifier=notifier,
+                socket_path=socket_path,
+            )
+            async with trio.open_nursery() as root:
+                await root.start(daemon.server.serve, listener)
+                await root.start(scheduler.run)
+                notifier.ready(scheduler.summary())
+                log.info(
+                    "daemon.ready",
+                    version=__version__,
+                    socket=str(socket_path),
+                    state_dir=str(state_dir),
+                    accounts=len(cfg.accounts),
+                )
+                if notifier.watchdog_interval:
+                    root.start_soon(daemon._watchdog, notifier.watchdog_interval)
+                if notifier.enabled:
+                    root.start_soon(daemon._status_updates)
+                if handle_signals:
+                    root.start_soon(daemon._signals, root.cancel_scope)
+                task_status.started(daemon)
+    finally:
+        if listener is not None:
+            listener.close()
+            with contextlib.suppress(OSError):
+                socket_path.unlink()
+        store.close()
+        log.info("daemon.stopped")

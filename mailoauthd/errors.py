@@ -1,0 +1,156 @@
+"""
+The exception tree. Standard library only: the helper imports it.
+
+    MailoauthdError                 code "error"               exit 1
+    ├── UsageError                  "usage"                    exit 2
+    ├── ConfigError                 "config"                   exit 1
+    ├── DaemonUnreachable           "unreachable"              exit 3
+    ├── ProtocolError               "bad-request"              exit 1
+    ├── AccessDenied                "forbidden"                exit 1
+    ├── UnknownAccount              "unknown-account"          exit 1
+    ├── Busy                        "busy"                     exit 5
+    ├── StateError                  "state"                    exit 1
+    │   └── StateLocked             "state-locked"             exit 1
+    └── GrantError                  "grant-error"              exit 1
+        ├── TransientGrantError     "provider-unavailable"     exit 5
+        ├── ReauthorizationRequired "needs-auth"               exit 4
+        └── Misconfigured           "misconfigured"            exit 1
+
+Every error has a `message` (what happened) and a `hint` (what to do). The
+`code` travels on the wire and is API: never rename one. Transient failures and
+"a human must sign in again" are different classes because callers do different
+things with them: retry later, or stop and tell someone.
+"""
+
+from __future__ import annotations
+
+# Exit codes of the `mailoauth` helper, by wire code (CONTRACT.md).
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+EXIT_NEEDS_AUTH = 4
+EXIT_TEMPORARY = 5
+
+EXIT_CODES = {
+    "usage": EXIT_USAGE,
+    "unreachable": EXIT_UNREACHABLE,
+    "needs-auth": EXIT_NEEDS_AUTH,
+    "provider-unavailable": EXIT_TEMPORARY,
+    "busy": EXIT_TEMPORARY,
+    "timeout": EXIT_TEMPORARY,
+}
+
+
+def exit_code_for(code: str) -> int:
+    """The helper's exit status for a wire error code; unknown codes are plain errors."""
+    return EXIT_CODES.get(code, EXIT_ERROR)
+
+
+class MailoauthdError(Exception):
+    """The root of every error mailoauthd reports; carries a message and a hint."""
+
+    code = "error"
+    hint = ""
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if hint is not None:
+            self.hint = hint
+
+    @property
+    def exit_code(self) -> int:
+        return exit_code_for(self.code)
+
+    def __str__(self) -> str:
+        if self.hint:
+            return f"{self.message} ({self.hint})"
+        return self.message
+
+
+class UsageError(MailoauthdError):
+    code = "usage"
+
+
+class ConfigError(MailoauthdError):
+    """A configuration mistake; the message names the file, the table and the key."""
+
+    code = "config"
+    hint = "fix the configuration file and run 'mailoauthd check-config'"
+
+
+class DaemonUnreachable(MailoauthdError):
+    code = "unreachable"
+    hint = "start it with 'systemctl start mailoauthd' (or 'mailoauthd'), or pass --socket"
+
+
+class ProtocolError(MailoauthdError):
+    code = "bad-request"
+
+
+class AccessDenied(MailoauthdError):
+    code = "forbidden"
+
+
+class UnknownAccount(MailoauthdError):
+    code = "unknown-account"
+    hint = "check the account name against 'mailoauth status'"
+
+
+class Busy(MailoauthdError):
+    code = "busy"
+    hint = "try again in a moment"
+
+
+class TimedOut(MailoauthdError):
+    code = "timeout"
+    hint = "the provider is slow or unreachable; try again, or see 'mailoauth status'"
+
+
+class StateError(MailoauthdError):
+    code = "state"
+
+
+class StateLocked(StateError):
+    code = "state-locked"
+    hint = "another mailoauthd is using this state directory; stop it first"
+
+
+class GrantError(MailoauthdError):
+    """The token endpoint did not give us tokens."""
+
+    code = "grant-error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        hint: str | None = None,
+        retry_after: float | None = None,
+        oauth_error: str | None = None,
+    ) -> None:
+        super().__init__(message, hint=hint)
+        self.retry_after = retry_after
+        self.oauth_error = oauth_error
+
+
+class TransientGrantError(GrantError):
+    """Network trouble, timeouts, 5xx, 429: retried with backoff."""
+
+    code = "provider-unavailable"
+    hint = "this is usually temporary; mailoauthd keeps retrying"
+
+
+class ReauthorizationRequired(GrantError):
+    """The grant is gone (revoked, expired, consent withdrawn): a human must sign in again."""
+
+    code = "needs-auth"
+    hint = "run 'mailoauth authorize ACCOUNT' and sign in again"
+
+
+class Misconfigured(GrantError):
+    """The provider refuses our client or our request: the configuration must change."""
+
+    code = "misconfigured"
+    hint = "check client_id, client secret and scopes in the configuration"

@@ -1,0 +1,155 @@
+"""
+The `mailoauth` subcommands people run by hand: status, refresh, import, revoke, authorize.
+
+`token` and `sasl` never come here (client.py answers them without argparse
+or json). Standard library only, like the rest of the helper.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from mailoauthd import client, errors, protocol
+
+# Manual operations may wait for a slow provider; a person is watching.
+ADMIN_TIMEOUT = 60.0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mailoauth",
+        description="Ask mailoauthd for OAuth2 access tokens, and manage its accounts.",
+        epilog="exit status: 0 ok, 1 error, 2 usage, 3 daemon unreachable, "
+        "4 needs authorization, 5 provider temporarily failing",
+    )
+    parser.add_argument("--socket", metavar="PATH", help="the daemon's socket")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, text in (
+        ("token", "print the current access token"),
+        ("sasl", "print a base64 SASL initial response (XOAUTH2 or OAUTHBEARER)"),
+    ):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("account")
+        cmd.add_argument("--timeout", type=float, default=client.DEFAULT_TIMEOUT)
+        cmd.add_argument("--min-validity", type=float)
+        if name == "sasl":
+            cmd.add_argument("--mechanism", choices=("xoauth2", "oauthbearer"))
+            cmd.add_argument("--host")
+            cmd.add_argument("--port")
+    status = sub.add_parser("status", help="show every account's state")
+    status.add_argument("account", nargs="?")
+    status.add_argument("--json", action="store_true", help="stable, machine-readable output")
+    for name, text in (
+        ("refresh", "refresh an account's token now and print the new expiry"),
+        ("import", "read a refresh token on stdin and store it (migration from other tools)"),
+        ("revoke", "revoke at the provider where supported, then forget the tokens"),
+        ("authorize", "sign in to an account"),
+    ):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("account")
+        if name in ("refresh", "import"):
+            cmd.add_argument("--timeout", type=float, default=ADMIN_TIMEOUT)
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    """Run a management subcommand; returns the exit status."""
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse's usage errors exit 2, --help exits 0
+        return int(exc.code or 0)
+    command = args.command
+    if command in ("token", "sasl"):
+        # client.py answers these before argparse is ever imported; we get here
+        # only with options it does not know, in an order it does not take.
+        raise client._Fail(
+            f"usage: mailoauth [--socket PATH] {command} ACCOUNT [--timeout S] [--min-validity S]",
+            errors.EXIT_USAGE,
+        )
+    if command == "authorize":
+        raise client._Fail(
+            f"{args.account}: interactive authorization is not available in this version; "
+            f"sign in with another tool and run 'mailoauth import {args.account}' with the "
+            "refresh token on stdin",
+            errors.EXIT_ERROR,
+        )
+    if command == "status":
+        return _status(args)
+    request: dict[str, object] = {"v": protocol.VERSION, "op": command, "account": args.account}
+    timeout = getattr(args, "timeout", ADMIN_TIMEOUT)
+    request["timeout"] = timeout
+    if command == "import":
+        token = sys.stdin.readline().strip()
+        if not token:
+            raise client._Fail(
+                "no refresh token on stdin (paste it, or pipe it in: "
+                f"'mailoauth import {args.account} < file')",
+                errors.EXIT_USAGE,
+            )
+        request["refresh_token"] = token
+    reply = client.request_reply(protocol.encode(request), args.socket, timeout + 5)
+    if command == "revoke":
+        sys.stderr.write(f"mailoauth: {args.account}: {reply.get('note', 'done')}\n")
+    elif command == "refresh":
+        print(reply.get("expires_at"))
+    elif command == "import":
+        sys.stderr.write(
+            f"mailoauth: {args.account}: stored; "
+            f"access token valid until {reply.get('expires_at')}\n"
+        )
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    request = protocol.encode({"v": protocol.VERSION, "op": "status"})
+    reply = client.request_reply(request, args.socket, 10.0)
+    rows = reply.get("accounts")
+    if not isinstance(rows, list):
+        raise client._Fail("mailoauthd sent a status without accounts", errors.EXIT_ERROR)
+    if args.account:
+        rows = [row for row in rows if row.get("account") == args.account]
+        if not rows:
+            raise client._Fail(f"{args.account}: no such account", errors.EXIT_ERROR)
+    if args.json:
+        json.dump({"version": reply.get("version"), "accounts": rows}, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    header = ("ACCOUNT", "STATE", "EXPIRES IN", "LAST REFRESH", "NEXT CHECK", "LAST ERROR")
+    table = [header]
+    for row in rows:
+        table.append(
+            (
+                str(row.get("account")),
+                str(row.get("status")),
+                _duration(row.get("expires_in")),
+                _short_time(row.get("last_refresh")),
+                _short_time(row.get("next_check")),
+                str(row.get("last_error") or "-"),
+            )
+        )
+    widths = [max(len(r[i]) for r in table) for i in range(len(header) - 1)]
+    for r in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=False)) + "  " + r[-1])
+    for row in rows:
+        if row.get("hint") and row.get("status") != "ok":
+            print(f"{row.get('account')}: {row.get('hint')}")
+    return 0
+
+
+def _duration(seconds: object) -> str:
+    if not isinstance(seconds, int):
+        return "-"
+    if seconds <= 0:
+        return "expired"
+    minutes, secs = divmod(seconds, 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def _short_time(value: object) -> str:
+    if not isinstance(value, str):
+        return "-"
+    return value.replace("+00:00", "Z")

@@ -1,0 +1,332 @@
+"""
+OAuth2 grants as a sans-I/O core: build token requests, parse and classify responses.
+
+Everything here is a pure function over `httpx.Request` / `httpx.Response`
+except `send`, the one place that does network I/O and the one place where
+httpx's exceptions become ours. Classification decides what the daemon does
+next: a TransientGrantError is retried with backoff, ReauthorizationRequired
+stops and waits for a human, Misconfigured stops and waits for a config fix.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import httpx
+
+from mailoauthd.errors import (
+    GrantError,
+    Misconfigured,
+    ReauthorizationRequired,
+    TransientGrantError,
+)
+from mailoauthd.secret import Secret
+
+# Providers that omit expires_in are rare; RFC 6749 recommends it. An hour is
+# what every provider we know issues, and the scheduled check corrects us if
+# the token dies sooner (the resource server rejects it, the user refreshes).
+DEFAULT_EXPIRES_IN = 3600
+# Cap on what we read of an error body into a message: provider HTML error
+# pages can be large, and one line on stderr must stay one line.
+MAX_DESCRIPTION = 300
+
+REFRESH_TOKEN = "refresh_token"  # noqa: S105 - a grant type, not a secret
+CLIENT_CREDENTIALS = "client_credentials"
+
+# RFC 6749 §5.2 error codes, by what the daemon should do about them.
+_NEEDS_AUTH = frozenset({"invalid_grant", "interaction_required", "consent_required"})
+_MISCONFIGURED = frozenset(
+    {"invalid_client", "unauthorized_client", "invalid_scope", "unsupported_grant_type"}
+)
+_TRANSIENT = frozenset({"temporarily_unavailable", "server_error", "slow_down"})
+
+# Microsoft identity platform codes people actually hit, as "what happened; what to do".
+AADSTS_EXPLANATIONS = {
+    "70008": (
+        "the refresh token has expired or was revoked",
+        "run 'mailoauth authorize {account}' to sign in again",
+    ),
+    "700082": (
+        "the refresh token expired after a long time unused (inactivity limit)",
+        "run 'mailoauth authorize {account}' to sign in again",
+    ),
+    "50076": (
+        "the tenant now requires multi-factor authentication for this sign-in",
+        "run 'mailoauth authorize {account}' and complete MFA in the browser",
+    ),
+    "65001": (
+        "the user or an administrator has not consented to the app's permissions",
+        "have an administrator grant consent, then run 'mailoauth authorize {account}'",
+    ),
+    "7000215": (
+        "the client secret is wrong",
+        "check client_secret_file / client_secret_command (copy the secret's value, not its ID)",
+    ),
+    "7000222": (
+        "the client secret has expired",
+        "create a new client secret in the app registration and update the config",
+    ),
+    "700016": (
+        "the app (client_id) was not found in this tenant",
+        "check client_id and tenant, or have the app consented in this tenant",
+    ),
+    "70011": (
+        "a requested scope is invalid for this app",
+        "check the scopes configured for this provider",
+    ),
+    "9002313": (
+        "the request was malformed or invalid",
+        "check tenant, client_id and scopes in the configuration",
+    ),
+}
+_AADSTS = re.compile(r"AADSTS(\d+)")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Client:
+    """What the token endpoint needs to know about us."""
+
+    token_endpoint: str
+    client_id: str
+    client_secret: Secret | None = None
+    auth_method: str = "client_secret_post"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TokenSet:
+    """A successful token response, parsed."""
+
+    access_token: Secret
+    token_type: str
+    expires_at: datetime
+    refresh_token: Secret | None
+    scopes: tuple[str, ...] | None
+    id_token: Secret | None = None
+
+
+def _form_request(
+    client: Client, form: dict[str, str], endpoint: str | None = None
+) -> httpx.Request:
+    url = endpoint or client.token_endpoint
+    headers = {"Accept": "application/json"}
+    if client.client_secret is not None and client.auth_method == "client_secret_basic":
+        auth = httpx.BasicAuth(client.client_id, client.client_secret.reveal())
+        return next(auth.auth_flow(httpx.Request("POST", url, data=form, headers=headers)))
+    form = {**form, "client_id": client.client_id}
+    if client.client_secret is not None:
+        form["client_secret"] = client.client_secret.reveal()
+    return httpx.Request("POST", url, data=form, headers=headers)
+
+
+def refresh_request(
+    client: Client, refresh_token: Secret, scopes: tuple[str, ...] | None = None
+) -> httpx.Request:
+    """
+    A refresh_token grant request (RFC 6749 §6).
+
+    Args:
+        client: the OAuth client.
+        refresh_token: the current refresh token.
+        scopes: scopes to ask for, or None to keep those granted.
+    """
+    form = {"grant_type": REFRESH_TOKEN, "refresh_token": refresh_token.reveal()}
+    if scopes:
+        form["scope"] = " ".join(scopes)
+    return _form_request(client, form)
+
+
+def client_credentials_request(client: Client, scopes: tuple[str, ...]) -> httpx.Request:
+    """A client_credentials grant request (RFC 6749 §4.4): app-only access."""
+    form = {"grant_type": CLIENT_CREDENTIALS}
+    if scopes:
+        form["scope"] = " ".join(scopes)
+    return _form_request(client, form)
+
+
+def revocation_request(client: Client, endpoint: str, token: Secret) -> httpx.Request:
+    """An RFC 7009 revocation request for a refresh (or access) token."""
+    return _form_request(client, {"token": token.reveal()}, endpoint)
+
+
+def retry_after(response: httpx.Response, now: datetime) -> float | None:
+    """Seconds the provider asked us to wait (Retry-After: seconds or an HTTP date)."""
+    value = response.headers.get("Retry-After")
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - now).total_seconds())
+
+
+def _one_line(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= MAX_DESCRIPTION else text[: MAX_DESCRIPTION - 1] + "…"
+
+
+def _json_body(response: httpx.Response) -> dict[str, object] | None:
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    return body if isinstance(body, dict) else None
+
+
+def explain(oauth_error: str, description: str, account: str) -> tuple[str, str | None]:
+    """
+    A provider's error in words a person can act on.
+
+    Returns:
+        (message, hint): the hint is None when we have nothing better than the default.
+    """
+    match = _AADSTS.search(description)
+    if match and match.group(1) in AADSTS_EXPLANATIONS:
+        what, todo = AADSTS_EXPLANATIONS[match.group(1)]
+        return f"AADSTS{match.group(1)}: {what}", todo.format(account=account)
+    if oauth_error == "invalid_grant" and "expired or revoked" in description:
+        # Google's wording; apps in "testing" publishing status get 7-day refresh tokens.
+        return (
+            f"invalid_grant: {description} (Google revokes refresh tokens of apps in "
+            "'testing' status after 7 days)",
+            f"run 'mailoauth authorize {account}'; publish the app to avoid the 7-day limit",
+        )
+    text = f"{oauth_error}: {description}" if description else oauth_error
+    return text, None
+
+
+def parse_token_response(response: httpx.Response, *, now: datetime, account: str) -> TokenSet:
+    """
+    Turn the token endpoint's answer into tokens, or into a classified error.
+
+    Args:
+        response: the HTTP response, body read.
+        now: the wall-clock time the response arrived, for the expiry.
+        account: the account's name, for messages.
+
+    Raises:
+        TransientGrantError: 5xx, 429, a malformed answer; retry later.
+        ReauthorizationRequired: the grant is gone; a human must sign in again.
+        Misconfigured: the provider refuses our client or request.
+    """
+    status = response.status_code
+    body = _json_body(response)
+    if status == 200:
+        if body is None:
+            raise TransientGrantError(
+                f"the token endpoint answered 200 with a body that is not a JSON object "
+                f"({response.headers.get('Content-Type', 'no content type')})"
+            )
+        return _tokens(body, now)
+    wait = retry_after(response, now)
+    if body is not None and isinstance(body.get("error"), str):
+        oauth_error = str(body["error"])
+        description = _one_line(str(body.get("error_description") or ""))
+        message, hint = explain(oauth_error, description, account)
+        if status >= 500 or status == 429 or oauth_error in _TRANSIENT:
+            raise TransientGrantError(
+                f"the provider is failing (HTTP {status}, {message})",
+                retry_after=wait,
+                oauth_error=oauth_error,
+            )
+        if oauth_error in _NEEDS_AUTH:
+            raise ReauthorizationRequired(
+                f"the provider rejected the refresh token ({message})",
+                hint=hint or f"run 'mailoauth authorize {account}' and sign in again",
+                oauth_error=oauth_error,
+            )
+        if oauth_error in _MISCONFIGURED:
+            raise Misconfigured(
+                f"the provider refused the request ({message})",
+                hint=hint,
+                oauth_error=oauth_error,
+            )
+        # An error code we do not know: not ours to give up on for good.
+        raise TransientGrantError(
+            f"the provider answered HTTP {status} ({message})",
+            retry_after=wait,
+            oauth_error=oauth_error,
+        )
+    reason = response.reason_phrase or "no reason given"
+    kind = (
+        "an HTML page" if "html" in response.headers.get("Content-Type", "") else "no OAuth error"
+    )
+    if status in (401, 403) and body is None:
+        # Some proxies and providers answer bare 401s for a bad client.
+        raise Misconfigured(f"the token endpoint refused us (HTTP {status} {reason}, {kind})")
+    raise TransientGrantError(
+        f"the token endpoint answered HTTP {status} {reason} with {kind}", retry_after=wait
+    )
+
+
+def _tokens(body: dict[str, object], now: datetime) -> TokenSet:
+    access = body.get("access_token")
+    if not isinstance(access, str) or not access:
+        raise TransientGrantError("the token endpoint's answer has no access_token")
+    token_type = body.get("token_type", "Bearer")
+    if not isinstance(token_type, str) or token_type.lower() != "bearer":
+        raise Misconfigured(f"the provider issued a {token_type!r} token; only Bearer is usable")
+    expires_in = body.get("expires_in", DEFAULT_EXPIRES_IN)
+    if isinstance(expires_in, str) and expires_in.isdigit():
+        expires_in = int(expires_in)  # some providers send a string
+    if isinstance(expires_in, bool) or not isinstance(expires_in, int | float) or expires_in <= 0:
+        raise TransientGrantError(f"the token endpoint's expires_in is not usable: {expires_in!r}")
+    refresh = body.get("refresh_token")
+    scope = body.get("scope")
+    id_token = body.get("id_token")
+    return TokenSet(
+        access_token=Secret(access),
+        token_type="Bearer",  # noqa: S106 - a token type, not a secret
+        expires_at=now + timedelta(seconds=float(expires_in)),
+        refresh_token=Secret(refresh) if isinstance(refresh, str) and refresh else None,
+        scopes=tuple(scope.split()) if isinstance(scope, str) else None,
+        id_token=Secret(id_token) if isinstance(id_token, str) and id_token else None,
+    )
+
+
+async def send(http: httpx.AsyncClient, request: httpx.Request) -> httpx.Response:
+    """
+    Send one request and read the body; network failures become TransientGrantError.
+
+    The caller bounds the whole exchange with a cancel scope; httpx's own
+    timeout is only a backstop.
+    """
+    try:
+        response = await http.send(request)
+        await response.aread()
+        await response.aclose()
+    except httpx.TimeoutException as exc:
+        raise TransientGrantError(f"the token endpoint timed out ({request.url.host})") from exc
+    except httpx.TransportError as exc:
+        raise TransientGrantError(
+            f"cannot reach the token endpoint at {request.url.host}: {type(exc).__name__}"
+            + (f": {exc}" if str(exc) else "")
+        ) from exc
+    return response
+
+
+def now_utc() -> datetime:
+    """The wall clock, in UTC; the daemon's default `now`."""
+    return datetime.now(UTC)
+
+
+__all__ = [
+    "Client",
+    "GrantError",
+    "TokenSet",
+    "client_credentials_request",
+    "explain",
+    "parse_token_response",
+    "refresh_request",
+    "retry_after",
+    "revocation_request",
+    "send",
+]

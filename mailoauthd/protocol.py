@@ -1,0 +1,90 @@
+"""
+The wire format between `mailoauth` and the daemon. Standard library only.
+
+One request per connection: the client sends one line of UTF-8 JSON (an
+object with "v" and "op"), the daemon answers with one line and closes. Lines
+are at most MAX_LINE bytes. docs/protocol.md describes every operation.
+
+The helper is spawned once per mail connection, so this module avoids even
+the `json` package: it uses the C scanner and string encoder that `json` itself
+is built on, which cost nothing to import.
+"""
+
+from __future__ import annotations
+
+import _json
+
+VERSION = 1
+MAX_LINE = 64 * 1024
+
+# Operations the daemon serves. The strings are API: never rename one.
+OPS = ("token", "status", "refresh", "import", "revoke", "ping")
+
+
+class _ScanContext:
+    """What `_json.make_scanner` reads off a JSONDecoder, without importing json."""
+
+    strict = True
+    object_hook = None
+    object_pairs_hook = None
+    parse_float = float
+    parse_int = int
+    memo: dict[str, str] = {}
+
+    @staticmethod
+    def parse_constant(name: str) -> float:
+        raise ValueError(f"{name} is not allowed")
+
+
+_scan = _json.make_scanner(_ScanContext())  # type: ignore[arg-type]
+quote = _json.encode_basestring_ascii
+
+
+class WireError(ValueError):
+    """A line that is not one JSON object."""
+
+
+def decode(line: bytes) -> dict[str, object]:
+    """
+    Parse one line into a JSON object.
+
+    Args:
+        line: the bytes received, with or without the trailing newline.
+
+    Raises:
+        WireError: not UTF-8, not JSON, or not an object.
+    """
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise WireError("not UTF-8") from exc
+    text = text.strip(" \t\r\n")
+    try:
+        value, end = _scan(text, 0)
+    except (StopIteration, ValueError, RecursionError) as exc:
+        raise WireError("not valid JSON") from exc
+    if end != len(text):
+        raise WireError("trailing data after the JSON object")
+    if not isinstance(value, dict):
+        raise WireError("not a JSON object")
+    return value
+
+
+def encode_token_request(account: str, *, min_validity: float, timeout: float) -> bytes:
+    """The helper's hot-path request, built without the json package."""
+    return (
+        f'{{"v":{VERSION},"op":"token","account":{quote(account)},'
+        f'"min_validity":{float(min_validity)!r},"timeout":{float(timeout)!r}}}\n'
+    ).encode("ascii")
+
+
+def encode(message: dict[str, object]) -> bytes:
+    """Any message as one line; imports json, so not for the helper's hot path."""
+    import json
+
+    return (json.dumps(message, separators=(",", ":"), ensure_ascii=True) + "\n").encode("ascii")
+
+
+def error_reply(code: str, message: str, hint: str = "") -> dict[str, object]:
+    """The daemon's answer for a failed request."""
+    return {"ok": False, "error": code, "message": message, "hint": hint}

@@ -1,0 +1,584 @@
+"""
+The refresh scheduler: the periodic check, single-flight refreshes, backoff, and waiting requests.
+
+Every `refresh_interval` the scheduler looks at all accounts and refreshes
+those whose access token expires within `refresh_before`, at most
+`max_concurrent_refreshes` at a time, spread over `refresh_spread`. A request
+for a token that is missing or about to expire starts a refresh at once and
+waits for it. Whatever asks, an account has at most one refresh in flight.
+
+Time: `now()` is the wall clock (token expiry is wall-clock time); sleeping
+uses trio's clock, and no sleep is longer than MAX_WAIT_SECONDS, so that after
+a suspend/resume or a clock jump the next wake-up sees the real time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections.abc import Callable, Mapping
+from datetime import datetime, timedelta
+
+import httpx
+import structlog
+import trio
+
+from mailoauthd import oauth, state
+from mailoauthd.config import Account, DaemonSettings
+from mailoauthd.errors import (
+    GrantError,
+    MailoauthdError,
+    Misconfigured,
+    ReauthorizationRequired,
+    StateError,
+    TransientGrantError,
+    UnknownAccount,
+    UsageError,
+)
+from mailoauthd.secret import Secret
+from mailoauthd.state import AccountState, TokenStore
+
+log = structlog.get_logger(__name__)
+
+# 37 s: after suspend/resume the monotonic clock has not advanced, so we wake
+# up regularly to re-check wall time; prime, so we don't align with other timers.
+MAX_WAIT_SECONDS = 37
+# Backoff after transient failures: 10 s doubling to 5 min, times a random
+# factor in [0.5, 1) so that many accounts failing together do not retry together.
+BACKOFF_BASE_SECONDS = 10
+BACKOFF_CAP_SECONDS = 300
+# A state write that failed (disk full) is retried this often; the unsaved
+# tokens are held in memory meanwhile and nothing new is requested.
+PERSIST_RETRY_SECONDS = 30
+# After a transient failure, a token request within this many seconds gets the
+# failure at once instead of another attempt: a mail program that opens ten
+# connections during an outage should not wait ten times.
+ON_DEMAND_GAP_SECONDS = 10
+
+
+def backoff_seconds(failures: int, rng: random.Random) -> float:
+    """The wait before retry number `failures` (1-based), with jitter."""
+    delay = min(BACKOFF_CAP_SECONDS, BACKOFF_BASE_SECONDS * 2.0 ** max(0, failures - 1))
+    return delay * rng.uniform(0.5, 1.0)
+
+
+@dataclasses.dataclass(eq=False)
+class _Slot:
+    """One account's live state; only the scheduler touches it."""
+
+    account: Account
+    state: AccountState  # what is on disk, and so what may be served
+    broken: StateError | None = None  # the state file is unreadable: never served or written
+    unsaved: AccountState | None = None  # a token response not yet on disk
+    generation: int = 0  # bumped by import/revoke: results of older refreshes are dropped
+    in_flight: trio.Event | None = None
+    scheduled: bool = False  # a scheduled refresh is waiting out its jitter
+    retry_at: datetime | None = None
+    not_before: datetime | None = None  # the provider's Retry-After
+    last_exc: MailoauthdError | None = None
+    write_lock: trio.Lock = dataclasses.field(default_factory=trio.Lock)
+
+
+class Scheduler:
+    """Owns every account's live state and every refresh."""
+
+    def __init__(
+        self,
+        *,
+        store: TokenStore,
+        http: httpx.AsyncClient,
+        settings: DaemonSettings,
+        accounts: Mapping[str, Account],
+        secrets: Mapping[str, Secret | None],
+        now: Callable[[], datetime] = oauth.now_utc,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.store = store
+        self.http = http
+        self.settings = settings
+        self.secrets = dict(secrets)
+        self.now = now
+        self.rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
+        self.next_check: datetime | None = None
+        self._limiter = trio.CapacityLimiter(settings.max_concurrent_refreshes)
+        self._slots: dict[str, _Slot] = {}
+        self._nursery: trio.Nursery | None = None
+        self._wakeup = trio.Event()
+        for account in accounts.values():
+            self._slots[account.name] = self._new_slot(account)
+
+    # --- set-up and reload ---------------------------------------------------
+
+    def _new_slot(self, account: Account) -> _Slot:
+        try:
+            stored = self.store.load(account.name)
+        except StateError as exc:
+            log.error("state.unreadable", account=account.name, error=exc.message)
+            slot = _Slot(account=account, state=AccountState(account=account.name), broken=exc)
+            slot.last_exc = StateError(
+                f"{exc.message}; the file is kept as it is",
+                hint=f"inspect or remove it, or run 'mailoauth import {account.name}'",
+            )
+            return slot
+        if stored is None:
+            initial = (
+                state.OK if account.flow == "client_credentials" else state.NEEDS_AUTHORIZATION
+            )
+            stored = AccountState(account=account.name, status=initial)
+        return _Slot(account=account, state=stored)
+
+    def reconfigure(
+        self,
+        settings: DaemonSettings,
+        accounts: Mapping[str, Account],
+        secrets: Mapping[str, Secret | None],
+    ) -> None:
+        """Adopt a reloaded configuration; live state of kept accounts is kept."""
+        self.settings = settings
+        self.secrets = dict(secrets)
+        self._limiter.total_tokens = settings.max_concurrent_refreshes
+        for name in list(self._slots):
+            if name not in accounts:
+                # An in-flight refresh still persists what it gets: the file stays.
+                del self._slots[name]
+        for account in accounts.values():
+            slot = self._slots.get(account.name)
+            if slot is None:
+                self._slots[account.name] = self._new_slot(account)
+                continue
+            slot.account = account
+            if slot.state.status == state.MISCONFIGURED:
+                # The fix may be in this reload: try once more.
+                slot.retry_at = self.now()
+        self.next_check = None
+        self._wakeup.set()
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._slots)
+
+    # --- the loop --------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the periodic check forever; `started` once the first check is scheduled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            while True:
+                now = self.now()
+                interval = self.settings.refresh_interval
+                # A wall clock that jumped backwards must not postpone the check.
+                if self.next_check is None or not (now < self.next_check <= now + interval):
+                    self.check(now)
+                    self.next_check = now + interval
+                wake = self.next_check
+                for slot in self._slots.values():
+                    if slot.retry_at is not None:
+                        if slot.retry_at <= now:
+                            slot.retry_at = None
+                            self._start_refresh(slot)
+                        else:
+                            wake = min(wake, slot.retry_at)
+                delay = (wake - self.now()).total_seconds()
+                self._wakeup = trio.Event()
+                with trio.move_on_after(min(max(delay, 0.0), MAX_WAIT_SECONDS)):
+                    await self._wakeup.wait()
+
+    def check(self, now: datetime) -> int:
+        """
+        The scheduled check: start refreshes for accounts due within refresh_before.
+
+        Returns:
+            How many refreshes it started or scheduled.
+        """
+        started = 0
+        spread = self.settings.refresh_spread.total_seconds()
+        for slot in self._slots.values():
+            if slot.in_flight is not None or slot.scheduled or slot.retry_at is not None:
+                continue
+            if not self._refreshable(slot):
+                continue
+            remaining = slot.state.valid_for(now)
+            if remaining > slot.account.refresh_before.total_seconds():
+                continue
+            # Spread refreshes that fall due together, but never past what the
+            # token has left beyond the clients' minimum validity.
+            room = remaining - slot.account.min_validity.total_seconds()
+            delay = self.rng.uniform(0, min(spread, room / 2)) if room > 0 and spread > 0 else 0.0
+            slot.scheduled = True
+            self._require_nursery().start_soon(self._scheduled_refresh, slot, delay)
+            started += 1
+        log.debug("check.done", accounts=len(self._slots), due=started)
+        return started
+
+    def _refreshable(self, slot: _Slot) -> bool:
+        if slot.broken is not None:
+            return False
+        if slot.unsaved is not None:
+            return True
+        if slot.state.status in (state.NEEDS_AUTHORIZATION, state.MISCONFIGURED):
+            return False
+        return slot.account.flow == "client_credentials" or slot.state.refresh_token is not None
+
+    async def _scheduled_refresh(self, slot: _Slot, delay: float) -> None:
+        try:
+            await trio.sleep(delay)
+        finally:
+            slot.scheduled = False
+        await self._start_refresh(slot).wait()
+
+    def _require_nursery(self) -> trio.Nursery:
+        if self._nursery is None:
+            raise RuntimeError("the scheduler is not running")
+        return self._nursery
+
+    def _start_refresh(self, slot: _Slot) -> trio.Event:
+        """Start a refresh unless one is in flight; either way, the event that ends it."""
+        if slot.in_flight is None:
+            slot.in_flight = trio.Event()
+            self._require_nursery().start_soon(self._refresh, slot, slot.in_flight)
+        return slot.in_flight
+
+    # --- one refresh -------------------------------------------------------------
+
+    async def _refresh(self, slot: _Slot, done: trio.Event) -> None:
+        try:
+            async with self._limiter:
+                with structlog.contextvars.bound_contextvars(account=slot.account.name):
+                    await self._attempt(slot)
+        finally:
+            slot.in_flight = None
+            done.set()
+
+    def _client(self, account: Account) -> oauth.Client:
+        provider = account.provider
+        if not provider.token_endpoint:
+            raise Misconfigured(
+                f"provider {provider.name!r} has no token_endpoint",
+                hint=f"set token_endpoint in [providers.{provider.name}]",
+            )
+        return oauth.Client(
+            token_endpoint=provider.token_endpoint,
+            client_id=provider.client_id,
+            client_secret=self.secrets.get(provider.name),
+            auth_method=provider.token_auth_method,
+        )
+
+    def _request(self, account: Account, current: AccountState) -> httpx.Request:
+        client = self._client(account)
+        if account.flow == "client_credentials":
+            return oauth.client_credentials_request(client, account.scopes)
+        if current.refresh_token is None:
+            raise ReauthorizationRequired(
+                "no refresh token yet",
+                hint=f"run 'mailoauth authorize {account.name}' "
+                f"or 'mailoauth import {account.name}'",
+            )
+        # Microsoft issues a token for one resource at a time and wants the
+        # scopes named on refresh; elsewhere we keep what was granted.
+        scopes = account.scopes if account.provider.preset == "microsoft" else None
+        return oauth.refresh_request(client, current.refresh_token, scopes)
+
+    async def _attempt(self, slot: _Slot) -> None:
+        generation = slot.generation
+        account = slot.account
+        try:
+            if slot.unsaved is not None:
+                # Tokens we hold but could not write: they come first, and the
+                # provider may already have retired the refresh token on disk.
+                await self._persist(slot, slot.unsaved, generation)
+                if slot.state.valid_for(self.now()) > account.refresh_before.total_seconds():
+                    return
+            request = self._request(account, slot.state)
+            # Shielded: once a request is on its way, the provider may rotate
+            # the refresh token; on shutdown we finish and persist rather than
+            # drop the answer. fail_after still bounds it.
+            with trio.CancelScope(shield=True):
+                try:
+                    with trio.fail_after(self.settings.request_timeout.total_seconds()):
+                        response = await oauth.send(self.http, request)
+                except trio.TooSlowError:
+                    raise TransientGrantError(
+                        "the token endpoint did not answer within "
+                        f"{self.settings.request_timeout.total_seconds():g} s"
+                    ) from None
+                now = self.now()
+                tokens = oauth.parse_token_response(response, now=now, account=account.name)
+                new = state.refreshed(slot.state, tokens, now)
+                if generation != slot.generation:
+                    log.info("token.refresh_dropped", reason="account re-imported or revoked")
+                    return
+                slot.unsaved = new
+                await self._persist(slot, new, generation)
+        except GrantError as exc:
+            await self._failed(slot, exc, generation)
+        except OSError as exc:
+            slot.retry_at = self.now() + timedelta(seconds=PERSIST_RETRY_SECONDS)
+            slot.last_exc = StateError(
+                f"cannot write {self.store.path(account.name)}: {exc.strerror or exc}",
+                hint="free disk space or fix permissions; new tokens are held in memory meanwhile",
+            )
+            log.error(
+                "state.write_failed", error=slot.last_exc.message, retry_in=PERSIST_RETRY_SECONDS
+            )
+            self._wakeup.set()
+        else:
+            slot.retry_at = None
+            slot.not_before = None
+            slot.last_exc = None
+            log.info(
+                "token.refreshed",
+                expires_in=round(slot.state.valid_for(self.now())),
+                rotated=slot.state.refresh_token_issued_at == slot.state.last_refresh,
+            )
+
+    async def _persist(self, slot: _Slot, new: AccountState, generation: int) -> bool:
+        """Write `new` and make it current; False if the account moved on meanwhile."""
+        async with slot.write_lock:
+            if generation != slot.generation:
+                return False
+            await trio.to_thread.run_sync(self.store.save, new)
+            slot.state = new
+            if slot.unsaved is new:
+                slot.unsaved = None
+            return True
+
+    async def _failed(self, slot: _Slot, exc: GrantError, generation: int) -> None:
+        now = self.now()
+        name = slot.account.name
+        if isinstance(exc, ReauthorizationRequired):
+            status = state.NEEDS_AUTHORIZATION
+            exc.hint = exc.hint.replace("ACCOUNT", name)
+        elif isinstance(exc, Misconfigured):
+            status = state.MISCONFIGURED
+        else:
+            status = state.FAILING
+        slot.last_exc = exc
+        if status == state.FAILING:
+            delay = backoff_seconds(slot.state.failures + 1, self.rng)
+            if exc.retry_after is not None:
+                delay = max(delay, exc.retry_after)
+                slot.not_before = now + timedelta(seconds=exc.retry_after)
+            slot.retry_at = now + timedelta(seconds=delay)
+            log.warning(
+                "token.refresh_failed",
+                reason=exc.code,
+                error=exc.message,
+                attempt=slot.state.failures + 1,
+                retry_in=round(delay, 1),
+            )
+            self._wakeup.set()
+        else:
+            slot.retry_at = None
+            if slot.state.status != status:
+                # Reported once, when it happens: nothing is retried until a human acts.
+                log.error(f"account.{status}", error=exc.message, hint=exc.hint)
+        new = state.failed(slot.state, exc, status, now)
+        try:
+            if not await self._persist(slot, new, generation):
+                return
+        except OSError as write_error:
+            log.error("state.write_failed", error=str(write_error))
+            slot.state = new
+
+    # --- what the server asks for ----------------------------------------------
+
+    def _slot(self, name: str) -> _Slot:
+        slot = self._slots.get(name)
+        if slot is None:
+            raise UnknownAccount(f"{name}: no such account")
+        return slot
+
+    def account(self, name: str) -> Account:
+        return self._slot(name).account
+
+    def last_error(self, name: str) -> str | None:
+        slot = self._slot(name)
+        return slot.last_exc.message if slot.last_exc else slot.state.last_error
+
+    def _raise_unusable(self, slot: _Slot) -> None:
+        name = slot.account.name
+        if slot.broken is not None and slot.last_exc is not None:
+            raise slot.last_exc
+        status = slot.state.status
+        if status == state.NEEDS_AUTHORIZATION:
+            if slot.state.refresh_token is None and slot.state.last_error is None:
+                raise ReauthorizationRequired(
+                    f"{name}: not authorized yet",
+                    hint=f"run 'mailoauth authorize {name}' (or 'mailoauth import {name}')",
+                )
+            raise ReauthorizationRequired(
+                f"{name}: {slot.state.last_error or 'needs authorization'}",
+                hint=f"run 'mailoauth authorize {name}' and sign in again",
+            )
+        if status == state.MISCONFIGURED:
+            hint = slot.last_exc.hint if slot.last_exc else Misconfigured.hint
+            raise Misconfigured(f"{name}: {slot.state.last_error}", hint=hint)
+
+    def _last_failure(self, slot: _Slot, why: str = "") -> MailoauthdError:
+        name = slot.account.name
+        exc = slot.last_exc
+        if isinstance(exc, TransientGrantError):
+            return TransientGrantError(f"{name}: {why}{exc.message}", hint=exc.hint)
+        if exc is not None:
+            return type(exc)(f"{name}: {why}{exc.message}", hint=exc.hint)
+        return TransientGrantError(f"{name}: {why}no valid token")
+
+    async def token(self, name: str, min_validity: float | None, deadline: float) -> AccountState:
+        """
+        A state whose access token is valid for at least `min_validity` seconds.
+
+        Refreshes (single flight) and waits when needed. The caller bounds the
+        wait with a cancel scope; `deadline` (trio time) only lets us fail
+        fast when the provider asked us to wait longer than the caller can.
+        """
+        slot = self._slot(name)
+        wanted = slot.account.min_validity.total_seconds() if min_validity is None else min_validity
+        waited = False
+        while True:
+            now = self.now()
+            if slot.state.valid_for(now) >= wanted and slot.broken is None:
+                return slot.state
+            self._raise_unusable(slot)
+            if waited:
+                remaining = slot.state.valid_for(now)
+                if slot.last_exc is None and remaining > 0:
+                    raise TransientGrantError(
+                        f"{name}: the provider issued a token valid for {remaining:.0f} s, "
+                        f"less than the {wanted:g} s asked for",
+                        hint="lower min_validity for this account",
+                    )
+                raise self._last_failure(slot)
+            if slot.in_flight is None:
+                if slot.not_before is not None and slot.not_before > now:
+                    wait = (slot.not_before - now).total_seconds()
+                    if trio.current_time() + wait > deadline:
+                        raise self._last_failure(
+                            slot, f"the provider asked us to wait {wait:.0f} s; "
+                        )
+                    await trio.sleep(wait)
+                    continue
+                last = slot.state.last_attempt
+                if (
+                    slot.state.status == state.FAILING
+                    and last is not None
+                    and (now - last).total_seconds() < ON_DEMAND_GAP_SECONDS
+                ):
+                    raise self._last_failure(slot)
+            await self._start_refresh(slot).wait()
+            waited = True
+
+    async def refresh(self, name: str) -> AccountState:
+        """Refresh now, whatever the schedule says (`mailoauth refresh`)."""
+        slot = self._slot(name)
+        if slot.broken is not None and slot.last_exc is not None:
+            raise slot.last_exc
+        if slot.account.flow != "client_credentials" and slot.state.refresh_token is None:
+            self._raise_unusable(slot)
+        if slot.in_flight is not None:
+            await slot.in_flight.wait()  # a refresh that started before we asked
+        await self._start_refresh(slot).wait()
+        if slot.last_exc is not None:
+            raise self._last_failure(slot)
+        return slot.state
+
+    async def import_token(self, name: str, refresh_token: Secret) -> AccountState:
+        """Store a refresh token a person handed us, then refresh with it."""
+        slot = self._slot(name)
+        if slot.account.flow == "client_credentials":
+            raise UsageError(f"{name}: a client_credentials account needs no refresh token")
+        now = self.now()
+        async with slot.write_lock:
+            if slot.broken is not None:
+                aside = await trio.to_thread.run_sync(self.store.set_aside, name, now)
+                log.warning("state.set_aside", account=name, moved_to=str(aside))
+                slot.broken = None
+            new = state.imported(name, refresh_token, now)
+            slot.generation += 1
+            await trio.to_thread.run_sync(self.store.save, new)
+            slot.state = new
+            slot.unsaved = None
+            slot.retry_at = slot.not_before = None
+            slot.last_exc = None
+        log.info("account.imported", account=name)
+        return await self.refresh(name)
+
+    async def forget(self, name: str) -> str:
+        """
+        Drop an account's tokens (`mailoauth revoke`), after revoking at the provider if we can.
+
+        Returns:
+            What happened at the provider, in words for the person who asked.
+        """
+        slot = self._slot(name)
+        provider = slot.account.provider
+        token = slot.state.refresh_token or slot.state.access_token
+        revoked = False
+        if provider.revocation_endpoint and token is not None and slot.broken is None:
+            request = oauth.revocation_request(
+                self._client(slot.account), provider.revocation_endpoint, token
+            )
+            try:
+                with trio.fail_after(self.settings.request_timeout.total_seconds()):
+                    response = await oauth.send(self.http, request)
+                revoked = response.status_code == 200
+            except (trio.TooSlowError, GrantError) as exc:
+                log.warning("token.revoke_failed", account=name, error=str(exc))
+        async with slot.write_lock:
+            slot.generation += 1
+            if slot.broken is None:
+                await trio.to_thread.run_sync(self.store.remove, name)
+            slot.state = state.forgotten(slot.state)
+            slot.unsaved = None
+            slot.retry_at = slot.not_before = None
+            slot.last_exc = None
+        if revoked:
+            note = "revoked at the provider; local tokens forgotten"
+        elif not provider.revocation_endpoint:
+            note = (
+                "local tokens forgotten; the provider has no revocation endpoint, so the "
+                "grant remains there (remove the app's access in your account's settings)"
+            )
+        else:
+            note = "local tokens forgotten; the provider did not confirm the revocation"
+        log.info("account.revoked", account=name, at_provider=revoked)
+        return note
+
+    def status(self) -> list[dict[str, object]]:
+        """One row per account, for `mailoauth status`."""
+        now = self.now()
+        rows: list[dict[str, object]] = []
+        for name, slot in self._slots.items():
+            st = slot.state
+            next_check = slot.retry_at or self.next_check
+            rows.append(
+                {
+                    "account": name,
+                    "status": "state_error" if slot.broken else st.status,
+                    "flow": slot.account.flow,
+                    "username": slot.account.username,
+                    "expires_at": _iso(st.expires_at) if st.access_token else None,
+                    "expires_in": round(st.valid_for(now)) if st.access_token else None,
+                    "last_refresh": _iso(st.last_refresh),
+                    "next_check": _iso(next_check),
+                    "refresh_token_issued_at": _iso(st.refresh_token_issued_at),
+                    "failures": st.failures,
+                    "last_error": self.last_error(name),
+                    "last_error_code": st.last_error_code,
+                    "hint": slot.last_exc.hint if slot.last_exc else None,
+                }
+            )
+        return rows
+
+    def summary(self) -> str:
+        """One line for systemd's STATUS=."""
+        counts: dict[str, int] = {}
+        for slot in self._slots.values():
+            key = "state_error" if slot.broken else slot.state.status
+            counts[key] = counts.get(key, 0) + 1
+        parts = [f"{n} {k}" for k, n in sorted(counts.items())]
+        return f"{len(self._slots)} accounts" + (": " + ", ".join(parts) if parts else "")
+
+
+def _iso(when: datetime | None) -> str | None:
+    return when.isoformat(timespec="seconds") if when is not None else None

@@ -1,0 +1,207 @@
+"""
+The Unix socket: bind, peer credentials, per-connection limits, dispatch.
+
+One request per connection (protocol.py). The peer's uid is read with
+SO_PEERCRED before anything else and checked against the allowed uids. Every
+connection is bounded in time (READ_TIMEOUT to send its line, WRITE_TIMEOUT
+to take the answer) and in size (MAX_LINE); at most MAX_CONNECTIONS are
+served at once and the rest are told "busy". Whatever one client does, the
+others are served. The server knows nothing of tokens: `daemon` hands it a
+handler.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket as stdsocket
+import stat
+import struct
+from collections.abc import Awaitable, Callable, Collection
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+import trio
+
+from mailoauthd import protocol
+from mailoauthd.errors import MailoauthdError, ProtocolError
+
+log = structlog.get_logger(__name__)
+
+# A well-behaved helper sends its line at once; 5 s is generous on a loaded box
+# and short enough that silent clients cannot pile up.
+READ_TIMEOUT = 5.0
+WRITE_TIMEOUT = 5.0
+# Well above what mail programs open at once, far below the fd limit.
+MAX_CONNECTIONS = 512
+_PEERCRED = struct.Struct("3i")  # pid, uid, gid
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """Who is on the other end, as the kernel says (SO_PEERCRED)."""
+
+    pid: int
+    uid: int
+    gid: int
+
+
+Handler = Callable[[dict[str, object], Peer], Awaitable[dict[str, object]]]
+
+
+def peer_of(sock: trio.socket.SocketType) -> Peer:
+    raw = sock.getsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_PEERCRED, _PEERCRED.size)
+    pid, uid, gid = _PEERCRED.unpack(raw)
+    return Peer(pid=pid, uid=uid, gid=gid)
+
+
+def bind(path: Path) -> trio.socket.SocketType:
+    """
+    Bind a listening Unix socket at `path`, in a 0700 directory of ours.
+
+    A stale socket left by a crash is replaced; a live one (another daemon
+    answering) is an error.
+
+    Raises:
+        MailoauthdError: the path is in use or unusable, with what to do.
+    """
+    directory = path.parent
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = os.lstat(directory)
+    except OSError as exc:
+        raise MailoauthdError(f"cannot create the socket directory {directory}: {exc}") from exc
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+        raise MailoauthdError(
+            f"the socket directory {directory} is not a directory of ours",
+            hint="remove it or choose another socket path",
+        )
+    if os.path.lexists(path):
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise MailoauthdError(f"{path} exists and is not a socket", hint="remove it")
+        probe = stdsocket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            os.unlink(path)  # nobody answers: left behind by a crash
+        else:
+            raise MailoauthdError(
+                f"another mailoauthd is already listening on {path}",
+                hint="stop it first, or give this one another socket path",
+            )
+        finally:
+            probe.close()
+    sock = stdsocket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
+    old_umask = os.umask(0o177)  # the socket file is created 0600
+    try:
+        sock.bind(str(path))
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        raise MailoauthdError(f"cannot listen on {path}: {exc.strerror or exc}") from exc
+    finally:
+        os.umask(old_umask)
+    return trio.socket.from_stdlib_socket(sock)
+
+
+class Server:
+    """Accepts connections and runs one request on each."""
+
+    def __init__(self, handler: Handler, *, allowed_uids: Collection[int]) -> None:
+        self.handler = handler
+        self.allowed_uids = frozenset(allowed_uids)
+        self.active = 0
+        self.served = 0
+
+    async def serve(
+        self,
+        listener: trio.socket.SocketType,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Accept forever; `started` once listening."""
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            while True:
+                try:
+                    conn, _ = await listener.accept()
+                except OSError as exc:
+                    # EMFILE and friends: back off instead of spinning; the
+                    # listener stays open and clients queue in the backlog.
+                    log.error("socket.accept_failed", error=str(exc))
+                    await trio.sleep(0.1)
+                    continue
+                stream = trio.SocketStream(conn)
+                if self.active >= MAX_CONNECTIONS:
+                    nursery.start_soon(self._refuse_busy, stream)
+                    continue
+                self.active += 1
+                nursery.start_soon(self._connection, stream)
+
+    async def _refuse_busy(self, stream: trio.SocketStream) -> None:
+        reply = protocol.error_reply("busy", "mailoauthd is serving too many connections", "")
+        with trio.move_on_after(1.0), contextlib.suppress(trio.BrokenResourceError, OSError):
+            await stream.send_all(protocol.encode(reply))
+        await stream.aclose()
+
+    async def _connection(self, stream: trio.SocketStream) -> None:
+        try:
+            reply = await self._answer(stream)
+            with trio.move_on_after(WRITE_TIMEOUT):
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await stream.send_all(protocol.encode(reply))
+        finally:
+            self.active -= 1
+            self.served += 1
+            with contextlib.suppress(OSError):
+                await stream.aclose()
+
+    async def _answer(self, stream: trio.SocketStream) -> dict[str, object]:
+        try:
+            peer = peer_of(stream.socket)
+        except OSError as exc:
+            return protocol.error_reply("forbidden", f"cannot identify the peer: {exc}")
+        if peer.uid not in self.allowed_uids:
+            log.info("request.refused", uid=peer.uid, pid=peer.pid, reason="uid not allowed")
+            return protocol.error_reply(
+                "forbidden",
+                f"uid {peer.uid} may not use this mailoauthd",
+                "ask its administrator, or run your own per-user mailoauthd",
+            )
+        try:
+            line = await _read_line(stream)
+            request = protocol.decode(line)
+        except (ProtocolError, protocol.WireError) as exc:
+            log.info("request.malformed", uid=peer.uid, pid=peer.pid, error=str(exc))
+            return protocol.error_reply("bad-request", f"malformed request: {exc}")
+        except trio.TooSlowError:
+            return protocol.error_reply("timeout", "no complete request line within 5 s")
+        except (trio.BrokenResourceError, OSError) as exc:
+            return protocol.error_reply("bad-request", f"connection failed: {exc}")
+        try:
+            return await self.handler(request, peer)
+        except MailoauthdError as exc:
+            return protocol.error_reply(exc.code, exc.message, exc.hint)
+
+
+async def _read_line(stream: trio.SocketStream) -> bytes:
+    """One line of at most MAX_LINE bytes, within READ_TIMEOUT."""
+    buffer = bytearray()
+    with trio.fail_after(READ_TIMEOUT):
+        while True:
+            chunk = await stream.receive_some(65536)
+            if not chunk:
+                if not buffer:
+                    raise ProtocolError("empty request")
+                return bytes(buffer)  # a client that half-closed instead of sending "\n"
+            newline = chunk.find(b"\n")
+            if newline >= 0:
+                buffer += chunk[:newline]
+                if len(buffer) > protocol.MAX_LINE:
+                    break
+                return bytes(buffer)
+            buffer += chunk
+            if len(buffer) > protocol.MAX_LINE:
+                break
+    raise ProtocolError(f"request longer than {protocol.MAX_LINE} bytes")
