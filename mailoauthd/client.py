@@ -128,6 +128,9 @@ def _hot(command: str, args: list[str], socket_path: str | None) -> int:
     min_validity = -1.0
     if "--min-validity" in options:
         min_validity = _seconds("--min-validity", options["--min-validity"])
+    mechanism = options.get("--mechanism", "xoauth2").lower()
+    if mechanism not in ("xoauth2", "oauthbearer"):
+        raise _usage(f"--mechanism must be xoauth2 or oauthbearer (got {mechanism!r})")
     request = protocol.encode_token_request(account, min_validity=min_validity, timeout=timeout)
     reply = request_reply(request, socket_path, timeout + ANSWER_GRACE)
     token = reply.get("token")
@@ -140,7 +143,7 @@ def _hot(command: str, args: list[str], socket_path: str | None) -> int:
         out = sasl_response(
             user if isinstance(user, str) else "",
             token,
-            mechanism=options.get("--mechanism", "xoauth2"),
+            mechanism=mechanism,
             host=options.get("--host"),
             port=options.get("--port"),
         )
@@ -218,7 +221,10 @@ def request_reply(request: bytes, socket_path: str | None, timeout: float) -> di
             errors.EXIT_UNREACHABLE,
         )
     try:
-        sock.sendall(request)
+        try:
+            sock.sendall(request)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # refused before it read our line: its answer may still be there to read
         chunks: list[bytes] = []
         size = 0
         while size <= protocol.MAX_LINE:

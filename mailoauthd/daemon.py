@@ -193,8 +193,11 @@ class Daemon:
             await trio.sleep(STATUS_INTERVAL)
             self.notifier.status(self.scheduler.summary())
 
-    async def _signals(self, cancel: trio.CancelScope) -> None:
+    async def _signals(
+        self, cancel: trio.CancelScope, *, task_status: trio.TaskStatus[None]
+    ) -> None:
         with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
+            task_status.started()
             async for signum in signals:
                 if signum == signal.SIGHUP:
                     await self.reload()
@@ -276,6 +279,10 @@ async def run(
                 socket_path=socket_path,
             )
             async with trio.open_nursery() as root:
+                if handle_signals:
+                    # Before READY=1: systemd may send SIGHUP the moment it sees it,
+                    # and SIGHUP's default action would end the process.
+                    await root.start(daemon._signals, root.cancel_scope)
                 await root.start(daemon.server.serve, listener)
                 await root.start(scheduler.run)
                 notifier.ready(scheduler.summary())
@@ -290,8 +297,6 @@ async def run(
                     root.start_soon(daemon._watchdog, notifier.watchdog_interval)
                 if notifier.enabled:
                     root.start_soon(daemon._status_updates)
-                if handle_signals:
-                    root.start_soon(daemon._signals, root.cancel_scope)
                 task_status.started(daemon)
     finally:
         if listener is not None:

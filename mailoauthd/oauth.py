@@ -192,7 +192,7 @@ def explain(oauth_error: str, description: str, account: str) -> tuple[str, str 
     if match and match.group(1) in AADSTS_EXPLANATIONS:
         what, todo = AADSTS_EXPLANATIONS[match.group(1)]
         return f"AADSTS{match.group(1)}: {what}", todo.format(account=account)
-    if oauth_error == "invalid_grant" and "expired or revoked" in description:
+    if oauth_error == "invalid_grant" and "Token has been expired or revoked" in description:
         # Google's wording; apps in "testing" publishing status get 7-day refresh tokens.
         return (
             f"invalid_grant: {description} (Google revokes refresh tokens of apps in "

@@ -162,15 +162,17 @@ class Server:
             peer = peer_of(stream.socket)
         except OSError as exc:
             return protocol.error_reply("forbidden", f"cannot identify the peer: {exc}")
-        if peer.uid not in self.allowed_uids:
-            log.info("request.refused", uid=peer.uid, pid=peer.pid, reason="uid not allowed")
-            return protocol.error_reply(
-                "forbidden",
-                f"uid {peer.uid} may not use this mailoauthd",
-                "ask its administrator, or run your own per-user mailoauthd",
-            )
         try:
+            # Read the line even from a peer we will refuse: closing on unread
+            # data would reset the connection and lose our answer.
             line = await _read_line(stream)
+            if peer.uid not in self.allowed_uids:
+                log.info("request.refused", uid=peer.uid, pid=peer.pid, reason="uid not allowed")
+                return protocol.error_reply(
+                    "forbidden",
+                    f"uid {peer.uid} may not use this mailoauthd",
+                    "ask its administrator, or run your own per-user mailoauthd",
+                )
             request = protocol.decode(line)
         except (ProtocolError, protocol.WireError) as exc:
             log.info("request.malformed", uid=peer.uid, pid=peer.pid, error=str(exc))

@@ -1,0 +1,197 @@
+"""Shared fixtures: the development provider, configs that point at it, daemons in and out of process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from functools import partial
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from mailoauthd import config, daemon
+from mailoauthd.devprovider import DevProvider
+
+BIN = Path(sys.executable).parent
+MAILOAUTH = BIN / "mailoauth"
+MAILOAUTHD = BIN / "mailoauthd"
+USER = "alice@example.com"
+T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def provider() -> Iterator[DevProvider]:
+    """A development provider on 127.0.0.1 with hour-long tokens."""
+    with DevProvider() as p:
+        yield p
+
+
+def config_text(
+    tmp: Path,
+    provider: DevProvider,
+    *,
+    accounts: tuple[str, ...] = ("work",),
+    daemon_keys: str = "",
+    account_keys: str = "",
+    provider_keys: str = "",
+) -> str:
+    """A config whose one profile points at the development provider."""
+    secret = tmp / "client-secret"
+    secret.write_text("demo-secret\n")
+    endpoints = provider.endpoints
+    text = f"""\
+[daemon]
+state_dir = "{tmp / "state"}"
+socket = "{tmp / "run" / "socket"}"
+log_level = "debug"
+log_format = "json"
+{daemon_keys}
+
+[providers.dev]
+client_id = "demo-client"
+client_secret_file = "{secret}"
+token_endpoint = "{endpoints["token_endpoint"]}"
+revocation_endpoint = "{endpoints["revocation_endpoint"]}"
+{provider_keys}
+"""
+    for name in accounts:
+        text += f"""
+[accounts.{name}]
+provider = "dev"
+username = "{USER}"
+{account_keys}
+"""
+    return text
+
+
+def make_config(tmp: Path, provider: DevProvider, **kw: str | tuple[str, ...]) -> config.Config:
+    text = config_text(tmp, provider, **kw)  # type: ignore[arg-type]
+    path = tmp / "config.toml"
+    path.write_text(text)
+    return config.load(path)
+
+
+def mock_now(clock: trio.testing.MockClock) -> Callable[[], datetime]:
+    """A wall clock that moves with trio's MockClock (safe to call from any thread)."""
+    return lambda: T0 + timedelta(seconds=clock.current_time())
+
+
+@asynccontextmanager
+async def in_process_daemon(
+    cfg: config.Config, *, now: Callable[[], datetime] | None = None
+) -> AsyncIterator[daemon.Daemon]:
+    """Run the daemon in this trio run; cancelled on exit."""
+    async with trio.open_nursery() as nursery:
+        kwargs = {} if now is None else {"now": now}
+        d: daemon.Daemon = await nursery.start(
+            partial(
+                daemon.run,
+                cfg,
+                config_path=None,
+                env={},
+                system=False,
+                handle_signals=False,
+                **kwargs,  # type: ignore[arg-type]
+            )
+        )
+        yield d
+        nursery.cancel_scope.cancel()
+
+
+async def eventually(condition: Callable[[], bool], *, seconds: float = 10.0) -> None:
+    """Wait in real time (in a thread, so a MockClock does not matter) until condition holds."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await trio.to_thread.run_sync(time.sleep, 0.005)
+
+
+def helper(
+    *args: str, socket: Path, stdin: str | None = None, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
+    """Run the installed `mailoauth` as mail programs do."""
+    return subprocess.run(
+        [str(MAILOAUTH), "--socket", str(socket), *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+class DaemonProcess:
+    """`mailoauthd --config PATH` as a subprocess, its stderr collected."""
+
+    def __init__(self, config_path: Path, socket: Path, log_path: Path) -> None:
+        self.socket = socket
+        self.log_path = log_path
+        self._log = log_path.open("ab")
+        env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
+        self.proc = subprocess.Popen(
+            [str(MAILOAUTHD), "--config", str(config_path)],
+            stdout=self._log,
+            stderr=self._log,
+            stdin=subprocess.DEVNULL,
+            env=env,
+        )
+
+    def wait_ready(self, seconds: float = 15.0) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"mailoauthd exited {self.proc.returncode}: {self.log()}")
+            if self.socket.exists():
+                status = helper("status", "--json", socket=self.socket)
+                if status.returncode == 0:
+                    return
+            time.sleep(0.02)
+        raise AssertionError(f"mailoauthd not ready: {self.log()}")
+
+    def log(self) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def events(self) -> list[dict[str, object]]:
+        return [json.loads(line) for line in self.log().splitlines() if line.startswith("{")]
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=20)
+        finally:
+            self._log.close()
+
+
+@pytest.fixture
+def start_daemon(tmp_path: Path) -> Iterator[Callable[[Path], DaemonProcess]]:
+    """Start real daemons; every one is stopped at the end of the test."""
+    started: list[DaemonProcess] = []
+
+    def start(config_path: Path, *, wait: bool = True) -> DaemonProcess:
+        cfg = config.load(config_path)
+        assert cfg.daemon.socket is not None
+        proc = DaemonProcess(config_path, cfg.daemon.socket, tmp_path / f"daemon{len(started)}.log")
+        started.append(proc)
+        if wait:
+            proc.wait_ready()
+        return proc
+
+    yield start  # type: ignore[misc]
+    for proc in started:
+        if proc.proc.poll() is None:
+            proc.proc.kill()
+            proc.proc.wait()
+        proc._log.close()

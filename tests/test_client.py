@@ -1,0 +1,146 @@
+"""The `mailoauth` helper: what it imports, what it prints, how it exits."""
+
+from __future__ import annotations
+
+import base64
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import MAILOAUTH
+from mailoauthd import client, protocol
+
+# Third-party packages the daemon uses; none may load in the helper.
+THIRD_PARTY = {"trio", "httpx", "structlog", "sdnotify", "tomli_w", "anyio", "idna", "sniffio"}
+# Standard-library modules that each cost a visible share of the helper's
+# start-up; the hot path avoids them on purpose.
+HEAVY_STDLIB = {"json", "argparse", "pathlib", "socket", "typing", "re", "enum", "dataclasses"}
+
+
+def imported_by(args: list[str], tmp_path: Path) -> set[str]:
+    """Run the installed helper under -X importtime and collect what it imported."""
+    baseline = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", "pass"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    run = subprocess.run(
+        [sys.executable, "-X", "importtime", str(MAILOAUTH), *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=tmp_path,
+    )
+
+    def names(stderr: str) -> set[str]:
+        found = set()
+        for line in stderr.splitlines():
+            if line.startswith("import time:") and "|" in line:
+                found.add(line.rsplit("|", 1)[1].strip())
+        return found
+
+    return names(run.stderr) - names(baseline.stderr)
+
+
+class TestImports:
+    @pytest.mark.parametrize("command", ["token", "sasl"])
+    def test_hot_path_imports_nothing_heavy(self, command: str, tmp_path: Path) -> None:
+        """`mailoauth token|sasl` loads no third-party module and none of the costly stdlib ones."""
+        extra = imported_by(["--socket", str(tmp_path / "none"), command, "work"], tmp_path)
+        assert "mailoauthd.client" in extra  # the measurement works
+        top = {name.split(".")[0] for name in extra}
+        assert not top & THIRD_PARTY
+        assert not extra & HEAVY_STDLIB, extra
+
+    def test_only_stdlib_in_helper_modules(self) -> None:
+        """Every module the helper can reach imports only the standard library."""
+        # What the interpreter loaded before us (site hooks, an editable
+        # install's finder) is not the helper's doing.
+        code = (
+            "import sys; before = set(sys.modules); import mailoauthd.client, mailoauthd.manage; "
+            "print(sorted(n for n in set(sys.modules) - before"
+            " if n.split('.')[0] not in sys.stdlib_module_names and not n.startswith('mailoauthd')))"
+        )
+        out = subprocess.run(
+            [sys.executable, "-I", "-c", code], capture_output=True, text=True, check=True
+        )
+        assert out.stdout.strip() == "[]"
+
+
+class TestUnreachable:
+    def test_missing_socket_exits_3_and_names_the_path(self, tmp_path: Path) -> None:
+        """With no daemon, the helper exits 3 and says which socket it tried."""
+        socket = tmp_path / "nowhere" / "socket"
+        run = subprocess.run(
+            [str(MAILOAUTH), "--socket", str(socket), "token", "work"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert run.returncode == 3
+        assert run.stdout == ""
+        assert str(socket) in run.stderr
+        assert run.stderr.count("\n") == 1
+
+    @pytest.mark.parametrize(
+        "args",
+        [
+            ["token"],
+            ["token", "a", "b"],
+            ["token", "work", "--timeout", "soon"],
+            ["token", "work", "--bogus", "1"],
+            ["sasl", "work", "--mechanism", "plain"],
+        ],
+    )
+    def test_usage_errors_exit_2(self, args: list[str], tmp_path: Path) -> None:
+        """Wrong arguments exit 2 without touching the daemon."""
+        run = subprocess.run(
+            [str(MAILOAUTH), "--socket", str(tmp_path / "s"), *args],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert run.returncode == 2, run.stderr
+        assert run.stdout == ""
+
+
+class TestSasl:
+    def test_xoauth2(self) -> None:
+        """XOAUTH2 is user=U^Aauth=Bearer T^A^A, base64-encoded."""
+        out = client.sasl_response("alice@example.com", "tok", mechanism="xoauth2")
+        assert base64.b64decode(out) == b"user=alice@example.com\x01auth=Bearer tok\x01\x01"
+
+    def test_oauthbearer_with_host_and_port(self) -> None:
+        """OAUTHBEARER follows RFC 7628, escaping ',' and '=' in the authzid."""
+        out = client.sasl_response(
+            "a,b=c@example.com", "tok", mechanism="oauthbearer", host="imap.example.com", port="993"
+        )
+        assert base64.b64decode(out) == (
+            b"n,a=a=2Cb=3Dc@example.com,\x01host=imap.example.com\x01port=993\x01"
+            b"auth=Bearer tok\x01\x01"
+        )
+
+
+class TestWire:
+    def test_token_request_round_trips(self) -> None:
+        """The hand-built hot-path request is valid JSON with the fields the daemon reads."""
+        line = protocol.encode_token_request('wo"rk\u00e9', min_validity=60, timeout=15)
+        assert line.endswith(b"\n")
+        assert protocol.decode(line) == {
+            "v": 1,
+            "op": "token",
+            "account": 'wo"rk\u00e9',
+            "min_validity": 60.0,
+            "timeout": 15.0,
+        }
+
+    @pytest.mark.parametrize(
+        "raw", [b"", b"\xff\xfe", b"[1,2]", b'{"a":1} x', b"{", b'{"a":NaN}', b"null"]
+    )
+    def test_decode_rejects_what_is_not_one_object(self, raw: bytes) -> None:
+        """Anything but one JSON object is a WireError."""
+        with pytest.raises(protocol.WireError):
+            protocol.decode(raw)
