@@ -1,4 +1,4 @@
-"""Shared fixtures: the development provider, configs that point at it, daemons in and out of process."""
+"""Shared fixtures: the development provider, configs for it, daemons in and out of process."""
 
 from __future__ import annotations
 

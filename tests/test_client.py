@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import MAILOAUTH
+
 from mailoauthd import client, protocol
 
 # Third-party packages the daemon uses; none may load in the helper.
@@ -62,7 +62,8 @@ class TestImports:
         code = (
             "import sys; before = set(sys.modules); import mailoauthd.client, mailoauthd.manage; "
             "print(sorted(n for n in set(sys.modules) - before"
-            " if n.split('.')[0] not in sys.stdlib_module_names and not n.startswith('mailoauthd')))"
+            " if n.split('.')[0] not in sys.stdlib_module_names"
+            " and not n.startswith('mailoauthd')))"
         )
         out = subprocess.run(
             [sys.executable, "-I", "-c", code], capture_output=True, text=True, check=True

@@ -16,11 +16,10 @@ import tempfile
 import threading
 import time
 import tomllib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-
 from conftest import (
     MAILOAUTHD,
     USER,
@@ -28,6 +27,7 @@ from conftest import (
     config_text,
     helper,
 )
+
 from mailoauthd.devprovider import DevProvider
 
 pytestmark = pytest.mark.slow
@@ -61,7 +61,7 @@ class TestServing:
     def test_token_sasl_and_status(
         self, setup: Path, provider: DevProvider, start_daemon: Start
     ) -> None:
-        """After import, `token` prints exactly the token, `sasl` its XOAUTH2 form, status says ok."""
+        """After import, `token` prints just the token, `sasl` its XOAUTH2 form; status says ok."""
         d = start_daemon(setup)
         assert status(d)["work"]["status"] == "needs_authorization"
         authorize(d, provider)
@@ -74,10 +74,13 @@ class TestServing:
         sasl = helper("sasl", "work", socket=d.socket)
         import base64
 
-        assert base64.b64decode(sasl.stdout) == f"user={USER}\x01auth=Bearer {value}\x01\x01".encode()
+        assert (
+            base64.b64decode(sasl.stdout) == f"user={USER}\x01auth=Bearer {value}\x01\x01".encode()
+        )
         row = status(d)["work"]
         assert row["status"] == "ok"
-        assert isinstance(row["expires_in"], int) and 3500 < row["expires_in"] <= 3600
+        assert isinstance(row["expires_in"], int)
+        assert 3500 < row["expires_in"] <= 3600
 
     def test_unknown_account_is_an_error(self, setup: Path, start_daemon: Start) -> None:
         """A name that is not configured exits 1 and says so; nothing on stdout."""
@@ -150,9 +153,7 @@ class TestExclusion:
         """A second daemon on the same state dir exits 1 naming the directory and the holder."""
         d = start_daemon(setup)
         other = tmp_path / "other.toml"
-        other.write_text(
-            setup.read_text().replace(str(tmp_path / "run"), str(tmp_path / "run2"))
-        )
+        other.write_text(setup.read_text().replace(str(tmp_path / "run"), str(tmp_path / "run2")))
         second = start_daemon(other, wait=False)
         assert second.proc.wait(timeout=20) == 1
         log = second.log()
@@ -164,7 +165,7 @@ class TestExclusion:
     def test_peer_with_another_uid_is_refused(
         self, provider: DevProvider, start_daemon: Start
     ) -> None:
-        """The real helper run as uid 65534 is refused by SO_PEERCRED, and told nothing of tokens."""
+        """The real helper run as uid 65534 is refused by SO_PEERCRED and told nothing of tokens."""
         if not shutil.which("setpriv"):
             pytest.skip("setpriv (util-linux) is not installed")
         # Everything the other uid needs must be reachable by it: pytest's
@@ -206,7 +207,8 @@ class TestExclusion:
             assert "uid 65534 may not use this mailoauthd" in run.stderr
             assert helper("token", "work", socket=d.socket).returncode == 0
             refused = [e for e in d.events() if e.get("event") == "request.refused"]
-            assert refused and refused[0]["uid"] == 65534
+            assert refused
+            assert refused[0]["uid"] == 65534
         finally:
             shutil.rmtree(base, ignore_errors=True)
 
@@ -303,7 +305,9 @@ class TestOperations:
     ) -> None:
         """SIGHUP adds a new account; a broken config on SIGHUP is logged and the old one kept."""
         d = start_daemon(setup)
-        setup.write_text(setup.read_text() + '\n[accounts.home]\nprovider = "dev"\nusername = "b@x"\n')
+        setup.write_text(
+            setup.read_text() + '\n[accounts.home]\nprovider = "dev"\nusername = "b@x"\n'
+        )
         d.proc.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + 10
         while "home" not in status(d):
@@ -330,7 +334,7 @@ class TestOperations:
     def test_notify_socket_sees_ready_status_reloading_stopping(
         self, setup: Path, tmp_path: Path
     ) -> None:
-        """READY=1 with STATUS=, RELOADING=1 on SIGHUP and STOPPING=1 on SIGTERM reach NOTIFY_SOCKET."""
+        """READY=1 and STATUS=, RELOADING=1 on SIGHUP, STOPPING=1 on SIGTERM reach NOTIFY_SOCKET."""
         notify = tmp_path / "notify"
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
             listener.bind(str(notify))
@@ -410,7 +414,6 @@ class TestSecrets:
 
 
 @pytest.fixture(autouse=True)
-def _no_stray_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def _no_stray_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests pass --socket explicitly; a developer's MAILOAUTHD_SOCKET must not interfere."""
     monkeypatch.delenv("MAILOAUTHD_SOCKET", raising=False)
-    yield

@@ -7,15 +7,15 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
-from datetime import timedelta
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
-
 from conftest import T0, USER, eventually, in_process_daemon, make_config, mock_now
+
 from mailoauthd import state
 from mailoauthd.devprovider import DevProvider
 from mailoauthd.errors import ReauthorizationRequired
@@ -32,19 +32,14 @@ def clock() -> trio.testing.MockClock:
 
 
 @pytest.fixture
-def dev(clock: trio.testing.MockClock) -> Any:
+def dev(clock: trio.testing.MockClock) -> Iterator[DevProvider]:
     """A provider whose clock is the MockClock's, so its request log is in test time."""
     with DevProvider(clock=lambda: mock_now(clock)().timestamp()) as p:
         yield p
 
 
-from typing import Any  # noqa: E402
-
-
-def seed(
-    tmp: Path, provider: DevProvider, account: str, *, expires_in: float | None
-) -> str:
-    """Store a state for `account` as an earlier run would have left it; returns its refresh token."""
+def seed(tmp: Path, provider: DevProvider, account: str, *, expires_in: float | None) -> str:
+    """Store `account`'s state as an earlier run would have left it; returns its refresh token."""
     refresh_token = provider.issue_refresh_token(USER)
     st = state.imported(account, Secret(refresh_token), T0)
     if expires_in is not None:
@@ -208,7 +203,7 @@ class TestTransientFailure:
     async def test_backoff_and_retry_after_while_old_token_is_served(
         self, clock: trio.testing.MockClock, dev: DevProvider, tmp_path: Path
     ) -> None:
-        """5xx are retried with growing waits, 429's Retry-After is honoured, the old token served."""
+        """5xx are retried with growing waits, 429's Retry-After honoured, the old token served."""
         cfg = make_config(tmp_path, dev, daemon_keys=FAST)
         seed(tmp_path, dev, "work", expires_in=500)
         dev.add_fault("status", status=503)
@@ -237,7 +232,8 @@ class TestTransientFailure:
                 retry_at = d.scheduler.status()[0]["next_check"]
                 assert isinstance(retry_at, str)
                 gap = (
-                    _parse(retry_at) - (T0 + timedelta(seconds=clock.current_time()))
+                    datetime.fromisoformat(retry_at)
+                    - (T0 + timedelta(seconds=clock.current_time()))
                 ).total_seconds()
                 clock.jump(max(0.0, gap - 1))
                 await settle()
@@ -253,9 +249,3 @@ class TestTransientFailure:
         assert gaps[2] >= 120  # Retry-After
         times = [r.time for r in dev.requests if r.path == "/token"]
         assert [round(t - times[0]) for t in times] == [round(a - attempts[0]) for a in attempts]
-
-
-def _parse(iso: str) -> Any:
-    from datetime import datetime
-
-    return datetime.fromisoformat(iso)

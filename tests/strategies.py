@@ -1,0 +1,152 @@
+"""Hypothesis strategies for mailoauthd's data: valid configurations built as objects."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from types import MappingProxyType
+
+from hypothesis import strategies as st
+
+from mailoauthd.config import (
+    FLOWS,
+    Account,
+    Config,
+    DaemonSettings,
+    Provider,
+    SecretSource,
+)
+from mailoauthd.secret import Secret
+
+names = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,15}", fullmatch=True)
+# Any printable text without whitespace, so each string is exactly one scope.
+scopes = st.lists(
+    st.text(st.characters(exclude_categories=("Z", "C")), min_size=1, max_size=20),
+    unique=True,
+    max_size=4,
+).map(tuple)
+non_blank = st.text(min_size=1, max_size=30).filter(str.strip)
+# Whole seconds are written as "1h2m3s"; sub-second ones as a float of seconds.
+durations = st.integers(0, 10**8).map(lambda s: timedelta(seconds=s)) | st.integers(0, 10**11).map(
+    lambda us: timedelta(microseconds=us)
+)
+positive_durations = durations.filter(bool)
+segments = st.from_regex(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,10}", fullmatch=True)
+absolute_paths = st.lists(segments, min_size=1, max_size=4).map(lambda parts: Path("/", *parts))
+urls = st.builds(
+    "{}/{}".format,
+    st.sampled_from(
+        [
+            "https://login.example.com",
+            "https://sso.example.org:8443/realms/mail",
+            "http://127.0.0.1:8080",
+            "http://[::1]:9999",
+            "http://localhost",
+        ]
+    ),
+    st.from_regex(r"[A-Za-z0-9/_.-]{0,20}", fullmatch=True),
+)
+optional_urls = st.none() | urls
+tenants = st.sampled_from(["common", "organizations", "consumers", "contoso.com"]) | st.uuids().map(
+    str
+)
+secret_sources = st.one_of(
+    st.builds(SecretSource, inline=non_blank.map(Secret)),
+    st.builds(SecretSource, file=absolute_paths),
+    st.builds(SecretSource, file=segments.map(lambda name: Path("${CREDENTIALS_DIRECTORY}", name))),
+    st.builds(
+        SecretSource,
+        command=st.lists(st.text(max_size=10).filter(lambda w: "\0" not in w), max_size=3).map(
+            lambda args: ("pass", *args)
+        ),
+    ),
+)
+reserved = {"response_type", "client_id", "redirect_uri", "scope", "state", "nonce"}
+authorize_params = st.dictionaries(
+    non_blank.filter(lambda key: key not in reserved and not key.startswith("code_")),
+    non_blank,
+    max_size=3,
+).map(MappingProxyType)
+
+
+@st.composite
+def st_providers(draw: st.DrawFn, name: str) -> Provider:
+    """A valid provider; explicit endpoints override a preset's, so any will do."""
+    preset = draw(st.sampled_from(["microsoft", "google", "generic"]))
+    microsoft = preset == "microsoft"
+    # TOML has no null: a preset's endpoints can be overridden but not removed.
+    preset_urls = optional_urls if preset == "generic" else urls
+    token_endpoint = draw(preset_urls)
+    issuer = (
+        draw(urls if token_endpoint is None else optional_urls) if preset == "generic" else None
+    )
+    return Provider(
+        name=name,
+        preset=preset,
+        client_id=draw(non_blank),
+        client_secret=draw(st.none() | secret_sources),
+        scopes=draw(scopes),
+        tenant=draw(tenants) if microsoft else None,
+        cloud=draw(st.sampled_from(["global", "usgov", "china"])) if microsoft else None,
+        issuer=issuer,
+        authorization_endpoint=draw(preset_urls),
+        token_endpoint=token_endpoint,
+        device_authorization_endpoint=draw(preset_urls),
+        revocation_endpoint=draw(optional_urls if preset != "google" else urls),
+        token_auth_method=draw(st.sampled_from(["client_secret_post", "client_secret_basic"])),
+        authorize_params=draw(authorize_params),
+    )
+
+
+def _allows_client_credentials(provider: Provider) -> bool:
+    # A shared tenant is refused only with the preset's own token endpoint, which
+    # `urls` never produces.
+    return provider.client_secret is not None and provider.preset != "google"
+
+
+@st.composite
+def st_accounts(draw: st.DrawFn, name: str, providers: list[Provider]) -> Account:
+    """A valid account of one of `providers`."""
+    provider = draw(st.sampled_from(providers))
+    flows = [f for f in FLOWS if f != "client_credentials" or _allows_client_credentials(provider)]
+    flow = draw(st.sampled_from(flows))
+    username = draw(st.none() | non_blank) if flow == "client_credentials" else draw(non_blank)
+    return Account(
+        name=name,
+        provider=provider,
+        username=username,
+        flow=flow,
+        scopes=draw(scopes),
+        refresh_before=draw(durations),
+        min_validity=draw(durations),
+    )
+
+
+daemon_settings = st.builds(
+    DaemonSettings,
+    refresh_interval=positive_durations,
+    refresh_before=durations,
+    refresh_spread=durations,
+    max_concurrent_refreshes=st.integers(1, 1000),
+    request_timeout=positive_durations,
+    min_validity=durations,
+    socket=st.none() | absolute_paths,
+    state_dir=st.none() | absolute_paths,
+    log_format=st.sampled_from(["auto", "json", "console"]),
+    log_level=st.sampled_from(["debug", "info", "warning", "error"]),
+)
+
+
+@st.composite
+def st_configs(draw: st.DrawFn) -> Config:
+    """A valid configuration: every account uses one of the config's own providers."""
+    provider_names = draw(st.lists(names, unique=True, max_size=3))
+    providers = [draw(st_providers(name)) for name in provider_names]
+    account_names = draw(st.lists(names, unique=True, max_size=4)) if providers else []
+    accounts = [draw(st_accounts(name, providers)) for name in account_names]
+    return Config(
+        source=draw(st.sampled_from(["<test>", "/etc/mailoauthd/config.toml"])),
+        daemon=draw(daemon_settings),
+        providers=MappingProxyType({p.name: p for p in providers}),
+        accounts=MappingProxyType({a.name: a for a in accounts}),
+    )
