@@ -109,7 +109,7 @@ DEMO_CONFIG = """\
 refresh_interval = "15s"
 refresh_before = "{refresh_before}s"
 refresh_spread = "0s"
-min_validity = "10s"
+min_validity = "{min_validity}s"
 state_dir = "{state_dir}"
 socket = "{socket}"
 log_format = "auto"
@@ -145,6 +145,7 @@ def _demo(args: argparse.Namespace, env: dict[str, str], system: bool) -> int:
         config_file.write_text(
             DEMO_CONFIG.format(
                 refresh_before=int(lifetime / 3),
+                min_validity=int(lifetime / 9),
                 state_dir=base / "state",
                 socket=socket,
                 secret_file=secret_file,

@@ -100,6 +100,9 @@ class Scheduler:
         self.now = now
         self.rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
         self.next_check: datetime | None = None
+        # The moment the first not-yet-due token gets within min_validity of
+        # its expiry: the loop checks then if the periodic check comes later.
+        self._last_call: datetime | None = None
         self._limiter = trio.CapacityLimiter(settings.max_concurrent_refreshes)
         self._slots: dict[str, _Slot] = {}
         self._nursery: trio.Nursery | None = None
@@ -171,7 +174,11 @@ class Scheduler:
                 if self.next_check is None or not (now < self.next_check <= now + interval):
                     self.check(now)
                     self.next_check = now + interval
+                elif self._last_call is not None and self._last_call <= now:
+                    self.check(now)  # early, so that no token outlives min_validity unrefreshed
                 wake = self.next_check
+                if self._last_call is not None:
+                    wake = min(wake, self._last_call)
                 for slot in self._slots.values():
                     if slot.retry_at is not None:
                         if slot.retry_at <= now:
@@ -193,6 +200,7 @@ class Scheduler:
         """
         started = 0
         spread = self.settings.refresh_spread.total_seconds()
+        last_call: datetime | None = None
         for slot in self._slots.values():
             if slot.in_flight is not None or slot.scheduled or slot.retry_at is not None:
                 continue
@@ -200,6 +208,12 @@ class Scheduler:
                 continue
             remaining = slot.state.valid_for(now)
             if remaining > slot.account.refresh_before.total_seconds():
+                # Normally the next check comes long before this; with a
+                # refresh_before shorter than refresh_interval it might not.
+                assert slot.state.expires_at is not None
+                latest = slot.state.expires_at - slot.account.min_validity
+                if latest > now and (last_call is None or latest < last_call):
+                    last_call = latest
                 continue
             # Spread refreshes that fall due together, but never past what the
             # token has left beyond the clients' minimum validity.
@@ -208,6 +222,7 @@ class Scheduler:
             slot.scheduled = True
             self._require_nursery().start_soon(self._scheduled_refresh, slot, delay)
             started += 1
+        self._last_call = last_call
         log.debug("check.done", accounts=len(self._slots), due=started)
         return started
 

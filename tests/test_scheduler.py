@@ -18,7 +18,7 @@ from conftest import T0, USER, eventually, in_process_daemon, make_config, mock_
 
 from mailoauthd import state
 from mailoauthd.devprovider import DevProvider
-from mailoauthd.errors import ReauthorizationRequired
+from mailoauthd.errors import ReauthorizationRequired, StateError
 from mailoauthd.secret import Secret
 from mailoauthd.state import TokenStore
 
@@ -249,3 +249,101 @@ class TestTransientFailure:
         assert gaps[2] >= 120  # Retry-After
         times = [r.time for r in dev.requests if r.path == "/token"]
         assert [round(t - times[0]) for t in times] == [round(a - attempts[0]) for a in attempts]
+
+
+class TestTiming:
+    async def test_short_refresh_before_is_caught_before_min_validity(
+        self, clock: trio.testing.MockClock, dev: DevProvider, tmp_path: Path
+    ) -> None:
+        """A token not due at one check is refreshed before it drops under min_validity."""
+        cfg = make_config(
+            tmp_path,
+            dev,
+            daemon_keys=FAST + '\nrefresh_before = "30s"\nmin_validity = "10s"',
+        )
+        seed(tmp_path, dev, "work", expires_in=100)
+        async with in_process_daemon(cfg, now=mock_now(clock)):
+            await settle()
+            assert refreshes(dev) == 0
+            clock.jump(89)
+            await settle()
+            assert refreshes(dev) == 0
+            clock.jump(1)  # 10 s before expiry, long before the next 3-minute check
+            await eventually(lambda: refreshes(dev) == 1)
+
+    async def test_after_a_suspend_the_next_request_refreshes(
+        self, clock: trio.testing.MockClock, dev: DevProvider, tmp_path: Path
+    ) -> None:
+        """After the clock jumps past expiry (suspend/resume), a request gets a fresh token."""
+        cfg = make_config(tmp_path, dev, daemon_keys=FAST)
+        seed(tmp_path, dev, "work", expires_in=3600)
+        async with in_process_daemon(cfg, now=mock_now(clock)) as d:
+            await settle()
+            clock.jump(7200)
+            st = await d.scheduler.token("work", None, trio.current_time() + 15)
+            assert st.access_token != Secret("seeded-work")
+            assert st.valid_for(mock_now(clock)()) > 3000
+            await settle()
+            assert refreshes(dev) == 1  # the request's refresh and the check's were one
+
+    async def test_at_most_max_concurrent_refreshes(
+        self, clock: trio.testing.MockClock, dev: DevProvider, tmp_path: Path
+    ) -> None:
+        """With six accounts due and a slow provider, no more than two requests are in flight."""
+        names = tuple(f"a{i}" for i in range(6))
+        cfg = make_config(
+            tmp_path, dev, accounts=names, daemon_keys=FAST + "\nmax_concurrent_refreshes = 2"
+        )
+        for name in names:
+            seed(tmp_path, dev, name, expires_in=None)
+        dev.add_fault("delay", count=6, seconds=0.2)
+        async with in_process_daemon(cfg, now=mock_now(clock)) as d:
+            limiter = d.scheduler._limiter
+            peak = waiting = 0
+            while refreshes(dev) < 6 or limiter.borrowed_tokens:
+                stats = limiter.statistics()
+                peak = max(peak, stats.borrowed_tokens)
+                waiting = max(waiting, stats.tasks_waiting)
+                await trio.to_thread.run_sync(time.sleep, 0.01)
+            assert peak == 2
+            assert waiting >= 1
+
+
+class TestClientCredentials:
+    async def test_app_only_account_gets_tokens_without_authorization(
+        self, clock: trio.testing.MockClock, dev: DevProvider, tmp_path: Path
+    ) -> None:
+        """A client_credentials account is served from the start, with no refresh token."""
+        cfg = make_config(tmp_path, dev, account_keys='flow = "client_credentials"')
+        async with in_process_daemon(cfg, now=mock_now(clock)) as d:
+            st = await d.scheduler.token("work", None, trio.current_time() + 15)
+            assert st.access_token is not None
+            assert st.refresh_token is None
+            assert dev.count(grant_type="client_credentials") == 1
+            assert stored(tmp_path, "work").status == state.OK
+
+
+class TestBrokenState:
+    async def test_unreadable_state_is_reported_kept_and_set_aside_on_import(
+        self, clock: trio.testing.MockClock, dev: DevProvider, tmp_path: Path
+    ) -> None:
+        """A garbage state file is reported by name, never overwritten, and kept on import."""
+        cfg = make_config(tmp_path, dev, accounts=("work", "home"), daemon_keys=FAST)
+        seed(tmp_path, dev, "home", expires_in=3600)
+        garbage = b"\x00\xff not toml"
+        (tmp_path / "state").mkdir(exist_ok=True)
+        (tmp_path / "state" / "work.toml").write_bytes(garbage)
+        async with in_process_daemon(cfg, now=mock_now(clock)) as d:
+            rows = {row["account"]: row for row in d.scheduler.status()}
+            assert rows["work"]["status"] == "state_error"
+            assert str(tmp_path / "state" / "work.toml") in str(rows["work"]["last_error"])
+            assert rows["home"]["status"] == "ok"  # the others carry on
+            with pytest.raises(StateError):
+                await d.scheduler.token("work", None, trio.current_time() + 15)
+            clock.jump(600)
+            await settle()
+            assert (tmp_path / "state" / "work.toml").read_bytes() == garbage
+            await d.scheduler.import_token("work", Secret(dev.issue_refresh_token(USER)))
+            aside = list((tmp_path / "state").glob("work.toml.corrupt-*"))
+            assert [p.read_bytes() for p in aside] == [garbage]
+            assert stored(tmp_path, "work").status == state.OK
