@@ -125,6 +125,12 @@ class DaemonSettings:
     state_dir: Path | None = None
     log_format: str = "auto"
     log_level: str = "info"
+    # System mode: members of this group may manage every account (not read its tokens).
+    admin_group: str | int | None = None
+    # `mailoauth status --check` fails for an account failing this long. 15 min: past
+    # the default refresh_before (10 min), so the last access token has expired by
+    # then and mail programs fail; a shorter outage is bridged by that token.
+    unhealthy_after: timedelta = timedelta(minutes=15)
 
 
 def _empty() -> Mapping[str, Any]:
@@ -161,6 +167,10 @@ class Account:
     scopes: tuple[str, ...] = ()
     refresh_before: timedelta = timedelta(minutes=10)
     min_validity: timedelta = timedelta(seconds=60)
+    # System mode: who besides root and the daemon's user may have the tokens;
+    # user/group names, or numeric ids.
+    allow_users: tuple[str | int, ...] = ()
+    allow_groups: tuple[str | int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -323,6 +333,43 @@ def _argv(value: object) -> tuple[str, ...]:
     return tuple(value)
 
 
+# ids are 32-bit; (uid_t)-1 means "no change" to chown and setreuid, never a user.
+_MAX_ID = 2**32 - 2
+
+
+def _principal(value: object) -> str | int:
+    """A user or group: a name, or a numeric id (an int, or a string of digits)."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _MAX_ID:
+        return value
+    if isinstance(value, str) and value.isdigit() and int(value) <= _MAX_ID:
+        return int(value)
+    if (
+        isinstance(value, str)
+        and value
+        and len(value) <= 256
+        and not any(c.isspace() or c in ":/\0" for c in value)
+    ):
+        return value
+    raise _Invalid(f"must be a user or group name, or a numeric id {_got(value)}")
+
+
+def _principals(value: object) -> tuple[str | int, ...]:
+    if not isinstance(value, list):
+        raise _Invalid(
+            f"must be a list of names or numeric ids, e.g. ['alice', 1001] {_got(value)}"
+        )
+    found: list[str | int] = []
+    for number, item in enumerate(value, start=1):
+        try:
+            principal = _principal(item)
+        except _Invalid as exc:
+            raise _Invalid(f"item {number} {exc}") from None
+        if principal in found:
+            raise _Invalid(f"{item!r} is listed twice")
+        found.append(principal)
+    return tuple(found)
+
+
 def _same(value: Any) -> Any:
     return value
 
@@ -358,6 +405,8 @@ _DAEMON_KEYS = {
     "state_dir": _Key(_absolute_path, str),
     "log_format": _Key(_one_of("auto", "json", "console")),
     "log_level": _Key(_one_of("debug", "info", "warning", "error")),
+    "admin_group": _Key(_principal),
+    "unhealthy_after": _Key(_positive_duration, _dump_duration),
 }
 _PROVIDER_KEYS = {
     "preset": _Key(_one_of(*PRESETS)),
@@ -380,6 +429,8 @@ _ACCOUNT_KEYS = {
     "scopes": _Key(_scopes, list),
     "refresh_before": _DURATION_KEY,
     "min_validity": _DURATION_KEY,
+    "allow_users": _Key(_principals, list),
+    "allow_groups": _Key(_principals, list),
 }
 _TABLES = {
     "daemon": ("[daemon]", _DAEMON_KEYS),

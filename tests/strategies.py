@@ -31,6 +31,10 @@ durations = st.integers(0, 10**8).map(lambda s: timedelta(seconds=s)) | st.integ
     lambda us: timedelta(microseconds=us)
 )
 positive_durations = durations.filter(bool)
+# Users and groups: names (never all digits: those are read as ids) or numeric ids.
+principal_names = st.from_regex(r"[a-z_][a-z0-9_.-]{0,15}\$?", fullmatch=True)
+principals = principal_names | st.integers(0, 2**32 - 2)
+principal_lists = st.lists(principals, unique=True, max_size=3).map(tuple)
 segments = st.from_regex(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,10}", fullmatch=True)
 absolute_paths = st.lists(segments, min_size=1, max_size=4).map(lambda parts: Path("/", *parts))
 urls = st.builds(
@@ -119,6 +123,8 @@ def st_accounts(draw: st.DrawFn, name: str, providers: list[Provider]) -> Accoun
         scopes=draw(scopes),
         refresh_before=draw(durations),
         min_validity=draw(durations),
+        allow_users=draw(principal_lists),
+        allow_groups=draw(principal_lists),
     )
 
 
@@ -134,6 +140,8 @@ daemon_settings = st.builds(
     state_dir=st.none() | absolute_paths,
     log_format=st.sampled_from(["auto", "json", "console"]),
     log_level=st.sampled_from(["debug", "info", "warning", "error"]),
+    admin_group=st.none() | principals,
+    unhealthy_after=positive_durations,
 )
 
 

@@ -312,7 +312,7 @@ class TestErrors:
         assert problem("[daemon]\nzzz = 1") == (
             f"{SOURCE}: [daemon] zzz: unknown key; expected one of: refresh_interval, "
             "refresh_before, refresh_spread, max_concurrent_refreshes, request_timeout, "
-            "min_validity, socket, state_dir, log_format, log_level"
+            "min_validity, socket, state_dir, log_format, log_level, admin_group, unhealthy_after"
         )
 
     def test_key_in_the_wrong_table(self) -> None:
@@ -775,3 +775,72 @@ class TestRoundTrip:
         parsed = config(MICROSOFT, 'client_secret = "x"')
         assert parsed.warnings
         assert parse(tomli_w.dumps(to_mapping(parsed)), source=SOURCE) == parsed
+
+
+class TestAccessKeys:
+    def test_defaults(self) -> None:
+        """Without access keys an account has empty allow lists, and there is no admin group."""
+        parsed = config(MICROSOFT, WORK)
+        assert parsed.accounts["work"].allow_users == ()
+        assert parsed.accounts["work"].allow_groups == ()
+        assert parsed.daemon.admin_group is None
+        assert parsed.daemon.unhealthy_after == timedelta(minutes=15)
+
+    def test_names_and_ids(self) -> None:
+        """Names stay names; ints and strings of digits become numeric ids."""
+        parsed = config(
+            """
+            [daemon]
+            admin_group = "mailadm"
+            unhealthy_after = "1h"
+            """,
+            MICROSOFT,
+            WORK,
+            """
+            allow_users = ["alice", 1001, "1002", "bob@corp.example"]
+            allow_groups = ["mail-users", 100]
+            """,
+        )
+        work = parsed.accounts["work"]
+        assert work.allow_users == ("alice", 1001, 1002, "bob@corp.example")
+        assert work.allow_groups == ("mail-users", 100)
+        assert parsed.daemon.admin_group == "mailadm"
+        assert parsed.daemon.unhealthy_after == timedelta(hours=1)
+        assert config("[daemon]\nadmin_group = 4").daemon.admin_group == 4
+
+    @pytest.mark.parametrize(
+        ("value", "shown"),
+        [
+            ('"alice"', "must be a list of names or numeric ids"),
+            ("[true]", "item 1 must be a user or group name, or a numeric id (got true, a bool)"),
+            ('["al ice"]', "item 1 must be a user or group name"),
+            ('["a:b"]', "item 1 must be a user or group name"),
+            ('[""]', "item 1 must be a user or group name"),
+            ("[-1]", "item 1 must be a user or group name, or a numeric id (got -1, an int)"),
+            ("[4294967295]", "item 1 must be a user or group name"),
+            ('["alice", "alice"]', "'alice' is listed twice"),
+            ('[7, "7"]', "'7' is listed twice"),
+        ],
+    )
+    def test_bad_allow_lists(self, value: str, shown: str) -> None:
+        """A bad allow list names the file, the table, the key and the offending item."""
+        found = problems(MICROSOFT, WORK, f"allow_users = {value}")
+        assert len(found) == 1
+        assert found[0].startswith(f"{SOURCE}: [accounts.work] allow_users: {shown}")
+
+    def test_bad_daemon_keys(self) -> None:
+        """admin_group takes one name or id; unhealthy_after a positive duration."""
+        assert problems('[daemon]\nadmin_group = ["a"]') == [
+            f"{SOURCE}: [daemon] admin_group: must be a user or group name, or a numeric id "
+            "(got ['a'], a list)"
+        ]
+        assert problems('[daemon]\nunhealthy_after = "0s"') == [
+            f"{SOURCE}: [daemon] unhealthy_after: must be longer than zero (got '0s', a str)"
+        ]
+
+    def test_allow_lists_are_account_keys(self) -> None:
+        """allow_users under [daemon] is refused with a pointer to the account table."""
+        assert problems("[daemon]\nallow_users = []") == [
+            f"{SOURCE}: [daemon] allow_users: unknown key here; "
+            "it belongs in an [accounts.NAME] table"
+        ]
