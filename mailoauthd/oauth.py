@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import email.utils
 import re
+import urllib.parse
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -29,12 +30,17 @@ from mailoauthd.secret import Secret
 # what every provider we know issues, and the scheduled check corrects us if
 # the token dies sooner (the resource server rejects it, the user refreshes).
 DEFAULT_EXPIRES_IN = 3600
+# No provider issues access tokens for longer than a day or so; a year means
+# a broken answer, and a larger number would overflow datetime arithmetic.
+MAX_EXPIRES_IN = 366 * 24 * 3600
 # Cap on what we read of an error body into a message: provider HTML error
 # pages can be large, and one line on stderr must stay one line.
 MAX_DESCRIPTION = 300
 
 REFRESH_TOKEN = "refresh_token"  # noqa: S105 - a grant type, not a secret
 CLIENT_CREDENTIALS = "client_credentials"
+AUTHORIZATION_CODE = "authorization_code"
+DEVICE_CODE = "urn:ietf:params:oauth:grant-type:device_code"
 
 # RFC 6749 §5.2 error codes, by what the daemon should do about them.
 _NEEDS_AUTH = frozenset({"invalid_grant", "interaction_required", "consent_required"})
@@ -81,6 +87,31 @@ AADSTS_EXPLANATIONS = {
         "the request was malformed or invalid",
         "check tenant, client_id and scopes in the configuration",
     ),
+    # Codes people meet while signing in rather than while refreshing.
+    "50173": (
+        "the grant expired because the password was changed or reset",
+        "run 'mailoauth authorize {account}' to sign in again",
+    ),
+    "50011": (
+        "the redirect URI is not registered for this app",
+        "add http://127.0.0.1 (or http://localhost) as a 'Mobile and desktop' redirect URI",
+    ),
+    "500113": (
+        "the app registration has no redirect URI",
+        "add http://127.0.0.1 (or http://localhost) as a 'Mobile and desktop' redirect URI",
+    ),
+    "7000218": (
+        "the app needs a client secret, or must allow public client flows",
+        "set client_secret_file, or enable 'Allow public client flows' in the app registration",
+    ),
+    "50020": (
+        "this user's account is not in the app's tenant",
+        "sign in with an account of that tenant, or set tenant to 'common' or 'organizations'",
+    ),
+    "53003": (
+        "a Conditional Access policy blocked the sign-in",
+        "ask your administrator which policy applies to this app and device",
+    ),
 }
 _AADSTS = re.compile(r"AADSTS(\d+)")
 
@@ -113,7 +144,11 @@ def _form_request(
     url = endpoint or client.token_endpoint
     headers = {"Accept": "application/json"}
     if client.client_secret is not None and client.auth_method == "client_secret_basic":
-        auth = httpx.BasicAuth(client.client_id, client.client_secret.reveal())
+        # RFC 6749 §2.3.1: both are form-urlencoded before they are joined.
+        auth = httpx.BasicAuth(
+            urllib.parse.quote_plus(client.client_id),
+            urllib.parse.quote_plus(client.client_secret.reveal()),
+        )
         return next(auth.auth_flow(httpx.Request("POST", url, data=form, headers=headers)))
     form = {**form, "client_id": client.client_id}
     if client.client_secret is not None:
@@ -146,9 +181,47 @@ def client_credentials_request(client: Client, scopes: tuple[str, ...]) -> httpx
     return _form_request(client, form)
 
 
-def revocation_request(client: Client, endpoint: str, token: Secret) -> httpx.Request:
-    """An RFC 7009 revocation request for a refresh (or access) token."""
-    return _form_request(client, {"token": token.reveal()}, endpoint)
+def revocation_request(
+    client: Client, endpoint: str, token: Secret, hint: str | None = None
+) -> httpx.Request:
+    """An RFC 7009 revocation request for a refresh (or access) token; `hint` its type."""
+    form = {"token": token.reveal()}
+    if hint:
+        form["token_type_hint"] = hint
+    return _form_request(client, form, endpoint)
+
+
+def authorization_code_request(
+    client: Client, code: Secret, redirect_uri: str, verifier: Secret
+) -> httpx.Request:
+    """
+    An authorization_code grant request (RFC 6749 §4.1.3) with its PKCE verifier (RFC 7636).
+
+    Args:
+        client: the OAuth client.
+        code: the code the redirect carried.
+        redirect_uri: exactly the one sent in the authorization request.
+        verifier: the PKCE code_verifier whose S256 challenge was sent.
+    """
+    form = {
+        "grant_type": AUTHORIZATION_CODE,
+        "code": code.reveal(),
+        "redirect_uri": redirect_uri,
+        "code_verifier": verifier.reveal(),
+    }
+    return _form_request(client, form)
+
+
+def device_authorization_request(
+    client: Client, endpoint: str, scopes: tuple[str, ...]
+) -> httpx.Request:
+    """A device authorization request (RFC 8628 §3.1)."""
+    return _form_request(client, {"scope": " ".join(scopes)} if scopes else {}, endpoint)
+
+
+def device_token_request(client: Client, device_code: Secret) -> httpx.Request:
+    """One poll of the token endpoint for a device authorization (RFC 8628 §3.4)."""
+    return _form_request(client, {"grant_type": DEVICE_CODE, "device_code": device_code.reveal()})
 
 
 def retry_after(response: httpx.Response, now: datetime) -> float | None:
@@ -157,7 +230,7 @@ def retry_after(response: httpx.Response, now: datetime) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
@@ -203,7 +276,9 @@ def explain(oauth_error: str, description: str, account: str) -> tuple[str, str 
     return text, None
 
 
-def parse_token_response(response: httpx.Response, *, now: datetime, account: str) -> TokenSet:
+def parse_token_response(
+    response: httpx.Response, *, now: datetime, account: str, subject: str = "the refresh token"
+) -> TokenSet:
     """
     Turn the token endpoint's answer into tokens, or into a classified error.
 
@@ -211,6 +286,7 @@ def parse_token_response(response: httpx.Response, *, now: datetime, account: st
         response: the HTTP response, body read.
         now: the wall-clock time the response arrived, for the expiry.
         account: the account's name, for messages.
+        subject: what the provider may reject, for messages ("the authorization code").
 
     Raises:
         TransientGrantError: 5xx, 429, a malformed answer; retry later.
@@ -219,7 +295,10 @@ def parse_token_response(response: httpx.Response, *, now: datetime, account: st
     """
     status = response.status_code
     body = _json_body(response)
-    if status == 200:
+    # Some providers answer errors with 200; an error and no token is an error.
+    if status == 200 and not (
+        body is not None and isinstance(body.get("error"), str) and "access_token" not in body
+    ):
         if body is None:
             raise TransientGrantError(
                 f"the token endpoint answered 200 with a body that is not a JSON object "
@@ -239,7 +318,7 @@ def parse_token_response(response: httpx.Response, *, now: datetime, account: st
             )
         if oauth_error in _NEEDS_AUTH:
             raise ReauthorizationRequired(
-                f"the provider rejected the refresh token ({message})",
+                f"the provider rejected {subject} ({message})",
                 hint=hint or f"run 'mailoauth authorize {account}' and sign in again",
                 oauth_error=oauth_error,
             )
@@ -275,9 +354,13 @@ def _tokens(body: dict[str, object], now: datetime) -> TokenSet:
     if not isinstance(token_type, str) or token_type.lower() != "bearer":
         raise Misconfigured(f"the provider issued a {token_type!r} token; only Bearer is usable")
     expires_in = body.get("expires_in", DEFAULT_EXPIRES_IN)
-    if isinstance(expires_in, str) and expires_in.isdigit():
+    if isinstance(expires_in, str) and expires_in.isascii() and expires_in.isdigit():
         expires_in = int(expires_in)  # some providers send a string
-    if isinstance(expires_in, bool) or not isinstance(expires_in, int | float) or expires_in <= 0:
+    if (
+        isinstance(expires_in, bool)
+        or not isinstance(expires_in, int | float)
+        or not 0 < expires_in <= MAX_EXPIRES_IN
+    ):
         raise TransientGrantError(f"the token endpoint's expires_in is not usable: {expires_in!r}")
     refresh = body.get("refresh_token")
     scope = body.get("scope")
@@ -292,23 +375,34 @@ def _tokens(body: dict[str, object], now: datetime) -> TokenSet:
     )
 
 
-async def send(http: httpx.AsyncClient, request: httpx.Request) -> httpx.Response:
+async def send(
+    http: httpx.AsyncClient, request: httpx.Request, *, what: str = "the token endpoint"
+) -> httpx.Response:
     """
     Send one request and read the body; network failures become TransientGrantError.
 
     The caller bounds the whole exchange with a cancel scope; httpx's own
     timeout is only a backstop.
+
+    Args:
+        http: the client.
+        request: what to send.
+        what: names the endpoint in messages, e.g. "the device authorization endpoint".
     """
     try:
         response = await http.send(request)
         await response.aread()
         await response.aclose()
     except httpx.TimeoutException as exc:
-        raise TransientGrantError(f"the token endpoint timed out ({request.url.host})") from exc
+        raise TransientGrantError(f"{what} timed out ({request.url.host})") from exc
     except httpx.TransportError as exc:
         raise TransientGrantError(
-            f"cannot reach the token endpoint at {request.url.host}: {type(exc).__name__}"
+            f"cannot reach {what} at {request.url.host}: {type(exc).__name__}"
             + (f": {exc}" if str(exc) else "")
+        ) from exc
+    except httpx.RequestError as exc:  # e.g. a body that cannot be decoded
+        raise TransientGrantError(
+            f"the answer of {what} at {request.url.host} could not be read: {type(exc).__name__}"
         ) from exc
     return response
 
@@ -320,6 +414,9 @@ def now_utc() -> datetime:
 
 __all__ = [
     "Client",
+    "authorization_code_request",
+    "device_authorization_request",
+    "device_token_request",
     "GrantError",
     "TokenSet",
     "client_credentials_request",

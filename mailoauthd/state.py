@@ -164,7 +164,8 @@ def from_toml(text: str, *, source: str) -> AccountState:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise StateError(f"{source}: not a valid state file ({exc})") from exc
-    if doc.get("version") != FORMAT_VERSION:
+    version = doc.get("version")
+    if type(version) is not int or version != FORMAT_VERSION:
         raise StateError(f"{source}: unknown state format version {doc.get('version')!r}")
     try:
         fields: dict[str, object] = {"account": _typed(doc, "account", str)}
@@ -274,13 +275,20 @@ class TokenStore:
         """
         path = self.path(account)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            # O_NONBLOCK: a FIFO planted here must not hang the daemon.
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         except FileNotFoundError:
             return None
         except OSError as exc:
             raise StateError(f"{path}: cannot be read ({exc.strerror})") from exc
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise StateError(f"{path}: not a regular file")
         with os.fdopen(fd, "rb") as f:
-            raw = f.read()
+            try:
+                raw = f.read()
+            except OSError as exc:
+                raise StateError(f"{path}: cannot be read ({exc.strerror})") from exc
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -327,7 +335,12 @@ class TokenStore:
         path = self.path(account)
         if not os.path.lexists(path):
             return None
-        aside = path.with_name(f"{path.name}.corrupt-{now.strftime('%Y%m%dT%H%M%SZ')}")
+        stamp = now.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
+        aside = path.with_name(f"{path.name}.corrupt-{stamp}")
+        n = 1
+        while os.path.lexists(aside):  # never replace an earlier copy
+            n += 1
+            aside = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
         os.replace(path, aside)
         self._sync_directory()
         return aside
