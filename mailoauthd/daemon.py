@@ -12,6 +12,7 @@ the handler defined here; `scheduler` knows nothing of sockets.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import signal
@@ -90,7 +91,7 @@ class Daemon:
         self.scheduler = scheduler
         self.notifier = notifier
         self.socket_path = socket_path
-        self.server = Server(self.handle, allowed_uids={os.geteuid(), 0})
+        self.server = Server(self.handle, allowed_uids={os.geteuid(), 0}, quick=self.answer_now)
 
     # --- requests ----------------------------------------------------------------
 
@@ -132,25 +133,37 @@ class Daemon:
             return await work()
         raise self._timed_out(name, timeout)
 
+    def answer_now(self, request: dict[str, object], peer: Peer) -> dict[str, object] | None:
+        """The answer to a token request that needs no waiting; None when `handle` must wait."""
+        if request.get("v") != 1 or request.get("op") != "token":
+            return None
+        name = _text(request, "account")
+        min_validity = _number(request, "min_validity", -1.0)
+        st = self.scheduler.token_now(name, None if min_validity < 0 else min_validity)
+        return None if st is None else self._token_reply(name, st, peer)
+
     async def _token(self, request: dict[str, object], peer: Peer) -> dict[str, object]:
         name = _text(request, "account")
         min_validity = _number(request, "min_validity", -1.0)
         timeout = min(_number(request, "timeout", DEFAULT_REQUEST_TIMEOUT), MAX_REQUEST_TIMEOUT)
         deadline = trio.current_time() + max(0.0, timeout)
-        account = self.scheduler.account(name)
         with trio.move_on_at(deadline):
             st = await self.scheduler.token(
                 name, None if min_validity < 0 else min_validity, deadline
             )
-            assert st.access_token is not None
-            log.debug("token.served", account=name, uid=peer.uid, pid=peer.pid, exe=_exe(peer.pid))
-            return {
-                "ok": True,
-                "token": st.access_token.reveal(),
-                "expires_at": int(st.expires_at.timestamp()) if st.expires_at else None,
-                "username": account.username or "",
-            }
+            return self._token_reply(name, st, peer)
         raise self._timed_out(name, timeout)
+
+    def _token_reply(self, name: str, st: AccountState, peer: Peer) -> dict[str, object]:
+        assert st.access_token is not None
+        if log.is_enabled_for(logging.DEBUG):
+            log.debug("token.served", account=name, uid=peer.uid, pid=peer.pid, exe=_exe(peer.pid))
+        return {
+            "ok": True,
+            "token": st.access_token.reveal(),
+            "expires_at": int(st.expires_at.timestamp()) if st.expires_at else None,
+            "username": self.scheduler.account(name).username or "",
+        }
 
     def _timed_out(self, name: str, timeout: float) -> MailoauthdError:
         last = self.scheduler.last_error(name)

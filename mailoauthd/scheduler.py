@@ -439,6 +439,14 @@ class Scheduler:
             return type(exc)(f"{name}: {why}{exc.message}", hint=exc.hint)
         return TransientGrantError(f"{name}: {why}no valid token")
 
+    def token_now(self, name: str, min_validity: float | None) -> AccountState | None:
+        """The account's state if its token is valid for `min_validity` now, else None."""
+        slot = self._slots.get(name)
+        if slot is None or slot.broken is not None:
+            return None
+        wanted = slot.account.min_validity.total_seconds() if min_validity is None else min_validity
+        return slot.state if slot.state.valid_for(self.now()) >= wanted else None
+
     async def token(self, name: str, min_validity: float | None, deadline: float) -> AccountState:
         """
         A state whose access token is valid for at least `min_validity` seconds.
