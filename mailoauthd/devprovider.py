@@ -15,7 +15,16 @@ until SIGTERM or SIGINT.
 
 `add_fault` scripts the next requests on a path: HTTP errors, hangs, delays,
 connection resets, HTML error pages, broken JSON. Expiry follows the injected
-clock, so tests never sleep to expire a token. Nothing here is meant to be
+clock, so tests never sleep to expire a token.
+
+Refresh token rotation: "none" keeps one refresh token for good, "rotate"
+issues a new one on each refresh and keeps the old ones working, "strict"
+retires the old one on each refresh. A retired token is refused at once unless
+`refresh_token_reuse_interval` is set: then it keeps working for that many
+seconds after it was first used, each use answered with new tokens, as Okta's
+grace period and Auth0's reuse interval do. That window is what lets a client
+that died after the provider rotated its token, but before it could store the
+new one, recover (docs/reliability.md). Nothing here is meant to be
 secure: state lives in memory, id_tokens are unsigned (alg "none") and every
 authorization is approved without asking anyone.
 """
@@ -82,12 +91,24 @@ class RequestRecord:
 
 
 @dataclass(frozen=True)
+class Rotation:
+    """One answered refresh: the refresh token used, the one issued (if any), the access token."""
+
+    time: float
+    used: str
+    issued: str | None
+    access_token: str
+
+
+@dataclass(frozen=True)
 class _Options:
     access_token_lifetime: float
     refresh_token_rotation: str
     access_token_length: int
     device_interval: int = 5
     device_expires_in: int = 600
+    # "strict" only: how long a retired refresh token still works (0: not at all).
+    refresh_token_reuse_interval: float = 0.0
 
     def check(self) -> None:
         if self.refresh_token_rotation not in ROTATIONS:
@@ -99,6 +120,8 @@ class _Options:
             raise ValueError("access_token_length must be an integer >= 16")
         if not self.device_interval >= 0 or not self.device_expires_in > 0:
             raise ValueError("device_interval must be >= 0 and device_expires_in > 0")
+        if not self.refresh_token_reuse_interval >= 0:
+            raise ValueError("refresh_token_reuse_interval must be >= 0")
 
 
 @dataclass(eq=False)
@@ -282,6 +305,7 @@ class DevProvider:
         access_token_lifetime: float = 3600.0,
         refresh_token_rotation: str = "rotate",  # noqa: S107 - a mode, not a secret
         access_token_length: int = 48,
+        refresh_token_reuse_interval: float = 0.0,
         clients: Mapping[str, str | None] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -289,15 +313,26 @@ class DevProvider:
         self._port = port
         self._clock = clock
         self._clients = dict(DEFAULT_CLIENTS if clients is None else clients)
-        self._options = _Options(access_token_lifetime, refresh_token_rotation, access_token_length)
+        self._options = _Options(
+            access_token_lifetime,
+            refresh_token_rotation,
+            access_token_length,
+            refresh_token_reuse_interval=refresh_token_reuse_interval,
+        )
         self._options.check()
         # Reentrant so that admin routes, which run under it, can call the public methods.
         self._lock = threading.RLock()
+        # Woken whenever a request arrives or is recorded: see wait_for().
+        self._changed = threading.Condition(self._lock)
+        self._received = 0
+        self._rotations: list[Rotation] = []
+        self._retired: dict[str, tuple[_Grant, float]] = {}  # strict: token -> (grant, until)
+        self._issued: list[str] = []  # every secret handed out or seen, for leak checks
         self._stopping = threading.Event()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self._grants: list[_Grant] = []
-        self._refresh: dict[str, _Grant] = {}  # rotated-out (strict) tokens are deleted
+        self._refresh: dict[str, _Grant] = {}  # rotated-out (strict) tokens move to _retired
         self._access: dict[str, _AccessToken] = {}
         self._codes: dict[str, _AuthCode] = {}
         self._devices: dict[str, _Device] = {}
@@ -320,6 +355,7 @@ class DevProvider:
             "/admin/clear-faults": ("POST", self._admin_clear_faults),
             "/admin/options": ("POST", self._admin_options),
             "/admin/requests": ("GET", lambda r: _json([asdict(x) for x in self.requests])),
+            "/admin/rotations": ("GET", lambda r: _json([asdict(x) for x in self.rotations])),
             "/admin/approve-device": ("POST", self._admin_approve),
         }
 
@@ -407,7 +443,8 @@ class DevProvider:
     def revoke_token(self, token: str) -> None:
         """RFC 7009: a refresh token takes its whole grant with it; an access token only itself."""
         with self._lock:
-            if (grant := self._refresh.get(token)) is not None:
+            grant = self._refresh.get(token) or self._retired.get(token, (None, 0.0))[0]
+            if grant is not None:
                 grant.revoked = True
             elif (access := self._access.get(token)) is not None:
                 access.revoked = True
@@ -443,7 +480,8 @@ class DevProvider:
 
     def set_options(self, **kw: Any) -> None:
         """Change access_token_lifetime, refresh_token_rotation, access_token_length,
-        device_interval or device_expires_in; they apply to tokens issued from now on."""
+        refresh_token_reuse_interval, device_interval or device_expires_in; they apply to
+        tokens issued (or retired) from now on."""
         with self._lock:
             options = replace(self._options, **kw)  # TypeError for an unknown option
             options.check()
@@ -498,10 +536,55 @@ class DevProvider:
             )
 
     def valid_refresh_tokens(self, user: str) -> list[str]:
-        """The refresh tokens of `user` that would work now, oldest first."""
+        """The refresh tokens of `user` that would work now, oldest first; retired ones not."""
         with self._lock:
             grants = self._refresh.items()
             return [t for t, g in grants if not g.revoked and g.user == user]
+
+    def refresh_token_status(self, token: str) -> str:
+        """
+        "valid" (current), "reusable" (retired under strict rotation, still inside the
+        reuse interval) or "invalid" (unknown, revoked, or retired for good).
+        """
+        with self._lock:
+            grant = self._refresh.get(token)
+            if grant is not None:
+                return "invalid" if grant.revoked else "valid"
+            retired, until = self._retired.get(token, (None, 0.0))
+            if retired is not None and not retired.revoked and self._clock() < until:
+                return "reusable"
+            return "invalid"
+
+    @property
+    def rotations(self) -> list[Rotation]:
+        """Every answered refresh_token grant, oldest first."""
+        with self._lock:
+            return list(self._rotations)
+
+    @property
+    def received(self) -> int:
+        """How many requests (not /admin ones) have arrived, answered or not."""
+        with self._lock:
+            return self._received
+
+    def wait_for(self, condition: Callable[[], bool], timeout: float) -> bool:
+        """
+        Block until `condition()` holds, re-checked whenever a request arrives or is
+        recorded; False if `timeout` seconds pass first. `condition` runs under the
+        provider's lock, so it may call the inspection methods.
+        """
+        with self._changed:
+            return self._changed.wait_for(condition, timeout)
+
+    def issued_secrets(self) -> list[str]:
+        """
+        Every secret this provider issued or was shown: access, refresh and id tokens,
+        authorization codes, device codes, PKCE verifiers, client secrets. For tests that
+        check no secret leaks anywhere.
+        """
+        with self._lock:
+            clients = [s for s in self._clients.values() if s]
+            return [*clients, *self._issued]
 
     # -- state helpers (called with the lock held) -------------------------------------------
 
@@ -513,6 +596,7 @@ class DevProvider:
     def _new_refresh_token(self, grant: _Grant) -> str:
         token = "dev-rt-" + secrets.token_urlsafe(32)
         self._refresh[token] = grant
+        self._issued.append(token)
         return token
 
     def _pending_device(self, user_code: str) -> _Device:
@@ -533,6 +617,7 @@ class DevProvider:
         access = secrets.token_urlsafe(length)[:length]
         lifetime = options.access_token_lifetime
         self._access[access] = _AccessToken(grant, scopes, now, now + lifetime)
+        self._issued.append(access)
         body: dict[str, Any] = {
             "access_token": access,
             "token_type": "Bearer",
@@ -555,6 +640,7 @@ class DevProvider:
             header = {"alg": "none", "typ": "JWT"}
             parts = (_b64url(json.dumps(p).encode()) for p in (header, claims))
             body["id_token"] = ".".join(parts) + "."
+            self._issued.append(body["id_token"])
         return body
 
     def _authenticate(self, req: _Request) -> str:
@@ -603,6 +689,9 @@ class DevProvider:
     def _grant_refresh(self, req: _Request, client_id: str) -> dict[str, Any]:
         token = req.require("refresh_token")
         grant = self._refresh.get(token)
+        retired, until = self._retired.get(token, (None, 0.0))
+        if grant is None and retired is not None and self._clock() < until:
+            grant = retired  # strict, inside the reuse interval: answered like a current one
         if grant is None or grant.revoked:
             raise _OAuthError("invalid_grant", "the refresh token is invalid, expired or revoked")
         if grant.client_id != client_id:
@@ -614,8 +703,15 @@ class DevProvider:
                 raise _OAuthError("invalid_scope", "scope exceeds what was granted")
         rotation = self._options.refresh_token_rotation
         body = self._tokens(grant, scopes, refresh=rotation != "none")
-        if rotation == "strict":
-            del self._refresh[token]
+        if rotation == "strict" and self._refresh.pop(token, None) is not None:
+            # The reuse interval runs from the first use; later reuses do not extend it.
+            self._retired[token] = (
+                grant,
+                self._clock() + self._options.refresh_token_reuse_interval,
+            )
+        self._rotations.append(
+            Rotation(self._clock(), token, body.get("refresh_token"), body["access_token"])
+        )
         return body
 
     def _grant_client_credentials(self, req: _Request, client_id: str) -> dict[str, Any]:
@@ -639,6 +735,8 @@ class DevProvider:
         if req.get("redirect_uri") != code.redirect_uri:
             raise _OAuthError("invalid_grant", "redirect_uri differs from the authorization's")
         verifier = req.get("code_verifier")
+        if verifier is not None:
+            self._issued.append(verifier)
         if code.challenge is None:
             if verifier is not None:
                 raise _OAuthError("invalid_grant", "code_verifier without a code_challenge")
@@ -679,6 +777,7 @@ class DevProvider:
                 break
         user_code = f"{letters[:4]}-{letters[4:]}"
         device_code = secrets.token_urlsafe(32)
+        self._issued.append(device_code)
         self._devices[device_code] = _Device(
             client_id,
             _scopes(req.get("scope")),
@@ -737,6 +836,7 @@ class DevProvider:
             req.get("login_hint") or DEFAULT_USER, client_id, _scopes(req.get("scope"))
         )
         code = secrets.token_urlsafe(32)
+        self._issued.append(code)
         self._codes[code] = _AuthCode(
             grant, target, challenge, req.get("nonce"), self._clock() + CODE_LIFETIME
         )
@@ -839,6 +939,10 @@ class DevProvider:
             return
         req = _Request(handler.command, handler.path, handler.headers, handler.rfile.read(length))
         admin = req.path.startswith("/admin/")
+        if not admin:
+            with self._changed:
+                self._received += 1
+                self._changed.notify_all()
         fault = None if admin else self._take_fault(req.path)
         kind = fault.kind if fault is not None else None
         response: _Response | None = None
@@ -862,8 +966,9 @@ class DevProvider:
                 kind,
             )
             # Recorded before answering, so a client that has its answer sees the record.
-            with self._lock:
+            with self._changed:
                 self._records.append(record)
+                self._changed.notify_all()
         if fault is not None and kind == "hang":
             self._stopping.wait(fault.params.get("seconds", 3600.0))
         elif kind == "reset":
@@ -951,6 +1056,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--access-token-lifetime", type=float, default=3600.0, metavar="S")
     parser.add_argument("--rotation", choices=ROTATIONS, default="rotate")
     parser.add_argument("--access-token-length", type=int, default=48, metavar="N")
+    parser.add_argument(
+        "--reuse-interval",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="with --rotation strict: how long a retired refresh token still works",
+    )
     args = parser.parse_args(argv)
     stop_signals = {signal.SIGTERM, signal.SIGINT}
     # Blocked before any thread exists, so every thread inherits the mask and
@@ -963,6 +1075,7 @@ def main(argv: list[str] | None = None) -> int:
             access_token_lifetime=args.access_token_lifetime,
             refresh_token_rotation=args.rotation,
             access_token_length=args.access_token_length,
+            refresh_token_reuse_interval=args.reuse_interval,
         )
         provider.start()
     except (OSError, ValueError) as exc:

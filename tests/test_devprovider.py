@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import parse_qs, quote_plus, urlsplit
 
@@ -167,6 +168,33 @@ class TestRefreshToken:
         assert replay.status_code == 400
         assert replay.json()["error"] == "invalid_grant"
         assert provider.valid_refresh_tokens("a@example.com") == [new]
+
+    def test_strict_reuse_interval(
+        self, provider: DevProvider, http: httpx.Client, clock: FakeClock
+    ) -> None:
+        """A retired token works inside the reuse interval, from its first use, and not after."""
+        provider.set_options(refresh_token_rotation="strict", refresh_token_reuse_interval=30)
+        old = provider.issue_refresh_token("a@example.com")
+        lost = refresh(http, old).json()["refresh_token"]  # as if the answer never arrived
+        assert provider.refresh_token_status(old) == "reusable"
+        clock.advance(20)
+        again = refresh(http, old).json()["refresh_token"]
+        assert {provider.refresh_token_status(t) for t in (lost, again)} == {"valid"}
+        assert provider.valid_refresh_tokens("a@example.com") == [lost, again]
+        clock.advance(10)  # 30 s after the first use, however often it was reused
+        assert provider.refresh_token_status(old) == "invalid"
+        assert refresh(http, old).json()["error"] == "invalid_grant"
+        assert [(r.used, r.issued) for r in provider.rotations] == [(old, lost), (old, again)]
+
+    def test_revoking_a_retired_token_revokes_its_grant(
+        self, provider: DevProvider, http: httpx.Client
+    ) -> None:
+        """RFC 7009 revocation of a token in its reuse interval takes the grant with it."""
+        provider.set_options(refresh_token_rotation="strict", refresh_token_reuse_interval=30)
+        old = provider.issue_refresh_token("a@example.com")
+        new = refresh(http, old).json()["refresh_token"]
+        provider.revoke_token(old)
+        assert provider.refresh_token_status(new) == "invalid"
 
     def test_client_secret_basic(self, provider: DevProvider, http: httpx.Client) -> None:
         """Credentials in an Authorization: Basic header authenticate the client too."""
@@ -744,6 +772,31 @@ class TestRecords:
         )
         assert (second.time, second.method, second.grant_type) == (clock.now, "GET", None)
         assert provider.count(path="/.well-known/openid-configuration") == 1
+
+
+class TestObservation:
+    def test_received_and_wait_for(self, provider: DevProvider, http: httpx.Client) -> None:
+        """A delayed request counts as received at once; wait_for wakes on arrival and record."""
+        token = provider.issue_refresh_token("a@example.com")
+        provider.add_fault("delay", seconds=0.3)
+        with ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(refresh, http, token)
+            assert provider.wait_for(lambda: provider.received == 1, timeout=5)
+            assert provider.requests == []  # arrived, not yet answered
+            assert provider.wait_for(lambda: len(provider.requests) == 1, timeout=5)
+            assert answer.result().status_code == 200
+        assert not provider.wait_for(lambda: provider.received == 2, timeout=0.05)
+
+    def test_issued_secrets(self, provider: DevProvider, http: httpx.Client) -> None:
+        """Every token, code and verifier the provider handed out or saw is listed."""
+        verifier, challenge = pkce()
+        query = authorize(http, code_challenge=challenge, code_challenge_method="S256")
+        data = {"redirect_uri": REDIRECT, "code": query["code"], "code_verifier": verifier}
+        body = token_request(http, "authorization_code", **data).json()
+        flow = http.post("/device_authorization", data={"client_id": "public-client"}).json()
+        issued = provider.issued_secrets()
+        wanted = [body["access_token"], body["refresh_token"], query["code"], verifier]
+        assert set(wanted + [flow["device_code"], "demo-secret"]) <= set(issued)
 
 
 class TestCommandLine:
