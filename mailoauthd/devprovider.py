@@ -1019,6 +1019,10 @@ def _send(handler: _Handler, response: _Response) -> None:
 
 class _Server(ThreadingHTTPServer):
     provider: DevProvider
+    # socketserver's default backlog is 5: a daemon refreshing 8 accounts at once
+    # overflows it, and each dropped SYN costs the client a 1 s retransmit,
+    # which no real provider would charge (bench/scale.py saw it).
+    request_queue_size = 128
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # Clients that hang up (timeouts, killed daemons) are routine here; bugs are not.
