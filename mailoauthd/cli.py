@@ -18,6 +18,7 @@ from pathlib import Path
 import trio
 
 from mailoauthd import __version__, config, daemon, logs, paths, state
+from mailoauthd.access import Policy
 from mailoauthd.errors import MailoauthdError
 from mailoauthd.secret import Secret
 
@@ -72,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config.load(path)
         if args.command == "check-config":
             daemon.read_secrets(cfg)
-            for warning in cfg.warnings:
+            _, access_warnings = Policy.build(cfg, system=system, own_uid=os.geteuid())
+            for warning in (*cfg.warnings, *access_warnings):
                 sys.stderr.write(f"mailoauthd: warning: {warning}\n")
             print(f"{path}: OK ({len(cfg.providers)} providers, {len(cfg.accounts)} accounts)")
             return 0
@@ -82,7 +84,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(cfg: config.Config, path: Path | None, env: dict[str, str], system: bool) -> int:
-    logs.configure(level=cfg.daemon.log_level, fmt=cfg.daemon.log_format)
+    journal = logs.JOURNAL_SOCKET if logs.stderr_is_journal(env) else None
+    logs.configure(level=cfg.daemon.log_level, fmt=cfg.daemon.log_format, journal=journal)
+    # Socket activation's variables are ours alone (daemon.run reads them from `env`):
+    # programs we start, such as a client_secret_command, must not see them.
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)
     failures: list[MailoauthdError] = []
     try:
         trio.run(partial(daemon.run, cfg, config_path=path, env=env, system=system))

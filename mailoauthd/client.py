@@ -30,6 +30,8 @@ commands:
   token ACCOUNT                 print the current access token
   sasl ACCOUNT                  print a base64 SASL initial response (XOAUTH2 or OAUTHBEARER)
   status [--json] [ACCOUNT]     show every account's state
+  status --check [ACCOUNT]      for monitoring: exit 0 if healthy, else 1, 4 or 5
+  reload                        re-read the daemon's configuration
   refresh ACCOUNT               refresh now, print the new expiry
   import ACCOUNT                read a refresh token on stdin and store it
   revoke ACCOUNT                forget the account's tokens

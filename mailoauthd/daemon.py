@@ -26,11 +26,12 @@ import structlog
 import trio
 
 from mailoauthd import __version__, config, oauth, paths
+from mailoauthd.access import Policy
 from mailoauthd.errors import ConfigError, MailoauthdError, ProtocolError, TimedOut
 from mailoauthd.notify import Notifier
 from mailoauthd.scheduler import Scheduler
 from mailoauthd.secret import Secret
-from mailoauthd.server import Peer, Server, bind
+from mailoauthd.server import Peer, Server, bind, inherited, listen_fds
 from mailoauthd.state import AccountState, TokenStore
 
 log = structlog.get_logger(__name__)
@@ -41,8 +42,9 @@ MAX_REQUEST_TIMEOUT = 300.0
 DEFAULT_REQUEST_TIMEOUT = 15.0
 # `refresh` and `import` are run by people, who can wait for a slow provider.
 DEFAULT_ADMIN_TIMEOUT = 60.0
-# STATUS= is refreshed this often for `systemctl status`.
-STATUS_INTERVAL = 30.0
+# STATUS= is recomputed this often for `systemctl status`, and sent when it changed:
+# a state change shows within seconds, at the cost of a cheap string compare.
+STATUS_INTERVAL = 5.0
 
 
 def read_secrets(cfg: config.Config) -> dict[str, Secret | None]:
@@ -84,6 +86,8 @@ class Daemon:
         scheduler: Scheduler,
         notifier: Notifier,
         socket_path: Path,
+        system: bool = False,
+        policy: Policy | None = None,
     ) -> None:
         self.config = cfg
         self.config_path = config_path
@@ -91,7 +95,15 @@ class Daemon:
         self.scheduler = scheduler
         self.notifier = notifier
         self.socket_path = socket_path
-        self.server = Server(self.handle, allowed_uids={os.geteuid(), 0}, quick=self.answer_now)
+        self.policy = policy or Policy(system=system, own_uid=os.geteuid())
+        self.last_reload_error: str | None = None
+        self.server = Server(
+            self.handle,
+            allowed_uids=None if system else {os.geteuid(), 0},
+            gate=self._gate,
+            peer_groups=system,
+            quick=self.answer_now,
+        )
 
     # --- requests ----------------------------------------------------------------
 
@@ -103,7 +115,14 @@ class Daemon:
         if op == "token":
             return await self._token(request, peer)
         if op == "status":
-            return {"ok": True, "version": __version__, "accounts": self.scheduler.status()}
+            rows = [
+                r for r in self.scheduler.status() if self.policy.visible(peer, str(r["account"]))
+            ]
+            return {"ok": True, "version": __version__, "accounts": rows}
+        if op == "reload":
+            if not await self.reload():
+                raise ConfigError(self.last_reload_error or "the configuration was not reloaded")
+            return {"ok": True, "accounts": len(self.config.accounts)}
         if op == "refresh":
             name = _text(request, "account")
             st = await self._bounded(name, request, partial(self.scheduler.refresh, name))
@@ -138,6 +157,8 @@ class Daemon:
         if request.get("v") != 1 or request.get("op") != "token":
             return None
         name = _text(request, "account")
+        if not self.policy.may_use(peer, name):
+            return None  # `gate` refuses it, and logs that, on the general path
         min_validity = _number(request, "min_validity", -1.0)
         st = self.scheduler.token_now(name, None if min_validity < 0 else min_validity)
         return None if st is None else self._token_reply(name, st, peer)
@@ -165,6 +186,21 @@ class Daemon:
             "username": self.scheduler.account(name).username or "",
         }
 
+    def _gate(self, request: dict[str, object], peer: Peer) -> None:
+        """The server asks before every request; raises AccessDenied to refuse (system mode)."""
+        refusal = self.policy.refusal(request, peer)
+        if refusal is not None:
+            log.info(
+                "request.refused",
+                uid=peer.uid,
+                pid=peer.pid,
+                exe=_exe(peer.pid),
+                op=str(request.get("op")),
+                account=str(request.get("account")),
+                reason=refusal.reason,
+            )
+            raise refusal.error
+
     def _timed_out(self, name: str, timeout: float) -> MailoauthdError:
         last = self.scheduler.last_error(name)
         why = f"; last error: {last}" if last else ""
@@ -183,14 +219,26 @@ class Daemon:
             secrets = await trio.to_thread.run_sync(read_secrets, cfg)
         except ConfigError as exc:
             log.error("config.reload_failed", error=exc.message, kept="the running configuration")
+            self.last_reload_error = exc.message
             self.notifier.ready(self.scheduler.summary())
             return False
-        for warning in cfg.warnings:
+        policy, access_warnings = await trio.to_thread.run_sync(
+            partial(Policy.build, cfg, system=self.policy.system, own_uid=self.policy.own_uid)
+        )
+        for warning in (*cfg.warnings, *access_warnings):
             log.warning("config.warning", warning=warning)
         for key in ("socket", "state_dir"):
             if getattr(cfg.daemon, key) != getattr(self.config.daemon, key):
                 log.warning("config.restart_needed", key=key, reason="takes effect on restart")
+        if policy.shared != self.policy.shared:
+            log.warning(
+                "config.restart_needed",
+                key="allow_users, allow_groups, admin_group",
+                reason="who may connect to the socket changes on restart",
+            )
         self.config = cfg
+        self.policy = policy
+        self.last_reload_error = None
         self.scheduler.reconfigure(cfg.daemon, cfg.accounts, secrets)
         log.info("config.reloaded", accounts=len(cfg.accounts))
         self.notifier.ready(self.scheduler.summary())
@@ -202,9 +250,12 @@ class Daemon:
             await trio.sleep(interval)
 
     async def _status_updates(self) -> None:
+        sent = self.scheduler.summary()
         while True:
             await trio.sleep(STATUS_INTERVAL)
-            self.notifier.status(self.scheduler.summary())
+            if (summary := self.scheduler.summary()) != sent:
+                self.notifier.status(summary)
+                sent = summary
 
     async def _signals(
         self, cancel: trio.CancelScope, *, task_status: trio.TaskStatus[None]
@@ -222,8 +273,17 @@ class Daemon:
 
 
 def _exe(pid: int) -> str | None:
+    """
+    The peer's executable, for the log: its path, or else its name (/proc/PID/comm).
+
+    Only root may read the path of another user's process; a system daemon under its
+    own uid still sees the name, as `ps` does.
+    """
     with contextlib.suppress(OSError):
         return os.readlink(f"/proc/{pid}/exe")
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        with open(f"/proc/{pid}/comm", encoding="utf-8") as comm:
+            return comm.read().strip() or None
     return None
 
 
@@ -264,12 +324,14 @@ async def run(
         paths.daemon_socket(plain_env, os.getuid(), system=system)
     )
     notifier = Notifier(env)
-    for warning in cfg.warnings:
+    policy, access_warnings = Policy.build(cfg, system=system, own_uid=os.geteuid())
+    for warning in (*cfg.warnings, *access_warnings):
         log.warning("config.warning", warning=warning)
     secrets = read_secrets(cfg)
     store = TokenStore(state_dir)
     store.open()
     listener = None
+    activated = False
     try:
         # httpx's timeout is a backstop: the scheduler bounds each attempt itself.
         backstop = cfg.daemon.request_timeout.total_seconds() + 5
@@ -282,7 +344,18 @@ async def run(
                 secrets=secrets,
                 now=now,
             )
-            listener = bind(socket_path)
+            fds = listen_fds(env, os.getpid())
+            if fds:
+                # Socket activation: systemd owns the socket file and keeps it across our
+                # restarts, so that clients queue instead of failing meanwhile.
+                if len(fds) > 1:
+                    log.warning("socket.extra_fds", passed=len(fds), using=fds[0])
+                listener = inherited(fds[0])
+                activated = True
+                socket_path = Path(listener.getsockname())
+            else:
+                # Open to every local user only when the configuration grants them something.
+                listener = bind(socket_path, public=policy.shared)
             daemon = Daemon(
                 cfg,
                 config_path=config_path,
@@ -290,6 +363,8 @@ async def run(
                 scheduler=scheduler,
                 notifier=notifier,
                 socket_path=socket_path,
+                system=system,
+                policy=policy,
             )
             async with trio.open_nursery() as root:
                 if handle_signals:
@@ -303,6 +378,8 @@ async def run(
                     "daemon.ready",
                     version=__version__,
                     socket=str(socket_path),
+                    socket_activated=activated,
+                    mode="system" if system else "per-user",
                     state_dir=str(state_dir),
                     accounts=len(cfg.accounts),
                 )
@@ -314,7 +391,9 @@ async def run(
     finally:
         if listener is not None:
             listener.close()
-            with contextlib.suppress(OSError):
-                socket_path.unlink()
+            if not activated:
+                with contextlib.suppress(OSError):
+                    socket_path.unlink()
         store.close()
+        notifier.close()
         log.info("daemon.stopped")

@@ -41,6 +41,14 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="show every account's state")
     status.add_argument("account", nargs="?")
     status.add_argument("--json", action="store_true", help="stable, machine-readable output")
+    status.add_argument(
+        "--check",
+        action="store_true",
+        help="for monitoring: exit 0 when every account is healthy, else 1 (misconfigured or "
+        "unreadable state), 4 (needs authorization) or 5 (failing for longer than "
+        "unhealthy_after), with one line per problem",
+    )
+    sub.add_parser("reload", help="re-read the daemon's configuration (as SIGHUP does)")
     for name, text in (
         ("refresh", "refresh an account's token now and print the new expiry"),
         ("import", "read a refresh token on stdin and store it (migration from other tools)"),
@@ -78,6 +86,11 @@ def main(argv: list[str]) -> int:
         )
     if command == "status":
         return _status(args)
+    if command == "reload":
+        line = protocol.encode({"v": protocol.VERSION, "op": "reload"})
+        reply = client.request_reply(line, args.socket, ADMIN_TIMEOUT)
+        sys.stderr.write(f"mailoauth: configuration reloaded: {reply.get('accounts')} accounts\n")
+        return 0
     request: dict[str, object] = {"v": protocol.VERSION, "op": command, "account": args.account}
     timeout = getattr(args, "timeout", ADMIN_TIMEOUT)
     request["timeout"] = timeout
@@ -113,6 +126,8 @@ def _status(args: argparse.Namespace) -> int:
         rows = [row for row in rows if row.get("account") == args.account]
         if not rows:
             raise client._Fail(f"{args.account}: no such account", errors.EXIT_ERROR)
+    if args.check:
+        return _check(rows, as_json=args.json)
     if args.json:
         json.dump({"version": reply.get("version"), "accounts": rows}, sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -137,6 +152,40 @@ def _status(args: argparse.Namespace) -> int:
         if row.get("hint") and row.get("status") != "ok":
             print(f"{row.get('account')}: {row.get('hint')}")
     return 0
+
+
+# `status --check`: the exit status for an unhealthy account's state; the most
+# urgent wins: a broken configuration or state file, then a person to sign in.
+_CHECK_EXITS = {"needs_authorization": errors.EXIT_NEEDS_AUTH, "failing": errors.EXIT_TEMPORARY}
+_CHECK_ORDER = (errors.EXIT_ERROR, errors.EXIT_NEEDS_AUTH, errors.EXIT_TEMPORARY)
+
+
+def _check(rows: list[dict[str, object]], *, as_json: bool) -> int:
+    """Report the accounts that need attention; the exit status says which kind."""
+    # A daemon that predates `healthy` is judged by the state alone.
+    sick = [row for row in rows if not row.get("healthy", row.get("status") == "ok")]
+    status = errors.EXIT_OK
+    if sick:
+        found = {_CHECK_EXITS.get(str(row.get("status")), errors.EXIT_ERROR) for row in sick}
+        status = next(code for code in _CHECK_ORDER if code in found)
+    if as_json:
+        json.dump({"healthy": not sick, "accounts": rows}, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return status
+    if not sick:
+        print(f"OK: {len(rows)} accounts healthy")
+        return status
+    names = ", ".join(f"{row.get('account')} {row.get('status')}" for row in sick)
+    print(f"UNHEALTHY: {len(sick)} of {len(rows)} accounts: {names}")
+    for row in sick:
+        since = f" since {_short_time(row['error_since'])}" if row.get("error_since") else ""
+        why = f": {row['last_error']}" if row.get("last_error") else ""
+        hint = row.get("hint")
+        if not hint and row.get("status") == "needs_authorization":
+            hint = f"run 'mailoauth authorize {row.get('account')}'"
+        hint = f" ({hint})" if hint else ""
+        print(f"{row.get('account')}: {row.get('status')}{since}{why}{hint}")
+    return status
 
 
 def _duration(seconds: object) -> str:

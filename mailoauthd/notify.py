@@ -39,3 +39,9 @@ class Notifier:
 
     def watchdog(self) -> None:
         self._send("WATCHDOG=1")
+
+    def close(self) -> None:
+        """Close the socket to systemd; later messages are dropped."""
+        sd, self._sd = self._sd, None
+        if sd is not None and sd.socket is not None:
+            sd.socket.close()

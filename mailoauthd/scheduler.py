@@ -585,6 +585,8 @@ class Scheduler:
                     "last_refresh": _iso(st.last_refresh),
                     "next_check": _iso(next_check),
                     "refresh_token_issued_at": _iso(st.refresh_token_issued_at),
+                    "error_since": _iso(st.error_since),
+                    "healthy": self._healthy(slot, now),
                     "failures": st.failures,
                     "last_error": self.last_error(name),
                     "last_error_code": st.last_error_code,
@@ -593,6 +595,24 @@ class Scheduler:
             )
         return rows
 
+    def _healthy(self, slot: _Slot, now: datetime) -> bool:
+        """
+        What `mailoauth status --check` reports: usable without a person's help.
+
+        A transient failure is healthy until it has lasted `unhealthy_after`:
+        the last access token bridges a short outage. Needing authorization,
+        a misconfiguration and an unreadable state file need a person at once.
+        """
+        if slot.broken is not None:
+            return False
+        st = slot.state
+        if st.status == state.OK:
+            return True
+        if st.status == state.FAILING:
+            since = st.error_since
+            return since is None or now - since < self.settings.unhealthy_after
+        return False
+
     def summary(self) -> str:
         """One line for systemd's STATUS=."""
         counts: dict[str, int] = {}
@@ -600,7 +620,18 @@ class Scheduler:
             key = "state_error" if slot.broken else slot.state.status
             counts[key] = counts.get(key, 0) + 1
         parts = [f"{n} {k}" for k, n in sorted(counts.items())]
-        return f"{len(self._slots)} accounts" + (": " + ", ".join(parts) if parts else "")
+        line = f"{len(self._slots)} accounts" + (": " + ", ".join(parts) if parts else "")
+        expiring = [
+            (slot.state.expires_at, name)
+            for name, slot in self._slots.items()
+            if slot.state.access_token is not None and slot.state.expires_at is not None
+        ]
+        if expiring:
+            when, name = min(expiring)
+            # Whole minutes: the line changes (and is re-sent) at most once a minute.
+            minutes = int((when - self.now()).total_seconds() // 60)
+            line += f"; next expiry {name} in {minutes}m" if minutes >= 0 else f"; {name} expired"
+        return line
 
 
 def _iso(when: datetime | None) -> str | None:

@@ -2,7 +2,10 @@
 The Unix socket: bind, peer credentials, per-connection limits, dispatch.
 
 One request per connection (protocol.py). The peer's uid is read with
-SO_PEERCRED before anything else and checked against the allowed uids. Every
+SO_PEERCRED before anything else and checked against the allowed uids (per-user
+mode); in system mode everyone is let in and a gate from `daemon` decides each
+request by the peer's uid and groups (access.py). The listener is bound here,
+or inherited from systemd (socket activation, `listen_fds`). Every
 connection is bounded in time (READ_TIMEOUT to send its line, WRITE_TIMEOUT
 to take the answer) and in size (MAX_LINE); at most MAX_CONNECTIONS are
 served at once and the rest are told "busy". Whatever one client does, the
@@ -20,11 +23,12 @@ peer, a malformed line) goes to a task of its own as before.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import socket as stdsocket
 import stat
 import struct
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +53,13 @@ ACCEPT_BATCH = 64
 # places either way (an oversized line is drained alike).
 QUICK_READ = 65536
 _PEERCRED = struct.Struct("3i")  # pid, uid, gid
+# Linux's SO_PEERGROUPS (since 4.13); Python's socket module does not name it.
+SO_PEERGROUPS = getattr(stdsocket, "SO_PEERGROUPS", 59)
+# Room for this many supplementary groups in the first try; more costs a second call.
+_GROUPS_GUESS = 64
+_GID = struct.Struct("I")
+# systemd's first passed file descriptor (sd_listen_fds(3)).
+SD_LISTEN_FDS_START = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,32 +69,104 @@ class Peer:
     pid: int
     uid: int
     gid: int
+    groups: tuple[int, ...] = ()  # supplementary groups, read only when asked for
 
 
 Handler = Callable[[dict[str, object], Peer], Awaitable[dict[str, object]]]
+# Decides whether this peer may make this request; raises (AccessDenied) when not.
+Gate = Callable[[dict[str, object], Peer], None]
 # Answers a request on the spot when that needs no waiting; None hands it to the Handler.
 QuickHandler = Callable[[dict[str, object], Peer], dict[str, object] | None]
 
 
-def peer_of(sock: trio.socket.SocketType | stdsocket.socket) -> Peer:
+def peer_of(sock: trio.socket.SocketType | stdsocket.socket, *, groups: bool = False) -> Peer:
+    """
+    The peer's pid, uid and gid (SO_PEERCRED), and with `groups` its supplementary groups.
+
+    Raises:
+        OSError: the kernel cannot tell.
+    """
     raw = sock.getsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_PEERCRED, _PEERCRED.size)
     pid, uid, gid = _PEERCRED.unpack(raw)
-    return Peer(pid=pid, uid=uid, gid=gid)
+    if not groups:
+        return Peer(pid=pid, uid=uid, gid=gid)
+    return Peer(pid=pid, uid=uid, gid=gid, groups=_peer_groups(sock))
 
 
-def bind(path: Path) -> stdsocket.socket:
+def _peer_groups(sock: trio.socket.SocketType | stdsocket.socket) -> tuple[int, ...]:
+    """
+    The peer's supplementary groups, as the kernel recorded them at connect().
+
+    Raises:
+        OSError: the kernel cannot tell (before Linux 4.13).
+    """
+    size = _GROUPS_GUESS * _GID.size
+    try:
+        raw = sock.getsockopt(stdsocket.SOL_SOCKET, SO_PEERGROUPS, size)
+    except OSError as exc:
+        if exc.errno != errno.ERANGE:
+            raise
+        # NGROUPS_MAX is 65536 on Linux: a rare member of very many groups.
+        raw = sock.getsockopt(stdsocket.SOL_SOCKET, SO_PEERGROUPS, 65536 * _GID.size)
+    return tuple(gid for (gid,) in _GID.iter_unpack(raw))
+
+
+def listen_fds(env: Mapping[str, str], pid: int) -> list[int]:
+    """
+    The file descriptors systemd passed us for socket activation (sd_listen_fds(3)).
+
+    Args:
+        env: the environment: LISTEN_PID and LISTEN_FDS.
+        pid: our pid; descriptors meant for another process (a parent) are not ours.
+    """
+    count = env.get("LISTEN_FDS", "")
+    if env.get("LISTEN_PID") != str(pid) or not count.isdigit():
+        return []
+    return list(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + int(count)))
+
+
+def inherited(fd: int) -> stdsocket.socket:
+    """
+    Take over a listening Unix stream socket passed by systemd (or systemd-socket-activate).
+
+    Raises:
+        MailoauthdError: the descriptor is not a listening Unix stream socket.
+    """
+    try:
+        sock = stdsocket.socket(fileno=fd)
+    except OSError as exc:
+        raise MailoauthdError(f"the socket passed as fd {fd} is unusable: {exc}") from exc
+    listening = sock.getsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_ACCEPTCONN)
+    if sock.family != stdsocket.AF_UNIX or sock.type != stdsocket.SOCK_STREAM or not listening:
+        sock.detach()  # not ours to close
+        raise MailoauthdError(
+            f"fd {fd} passed by systemd is not a listening Unix stream socket",
+            hint="use ListenStream= with a path in mailoauthd.socket",
+        )
+    # Secret commands we run must not inherit the listener.
+    sock.set_inheritable(False)
+    sock.setblocking(False)
+    return sock
+
+
+def bind(path: Path, *, public: bool = False) -> stdsocket.socket:
     """
     Bind a listening Unix socket at `path`, in a 0700 directory of ours.
 
     A stale socket left by a crash is replaced; a live one (another daemon
-    answering) is an error.
+    answering) is an error. A `public` socket (system mode) is 0666 in a
+    directory others may pass through: every local user may connect, and each
+    request is then decided by who sent it (SO_PEERCRED), not by the file mode.
 
     Raises:
         MailoauthdError: the path is in use or unusable, with what to do.
     """
     directory = path.parent
     try:
+        created = not directory.exists()
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if created and public:
+            directory.chmod(0o755)  # explicitly: a umask (UMask=0077) would narrow it
         info = os.lstat(directory)
     except OSError as exc:
         raise MailoauthdError(f"cannot create the socket directory {directory}: {exc}") from exc
@@ -91,6 +174,12 @@ def bind(path: Path) -> stdsocket.socket:
         raise MailoauthdError(
             f"the socket directory {directory} is not a directory of ours",
             hint="remove it or choose another socket path",
+        )
+    if public and info.st_mode & 0o001 == 0:
+        log.warning(
+            "socket.private_directory",
+            directory=str(directory),
+            why="other users cannot reach the socket; make the directory 0755",
         )
     if os.path.lexists(path):
         if not stat.S_ISSOCK(os.lstat(path).st_mode):
@@ -108,7 +197,7 @@ def bind(path: Path) -> stdsocket.socket:
         finally:
             probe.close()
     sock = stdsocket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
-    old_umask = os.umask(0o177)  # the socket file is created 0600
+    old_umask = os.umask(0o111 if public else 0o177)  # created 0666 or 0600
     try:
         sock.bind(str(path))
         sock.listen(128)
@@ -128,14 +217,22 @@ class Server:
         self,
         handler: Handler,
         *,
-        allowed_uids: Collection[int],
+        allowed_uids: Collection[int] | None,
+        gate: Gate | None = None,
+        peer_groups: bool = False,
         quick: QuickHandler | None = None,
     ) -> None:
         self.handler = handler
         self.quick = quick
-        self.allowed_uids = frozenset(allowed_uids)
+        # None: every local user is let in, and `gate` decides each request (system mode).
+        self.allowed_uids = None if allowed_uids is None else frozenset(allowed_uids)
+        self.gate = gate
+        self.peer_groups = peer_groups  # read each peer's supplementary groups, for `gate`
         self.active = 0
         self.served = 0
+
+    def _admitted(self, peer: Peer) -> bool:
+        return self.allowed_uids is None or peer.uid in self.allowed_uids
 
     async def serve(
         self,
@@ -190,12 +287,12 @@ class Server:
         if self.quick is None:
             return b"", None
         try:
-            peer = peer_of(conn)
+            peer = peer_of(conn, groups=self.peer_groups)
             received = conn.recv(QUICK_READ, stdsocket.MSG_DONTWAIT)
         except OSError:  # BlockingIOError: the line is not here yet
             return b"", None
         newline = received.find(b"\n")
-        if newline < 0 or peer.uid not in self.allowed_uids:
+        if newline < 0 or not self._admitted(peer):
             return received, None
         try:
             reply = self.quick(protocol.decode(received[:newline]), peer)
@@ -232,14 +329,14 @@ class Server:
 
     async def _answer(self, stream: trio.SocketStream, received: bytes) -> dict[str, object]:
         try:
-            peer = peer_of(stream.socket)
+            peer = peer_of(stream.socket, groups=self.peer_groups)
         except OSError as exc:
             return protocol.error_reply("forbidden", f"cannot identify the peer: {exc}")
         try:
             # Read the line even from a peer we will refuse: closing on unread
             # data would reset the connection and lose our answer.
             line = await _read_line(stream, received)
-            if peer.uid not in self.allowed_uids:
+            if not self._admitted(peer):
                 log.info("request.refused", uid=peer.uid, pid=peer.pid, reason="uid not allowed")
                 return protocol.error_reply(
                     "forbidden",
@@ -255,6 +352,8 @@ class Server:
         except (trio.BrokenResourceError, OSError) as exc:
             return protocol.error_reply("bad-request", f"connection failed: {exc}")
         try:
+            if self.gate is not None:
+                self.gate(request, peer)  # before any operation
             return await self.handler(request, peer)
         except MailoauthdError as exc:
             return protocol.error_reply(exc.code, exc.message, exc.hint)
