@@ -4,7 +4,7 @@ The composition root: opens the store and the socket, starts server and schedule
 The only module that knows everyone. `server` reaches the scheduler through
 the handler defined here; `scheduler` knows nothing of sockets.
 
-    run:    config → store.open (lock) → bind → serve → schedule → READY=1
+    run:    config → store.open (lock) → bind → schedule → serve → READY=1
     reload: SIGHUP → RELOADING=1 → config.load → keep the old one on error → READY=1
     stop:   SIGTERM/SIGINT → STOPPING=1 → cancel → in-flight refreshes finish → socket removed
 """
@@ -371,8 +371,10 @@ async def run(
                     # Before READY=1: systemd may send SIGHUP the moment it sees it,
                     # and SIGHUP's default action would end the process.
                     await root.start(daemon._signals, root.cancel_scope)
-                await root.start(daemon.server.serve, listener)
                 await root.start(scheduler.run)
+                # Only now: a token request may start a refresh, which needs the
+                # scheduler running. Clients that connect earlier wait in the backlog.
+                await root.start(daemon.server.serve, listener)
                 notifier.ready(scheduler.summary())
                 log.info(
                     "daemon.ready",

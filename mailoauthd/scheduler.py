@@ -207,7 +207,8 @@ class Scheduler:
             if not self._refreshable(slot):
                 continue
             remaining = slot.state.valid_for(now)
-            if remaining > slot.account.refresh_before.total_seconds():
+            interrupted = slot.state.refresh_sent is not None
+            if remaining > slot.account.refresh_before.total_seconds() and not interrupted:
                 # Normally the next check comes long before this; with a
                 # refresh_before shorter than refresh_interval it might not.
                 assert slot.state.expires_at is not None
@@ -219,6 +220,10 @@ class Scheduler:
             # token has left beyond the clients' minimum validity.
             room = remaining - slot.account.min_validity.total_seconds()
             delay = self.rng.uniform(0, min(spread, room / 2)) if room > 0 and spread > 0 else 0.0
+            if interrupted:
+                # A refresh died with an earlier daemon: the provider's reuse window
+                # for the refresh token we hold may be closing (state.refresh_sent).
+                delay = 0.0
             slot.scheduled = True
             self._require_nursery().start_soon(self._scheduled_refresh, slot, delay)
             started += 1
@@ -305,6 +310,13 @@ class Scheduler:
                 if slot.state.valid_for(self.now()) > account.refresh_before.total_seconds():
                     return
             request = self._request(account, slot.state)
+            if account.flow != "client_credentials":
+                # On disk before the request leaves: if we die before its answer is,
+                # the next start knows to refresh at once (state.refresh_sent).
+                if not await self._persist(
+                    slot, state.refresh_sent(slot.state, self.now()), generation
+                ):
+                    return
             # Shielded: once a request is on its way, the provider may rotate
             # the refresh token; on shutdown we finish and persist rather than
             # drop the answer. fail_after still bounds it.

@@ -63,6 +63,10 @@ class AccountState:
     last_error_code: str | None = None
     error_since: datetime | None = None
     failures: int = 0
+    # A refresh request was sent then and its answer is not on disk yet. Found at
+    # start-up, it means we died waiting: the provider may have rotated the refresh
+    # token we hold, and only refreshing at once, inside its reuse window, keeps it.
+    refresh_sent: datetime | None = None
 
     def valid_for(self, now: datetime) -> float:
         """Seconds the access token is still valid; 0 when there is none."""
@@ -79,6 +83,11 @@ def imported(account: str, refresh_token: Secret, now: datetime) -> AccountState
     return AccountState(
         account=account, status=OK, refresh_token=refresh_token, refresh_token_issued_at=now
     )
+
+
+def refresh_sent(state: AccountState, now: datetime) -> AccountState:
+    """The state to write just before a refresh request leaves: see `refresh_sent`."""
+    return dataclasses.replace(state, refresh_sent=now)
 
 
 def refreshed(state: AccountState, tokens: TokenSet, now: datetime) -> AccountState:
@@ -102,6 +111,7 @@ def refreshed(state: AccountState, tokens: TokenSet, now: datetime) -> AccountSt
         last_error_code=None,
         error_since=None,
         failures=0,
+        refresh_sent=None,
     )
 
 
@@ -115,6 +125,9 @@ def failed(state: AccountState, error: GrantError, status: str, now: datetime) -
         last_error_code=error.code,
         error_since=state.error_since or now,
         failures=state.failures + 1,
+        # A timeout or a reset may hide a rotation: retried soon anyway, and at once
+        # after a restart. A refusal is final: nothing to redo.
+        refresh_sent=state.refresh_sent if status == FAILING else None,
     )
 
 
@@ -132,6 +145,7 @@ _TIME_FIELDS = (
     "last_refresh",
     "last_attempt",
     "error_since",
+    "refresh_sent",
 )
 _TEXT_FIELDS = ("last_error", "last_error_code")
 
