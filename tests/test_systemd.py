@@ -17,6 +17,7 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -176,6 +177,67 @@ class TestUnits:
         assert socket_unit["SocketMode"] == ["0600"]
         assert service["ExecStart"] == [USER_INSTALLED]
         assert service["Type"] == ["notify"]
+
+
+# Runs a program the way MemoryDenyWriteExecute=yes does (prctl PR_SET_MDWE, Linux 6.3+,
+# kept across execve): no memory may become both writable and executable.
+MDWE = """
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.prctl(65, 1, 0, 0, 0) != 0:  # PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN
+    sys.exit(97)
+os.execv(sys.argv[1], sys.argv[1:])
+"""
+PROBE = """
+import mmap
+try:
+    mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+except PermissionError:
+    print("refused")
+"""
+
+
+@pytest.mark.slow
+class TestSandbox:
+    def test_daemon_works_without_writable_executable_memory(
+        self, tmp_path: Path, provider: DevProvider
+    ) -> None:
+        """Under the kernel's equivalent of MemoryDenyWriteExecute=yes the daemon serves tokens."""
+        probe = subprocess.run(
+            [sys.executable, "-c", MDWE, sys.executable, "-c", PROBE],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        if probe.returncode == 97:
+            pytest.skip("this kernel has no PR_SET_MDWE (Linux 6.3+)")
+        assert probe.stdout.strip() == "refused"  # the restriction is really on
+        config_path = tmp_path / "config.toml"
+        config_path.write_text(config_text(tmp_path, provider))
+        socket_path = tmp_path / "run" / "socket"
+        with (tmp_path / "daemon.log").open("wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-c", MDWE, str(MAILOAUTHD), "--config", str(config_path)],
+                stdout=log,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+            )
+            try:
+                deadline = time.monotonic() + 15
+                while helper("status", socket=socket_path).returncode:
+                    assert proc.poll() is None, (tmp_path / "daemon.log").read_text()
+                    assert time.monotonic() < deadline
+                    time.sleep(0.02)
+                refresh_token = provider.issue_refresh_token(USER) + "\n"
+                run = helper("import", "work", socket=socket_path, stdin=refresh_token)
+                assert run.returncode == 0, run.stderr
+                token = helper("token", "work", socket=socket_path)
+                assert token.returncode == 0, token.stderr
+                assert provider.introspect(token.stdout.strip())["active"] is True
+            finally:
+                proc.terminate()
+                assert proc.wait(timeout=20) == 0
 
 
 # --- socket activation and sd_notify ------------------------------------------------------
