@@ -94,6 +94,7 @@ class System:
     daemon: DaemonProcess
     provider: DevProvider
     package: Path  # a world-readable copy of mailoauthd for other uids
+    config_path: Path
 
     @property
     def socket(self) -> Path:
@@ -135,7 +136,9 @@ allow_groups = ["{people.mail_group}"]
                 shutil.copytree(Path(__file__).parent.parent / "mailoauthd", package / "mailoauthd")
                 for path in [package, *package.rglob("*")]:
                     path.chmod(0o755)
-                yield System(daemon=daemon, provider=provider, package=package)
+                yield System(
+                    daemon=daemon, provider=provider, package=package, config_path=config_path
+                )
             finally:
                 daemon.stop()
     finally:
@@ -312,6 +315,31 @@ class TestManagement:
         assert direct.returncode != 0
         assert "'import' is for the administrators" in direct.stderr
         assert helper("token", "shared", socket=system.socket).stdout == before
+
+
+class TestReload:
+    def test_allow_lists_change_on_reload(self, people: People, system: System) -> None:
+        """A user added to allow_users gets the token after `mailoauth reload`; a broken
+        configuration is refused with its problems and the running one kept."""
+        original = system.config_path.read_text()
+        carol = people.users["carol"]
+        try:
+            assert as_user(people, system, "carol", "token", "shared").returncode == 1
+            system.config_path.write_text(
+                original.replace('allow_users = ["', f'allow_users = ["{carol}", "')
+            )
+            assert helper("reload", socket=system.socket).returncode == 0
+            allowed = as_user(people, system, "carol", "token", "shared")
+            assert allowed.returncode == 0, allowed.stderr
+            system.config_path.write_text(original + "\n[accounts.broken]\nprovder = 1\n")
+            broken = helper("reload", socket=system.socket)
+            assert broken.returncode == 1
+            assert "accounts.broken" in broken.stderr
+            assert as_user(people, system, "carol", "token", "shared").returncode == 0
+        finally:
+            system.config_path.write_text(original)
+            assert helper("reload", socket=system.socket).returncode == 0
+        assert as_user(people, system, "carol", "token", "shared").returncode == 1
 
 
 class TestAudit:
