@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test check lint clean
+.PHONY: demo test check lint clean bench
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,11 +19,17 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -W error -q
 
 lint: $(STAMP)
-	$(BIN)/ruff format --check mailoauthd tests
-	$(BIN)/ruff check mailoauthd tests
+	$(BIN)/ruff format --check mailoauthd tests bench
+	$(BIN)/ruff check mailoauthd tests bench
 	$(BIN)/mypy --strict mailoauthd
 
 check: lint test
 
+# The benchmarks: writes docs/performance.md in about 8 minutes. Installs what it
+# needs (Debian's mutt, gnupg, gcc; a non-editable install in bench/.venv).
+bench:
+	bash bench/setup.sh
+	bench/.venv/bin/python bench/run.py
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) bench/.venv build *.egg-info .pytest_cache .mypy_cache .ruff_cache

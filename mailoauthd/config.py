@@ -131,6 +131,10 @@ class DaemonSettings:
     # the default refresh_before (10 min), so the last access token has expired by
     # then and mail programs fail; a shorter outage is bridged by that token.
     unhealthy_after: timedelta = timedelta(minutes=15)
+    # Run (argv) when an account newly needs a person, and every notify_interval
+    # until it is fixed; per account too. 6 h: a few reminders a working day.
+    notify_command: tuple[str, ...] | None = None
+    notify_interval: timedelta = timedelta(hours=6)
 
 
 def _empty() -> Mapping[str, Any]:
@@ -156,6 +160,11 @@ class Provider:
     token_auth_method: str = "client_secret_post"  # noqa: S105 (a method's name)
     # Mappings cannot be hashed; leaving them out keeps these objects usable as keys.
     authorize_params: Mapping[str, str] = field(default_factory=_empty, hash=False)
+    redirect_port: int | None = None  # None: a random free port for each sign-in
+    testing: bool = False  # google: the app is in "testing" status (7-day refresh tokens)
+    # Known cut-offs of a refresh token: since it was issued, and since it was last used.
+    refresh_token_max_age: timedelta | None = None
+    refresh_token_max_idle: timedelta | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -171,6 +180,8 @@ class Account:
     # user/group names, or numeric ids.
     allow_users: tuple[str | int, ...] = ()
     allow_groups: tuple[str | int, ...] = ()
+    notify_command: tuple[str, ...] | None = None  # the [daemon] value unless set here
+    notify_interval: timedelta = timedelta(hours=6)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -238,6 +249,18 @@ def _positive_duration(value: object) -> timedelta:
     if not (duration := _duration(value)):
         raise _Invalid(f"must be longer than zero {_got(value)}")
     return duration
+
+
+def _port(value: object) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 65535:
+        return value
+    raise _Invalid(f"must be a TCP port number from 1 to 65535 {_got(value)}")
+
+
+def _flag(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise _Invalid(f"must be true or false {_got(value)}")
 
 
 def _positive_int(value: object) -> int:
@@ -407,6 +430,8 @@ _DAEMON_KEYS = {
     "log_level": _Key(_one_of("debug", "info", "warning", "error")),
     "admin_group": _Key(_principal),
     "unhealthy_after": _Key(_positive_duration, _dump_duration),
+    "notify_command": _Key(_argv, list),
+    "notify_interval": _Key(_positive_duration, _dump_duration),
 }
 _PROVIDER_KEYS = {
     "preset": _Key(_one_of(*PRESETS)),
@@ -421,6 +446,10 @@ _PROVIDER_KEYS = {
     **{key: _Key(_url) for key in _ENDPOINT_KEYS},
     "token_auth_method": _Key(_one_of("client_secret_post", "client_secret_basic")),
     "authorize_params": _Key(_params, dict),
+    "redirect_port": _Key(_port),
+    "testing": _Key(_flag),
+    "refresh_token_max_age": _Key(_positive_duration, _dump_duration),
+    "refresh_token_max_idle": _Key(_positive_duration, _dump_duration),
 }
 _ACCOUNT_KEYS = {
     "provider": _Key(_text, lambda p: p.name, "the name of a [providers.NAME] table ({defined})"),
@@ -431,6 +460,8 @@ _ACCOUNT_KEYS = {
     "min_validity": _DURATION_KEY,
     "allow_users": _Key(_principals, list),
     "allow_groups": _Key(_principals, list),
+    "notify_command": _Key(_argv, list),
+    "notify_interval": _Key(_positive_duration, _dump_duration),
 }
 _TABLES = {
     "daemon": ("[daemon]", _DAEMON_KEYS),
@@ -502,6 +533,8 @@ def _preset_defaults(preset: str, tenant: str, cloud: str) -> dict[str, Any]:
         "token_endpoint": f"{base}/token",
         "device_authorization_endpoint": f"{base}/devicecode",
         "scopes": (*(f"https://{mail}/{grant}" for grant in grants), "offline_access"),
+        # Microsoft's refresh tokens die after 90 days unused.
+        "refresh_token_max_idle": timedelta(days=90),
     }
 
 
@@ -529,6 +562,11 @@ def _build_provider(
         values = {"tenant": "common", "cloud": "global", **values}
     for key in [key for key in ("tenant", "cloud") if key in raw and preset != "microsoft"]:
         problems.add(table, key, f"only the 'microsoft' preset has one; this one is '{preset}'")
+    if values.get("testing") and preset != "google":
+        problems.add(table, "testing", f"only the 'google' preset has it; this one is '{preset}'")
+    elif values.get("testing"):
+        # Google revokes the refresh tokens of apps in "testing" status after 7 days.
+        values = {"refresh_token_max_age": timedelta(days=7), **values}
     if "issuer" in raw and preset != "generic":
         why = f"the '{preset}' preset knows its endpoints; override single ones instead"
         problems.add(table, "issuer", f"is for discovery with preset 'generic' only; {why}")
@@ -589,6 +627,8 @@ def _build_account(
     values = {
         "refresh_before": daemon.refresh_before,
         "min_validity": daemon.min_validity,
+        "notify_command": daemon.notify_command,
+        "notify_interval": daemon.notify_interval,
         **values,
     }
     if values["min_validity"] >= values["refresh_before"]:

@@ -14,7 +14,8 @@ The exception tree. Standard library only: the helper imports it.
     └── GrantError                  "grant-error"              exit 1
         ├── TransientGrantError     "provider-unavailable"     exit 5
         ├── ReauthorizationRequired "needs-auth"               exit 4
-        └── Misconfigured           "misconfigured"            exit 1
+        ├── Misconfigured           "misconfigured"            exit 1
+        └── AuthorizationFailed     "authorization-failed"     exit 1
 
 Every error has a `message` (what happened) and a `hint` (what to do). The
 `code` travels on the wire and is API: never rename one. Transient failures and
@@ -154,3 +155,10 @@ class Misconfigured(GrantError):
 
     code = "misconfigured"
     hint = "check client_id, client secret and scopes in the configuration"
+
+
+class AuthorizationFailed(GrantError):
+    """A sign-in did not yield tokens: declined, expired, a forged redirect, a refused code."""
+
+    code = "authorization-failed"
+    hint = "run 'mailoauth authorize ACCOUNT' again"

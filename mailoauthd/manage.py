@@ -53,12 +53,23 @@ def _parser() -> argparse.ArgumentParser:
         ("refresh", "refresh an account's token now and print the new expiry"),
         ("import", "read a refresh token on stdin and store it (migration from other tools)"),
         ("revoke", "revoke at the provider where supported, then forget the tokens"),
-        ("authorize", "sign in to an account"),
+        ("authorize", "sign in: in a browser, by pasting its address back, or by code"),
     ):
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("account")
         if name in ("refresh", "import"):
             cmd.add_argument("--timeout", type=float, default=ADMIN_TIMEOUT)
+        if name == "authorize":
+            cmd.add_argument(
+                "--no-browser",
+                action="store_true",
+                help="only print the address to open (for a browser on another machine)",
+            )
+            cmd.add_argument(
+                "--flow",
+                choices=("authorization_code", "device_code"),
+                help="sign in this way instead of the account's configured flow",
+            )
     return parser
 
 
@@ -78,11 +89,10 @@ def main(argv: list[str]) -> int:
             errors.EXIT_USAGE,
         )
     if command == "authorize":
-        raise client._Fail(
-            f"{args.account}: interactive authorization is not available in this version; "
-            f"sign in with another tool and run 'mailoauth import {args.account}' with the "
-            "refresh token on stdin",
-            errors.EXIT_ERROR,
+        from mailoauthd import signin_client
+
+        return signin_client.run(
+            args.account, socket_path=args.socket, flow=args.flow, open_browser=not args.no_browser
         )
     if command == "status":
         return _status(args)

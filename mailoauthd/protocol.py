@@ -70,11 +70,14 @@ def decode(line: bytes) -> dict[str, object]:
     return value
 
 
-def encode_token_request(account: str, *, min_validity: float, timeout: float) -> bytes:
+def encode_token_request(
+    account: str, *, min_validity: float, timeout: float, wait: float = 0.0
+) -> bytes:
     """The helper's hot-path request, built without the json package."""
+    waiting = f',"wait":{float(wait)!r}' if wait > 0 else ""
     return (
         f'{{"v":{VERSION},"op":"token","account":{quote(account)},'
-        f'"min_validity":{float(min_validity)!r},"timeout":{float(timeout)!r}}}\n'
+        f'"min_validity":{float(min_validity)!r},"timeout":{float(timeout)!r}{waiting}}}\n'
     ).encode("ascii")
 
 

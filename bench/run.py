@@ -1,0 +1,139 @@
+"""
+`make bench`: measure the helper, the socket and many accounts; write docs/performance.md.
+
+    bench/.venv/bin/python bench/run.py [--out docs/performance.md] [--smoke]
+
+Runs the programs of the installation whose interpreter runs this script
+(bench/setup.sh makes bench/.venv, a non-editable install, as users get).
+`--smoke` runs every part with tiny counts, for the test suite: it checks that
+the bench works, and its figures mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import helper_latency
+import report
+import scale
+import socket_load
+from common import Install, installed_versions, load, log, machine, program_version
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def git_revision() -> str:
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=ROOT, capture_output=True, text=True, check=False
+        ).stdout.strip()
+
+    revision = git("rev-parse", "--short", "HEAD") or "unknown"
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", "mailoauthd", "bin")
+    return revision + (" with uncommitted changes" if dirty else "")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "performance.md")
+    parser.add_argument("--json", type=Path, help="also write the raw figures here")
+    parser.add_argument("--smoke", action="store_true", help="tiny counts: does the bench run?")
+    parser.add_argument("--no-mutt", action="store_true", help="skip mutt_oauth2.py")
+    args = parser.parse_args(argv)
+
+    install = Install(Path(sys.executable).parent)
+    with_mutt = (
+        not args.no_mutt
+        and helper_latency.find_mutt_oauth2() is not None
+        and shutil.which("gpg") is not None
+    )
+    if args.smoke:
+        sizes = {
+            "rounds": 3,
+            "warmup": 1,
+            "seconds": 0.3,
+            "repeats": 1,
+            "churn_seconds": 1.0,
+            "open_rate": 1000.0,
+            "counts": [10, 20],
+            "scale_repeats": 1,
+            "idle_seconds": 0.5,
+            "load_rate": 200.0,
+            "min_load_seconds": 1.0,
+        }
+    else:
+        sizes = {
+            "rounds": 200,
+            "warmup": 10,
+            "seconds": 5.0,
+            "repeats": 3,
+            "churn_seconds": 20.0,
+            "open_rate": 10000.0,
+            "counts": [100, 1000, 10000],
+            "scale_repeats": 3,
+            "idle_seconds": 5.0,
+            "load_rate": 2000.0,
+            "min_load_seconds": 5.0,
+        }
+    started = time.monotonic()
+    results: dict[str, object] = {
+        "machine": machine(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "revision": git_revision(),
+        "versions": {
+            **installed_versions(install),
+            "gpg": program_version(["gpg", "--version"]),
+            "cc": program_version(["cc", "--version"], r"\d+\.\d+(\.\d+)?"),
+        },
+        "smoke": args.smoke,
+        "sizes": sizes,
+    }
+    base = Path(tempfile.mkdtemp(prefix="mob-", dir="/tmp"))  # short: socket paths max 107
+    try:
+        log(f"working in {base}")
+        results["helper"] = helper_latency.run(
+            install,
+            base / "helper",
+            rounds=int(sizes["rounds"]),
+            warmup=int(sizes["warmup"]),
+            with_mutt=with_mutt,
+        )
+        results["socket"] = socket_load.run(
+            install,
+            base / "socket",
+            seconds=float(sizes["seconds"]),
+            repeats=int(sizes["repeats"]),
+            churn_seconds=float(sizes["churn_seconds"]),
+            open_rate=float(sizes["open_rate"]),
+        )
+        results["scale"] = scale.run(
+            install,
+            base / "scale",
+            counts=list(sizes["counts"]),  # type: ignore[call-overload]
+            repeats=int(sizes["scale_repeats"]),
+            idle_seconds=float(sizes["idle_seconds"]),
+            load_rate=float(sizes["load_rate"]),
+            loadgen_binary=base / "socket" / "loadgen",
+            min_load_seconds=float(sizes["min_load_seconds"]),
+        )
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    results["load_after"] = load()
+    results["minutes"] = (time.monotonic() - started) / 60
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(report.render(results))
+    log(f"wrote {args.out} in {results['minutes']:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
