@@ -13,12 +13,15 @@ Exit status (CONTRACT.md): 0 success, 1 error reported by the daemon, 2 usage,
 
 from __future__ import annotations
 
+import _socket  # the C module: `socket` costs the helper a visible share of its start-up
 import os
 import sys
 
 from mailoauthd import errors, paths, protocol
 
 DEFAULT_TIMEOUT = 15.0
+# `--wait` alone: five minutes to notice, run `mailoauth authorize` and sign in.
+DEFAULT_WAIT = 300.0
 # Time we allow the daemon beyond the request's own timeout to answer, so that
 # its "provider timed out" reply reaches us instead of our own socket timeout.
 ANSWER_GRACE = 5.0
@@ -35,11 +38,13 @@ commands:
   refresh ACCOUNT               refresh now, print the new expiry
   import ACCOUNT                read a refresh token on stdin and store it
   revoke ACCOUNT                forget the account's tokens
-  authorize ACCOUNT             sign in (not yet available: use 'import')
+  authorize ACCOUNT [--no-browser] [--flow authorization_code|device_code]
+                                sign in: in a browser, by pasting its address back, or by code
 
 options for token and sasl:
   --timeout SECONDS             wait at most this long for a due refresh (default 15)
   --min-validity SECONDS        only hand out a token valid at least this long
+  --wait[=SECONDS]              if the account needs signing in, wait for that (default 300)
   --mechanism xoauth2|oauthbearer   (sasl; default xoauth2)
   --host HOST --port PORT       (sasl, OAUTHBEARER) the server's name and port
 """
@@ -106,6 +111,10 @@ def _parse_hot(args: list[str]) -> tuple[str, dict[str, str]]:
             raise _Fail(USAGE.rstrip("\n"), 0)
         if arg.startswith("--"):
             name, eq, value = arg.partition("=")
+            if name == "--wait":  # its value is optional, so only in the --wait=S form
+                options[name] = value if eq else str(DEFAULT_WAIT)
+                i += 1
+                continue
             if name not in _HOT_OPTIONS:
                 raise _usage(f"unknown option {name}")
             if not eq:
@@ -133,8 +142,11 @@ def _hot(command: str, args: list[str], socket_path: str | None) -> int:
     mechanism = options.get("--mechanism", "xoauth2").lower()
     if mechanism not in ("xoauth2", "oauthbearer"):
         raise _usage(f"--mechanism must be xoauth2 or oauthbearer (got {mechanism!r})")
-    request = protocol.encode_token_request(account, min_validity=min_validity, timeout=timeout)
-    reply = request_reply(request, socket_path, timeout + ANSWER_GRACE)
+    wait = _seconds("--wait", options["--wait"]) if "--wait" in options else 0.0
+    request = protocol.encode_token_request(
+        account, min_validity=min_validity, timeout=timeout, wait=wait
+    )
+    reply = request_reply(request, socket_path, timeout + wait + ANSWER_GRACE)
     token = reply.get("token")
     if not isinstance(token, str) or not token:
         raise _Fail(f"{account}: the daemon sent no token", errors.EXIT_ERROR)
@@ -193,17 +205,14 @@ def candidate_sockets(socket_path: str | None) -> list[str]:
     return paths.helper_sockets(dict(os.environ), os.getuid())
 
 
-def request_reply(request: bytes, socket_path: str | None, timeout: float) -> dict[str, object]:
+def connect(socket_path: str | None, timeout: float | None) -> _socket.socket:
     """
-    Send one request line and return the daemon's successful answer.
+    A connection to the daemon: the first candidate socket that answers.
 
     Raises:
-        _Fail: the daemon could not be reached, or answered with an error.
+        _Fail: none answered; the message names every path tried.
     """
-    import _socket
-
     tried = candidate_sockets(socket_path)
-    sock = None
     last_error = ""
     for path in tried:
         candidate = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
@@ -214,14 +223,22 @@ def request_reply(request: bytes, socket_path: str | None, timeout: float) -> di
             candidate.close()
             last_error = exc.strerror or str(exc)
             continue
-        sock = candidate
-        break
-    if sock is None:
-        raise _Fail(
-            f"cannot reach mailoauthd at {' or '.join(tried)}: {last_error} "
-            f"({errors.DaemonUnreachable.hint})",
-            errors.EXIT_UNREACHABLE,
-        )
+        return candidate
+    raise _Fail(
+        f"cannot reach mailoauthd at {' or '.join(tried)}: {last_error} "
+        f"({errors.DaemonUnreachable.hint})",
+        errors.EXIT_UNREACHABLE,
+    )
+
+
+def request_reply(request: bytes, socket_path: str | None, timeout: float) -> dict[str, object]:
+    """
+    Send one request line and return the daemon's successful answer.
+
+    Raises:
+        _Fail: the daemon could not be reached, or answered with an error.
+    """
+    sock = connect(socket_path, timeout)
     try:
         try:
             sock.sendall(request)

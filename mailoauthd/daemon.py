@@ -25,13 +25,24 @@ import httpx
 import structlog
 import trio
 
-from mailoauthd import __version__, config, oauth, paths
+from mailoauthd import __version__, config, oauth, paths, signin
 from mailoauthd.access import Policy
-from mailoauthd.errors import ConfigError, MailoauthdError, ProtocolError, TimedOut
+from mailoauthd.discovery import Discovery
+from mailoauthd.errors import (
+    Busy,
+    ConfigError,
+    GrantError,
+    MailoauthdError,
+    ProtocolError,
+    ReauthorizationRequired,
+    TimedOut,
+    UsageError,
+)
 from mailoauthd.notify import Notifier
+from mailoauthd.notify_command import NEEDS_AUTHORIZATION, REFRESH_TOKEN_EXPIRING, Reminders
 from mailoauthd.scheduler import Scheduler
 from mailoauthd.secret import Secret
-from mailoauthd.server import Peer, Server, bind, inherited, listen_fds
+from mailoauthd.server import Channel, Peer, Server, bind, inherited, listen_fds
 from mailoauthd.state import AccountState, TokenStore
 
 log = structlog.get_logger(__name__)
@@ -42,6 +53,10 @@ MAX_REQUEST_TIMEOUT = 300.0
 DEFAULT_REQUEST_TIMEOUT = 15.0
 # `refresh` and `import` are run by people, who can wait for a slow provider.
 DEFAULT_ADMIN_TIMEOUT = 60.0
+# `token --wait`: an hour is long enough for a person to notice and sign in,
+# and bounds a mail program's hang if nobody does.
+MAX_AUTHORIZATION_WAIT = 3600.0
+SIGN_IN_FLOWS = ("authorization_code", "device_code")
 # STATUS= is recomputed this often for `systemctl status`, and sent when it changed:
 # a state change shows within seconds, at the cost of a cheap string compare.
 STATUS_INTERVAL = 5.0
@@ -88,6 +103,8 @@ class Daemon:
         socket_path: Path,
         system: bool = False,
         policy: Policy | None = None,
+        discovery: Discovery | None = None,
+        reminders: Reminders | None = None,
     ) -> None:
         self.config = cfg
         self.config_path = config_path
@@ -97,12 +114,18 @@ class Daemon:
         self.socket_path = socket_path
         self.policy = policy or Policy(system=system, own_uid=os.geteuid())
         self.last_reload_error: str | None = None
+        self.discovery = discovery or Discovery(
+            scheduler.http, timeout=cfg.daemon.request_timeout.total_seconds()
+        )
+        self.reminders = reminders or Reminders(env={}, now=scheduler.now)
+        self._signing_in: set[str] = set()  # accounts with a sign-in in progress
         self.server = Server(
             self.handle,
             allowed_uids=None if system else {os.geteuid(), 0},
             gate=self._gate,
             peer_groups=system,
             quick=self.answer_now,
+            conversations={"authorize": self._authorize},
         )
 
     # --- requests ----------------------------------------------------------------
@@ -167,13 +190,24 @@ class Daemon:
         name = _text(request, "account")
         min_validity = _number(request, "min_validity", -1.0)
         timeout = min(_number(request, "timeout", DEFAULT_REQUEST_TIMEOUT), MAX_REQUEST_TIMEOUT)
-        deadline = trio.current_time() + max(0.0, timeout)
-        with trio.move_on_at(deadline):
-            st = await self.scheduler.token(
-                name, None if min_validity < 0 else min_validity, deadline
-            )
-            return self._token_reply(name, st, peer)
-        raise self._timed_out(name, timeout)
+        # `token --wait`: an account that needs a person is waited for, not failed at once.
+        wait = min(max(0.0, _number(request, "wait", 0.0)), MAX_AUTHORIZATION_WAIT)
+        give_up = trio.current_time() + wait
+        while True:
+            deadline = trio.current_time() + max(0.0, timeout)
+            try:
+                with trio.move_on_at(deadline):
+                    st = await self.scheduler.token(
+                        name, None if min_validity < 0 else min_validity, deadline
+                    )
+                    return self._token_reply(name, st, peer)
+            except ReauthorizationRequired:
+                if trio.current_time() >= give_up:
+                    raise
+                with trio.move_on_at(give_up):
+                    await self.scheduler.wait_changed(name)
+                continue
+            raise self._timed_out(name, timeout)
 
     def _token_reply(self, name: str, st: AccountState, peer: Peer) -> dict[str, object]:
         assert st.access_token is not None
@@ -200,6 +234,45 @@ class Daemon:
                 reason=refusal.reason,
             )
             raise refusal.error
+
+    async def _authorize(
+        self, request: dict[str, object], peer: Peer, channel: Channel
+    ) -> dict[str, object]:
+        """`mailoauth authorize`: a conversation that runs one sign-in (signin.py)."""
+        if request.get("v") != 1:
+            raise ProtocolError(f"unsupported protocol version {request.get('v')!r}; expected 1")
+        name = _text(request, "account")
+        account = self.scheduler.account(name)
+        if account.flow == "client_credentials":
+            return {
+                "ok": True,
+                "account": name,
+                "note": "this account uses client_credentials: mailoauthd gets its tokens "
+                "with the client secret, and nobody needs to sign in",
+            }
+        flow = request.get("flow") or account.flow
+        if flow not in SIGN_IN_FLOWS:
+            raise UsageError(f"--flow must be one of {', '.join(SIGN_IN_FLOWS)} (got {flow!r})")
+        if name in self._signing_in:
+            raise Busy(
+                f"{name}: a sign-in is already in progress",
+                hint="finish it, or stop its 'mailoauth authorize' (Ctrl-C), first",
+            )
+        self._signing_in.add(name)
+        try:
+            log.info("authorize.requested", account=name, flow=flow, uid=peer.uid, pid=peer.pid)
+            account = await self.discovery.account(account)
+            session = signin.Session(
+                account=account,
+                client=self.scheduler.client(account),
+                http=self.scheduler.http,
+                request_timeout=self.scheduler.settings.request_timeout.total_seconds(),
+                now=self.scheduler.now,
+                store=partial(self.scheduler.authorized, name),
+            )
+            return await signin.run(session, channel, str(flow))
+        finally:
+            self._signing_in.discard(name)
 
     def _timed_out(self, name: str, timeout: float) -> MailoauthdError:
         last = self.scheduler.last_error(name)
@@ -239,10 +312,34 @@ class Daemon:
         self.config = cfg
         self.policy = policy
         self.last_reload_error = None
+        self.discovery.clear()  # an issuer's endpoints are fetched again when next needed
         self.scheduler.reconfigure(cfg.daemon, cfg.accounts, secrets)
+        self.reminders.reconfigure(cfg.accounts)
         log.info("config.reloaded", accounts=len(cfg.accounts))
         self.notifier.ready(self.scheduler.summary())
         return True
+
+    async def discover(self) -> None:
+        """Fetch every issuer's endpoints now, so that a broken one is reported at once."""
+        for name, provider in self.config.providers.items():
+            if provider.issuer:
+                try:
+                    await self.discovery.provider(provider)
+                except GrantError as exc:
+                    log.error("discovery.failed", provider=name, error=exc.message, hint=exc.hint)
+
+    def remind_at_start(self) -> None:
+        """Accounts that lost their grant before a restart are reminded of at once."""
+        for row in self.scheduler.status():
+            name = str(row["account"])
+            if row["status"] == NEEDS_AUTHORIZATION and row["last_error"]:
+                self.reminders.raise_alert(
+                    self.scheduler.account(name),
+                    NEEDS_AUTHORIZATION,
+                    message=str(row["last_error"]),
+                    action=str(row["hint"] or f"run 'mailoauth authorize {name}'"),
+                    repeat=True,
+                )
 
     async def _watchdog(self, interval: float) -> None:
         while True:
@@ -270,6 +367,18 @@ class Daemon:
                 self.notifier.stopping()
                 cancel.cancel()
                 return
+
+
+def on_event(
+    reminders: Reminders, event: str, account: config.Account, message: str, action: str
+) -> None:
+    """The scheduler's events of note, for the person who has to act (notify_command)."""
+    if event == NEEDS_AUTHORIZATION:
+        reminders.raise_alert(account, event, message=message, action=action, repeat=True)
+    elif event == REFRESH_TOKEN_EXPIRING:
+        reminders.raise_alert(account, event, message=message, action=action, repeat=False)
+    elif event in ("authorized", "imported", "refreshed", "revoked"):
+        reminders.clear(account.name)
 
 
 def _exe(pid: int) -> str | None:
@@ -336,6 +445,8 @@ async def run(
         # httpx's timeout is a backstop: the scheduler bounds each attempt itself.
         backstop = cfg.daemon.request_timeout.total_seconds() + 5
         async with httpx.AsyncClient(timeout=backstop, follow_redirects=False) as http:
+            discovery = Discovery(http, timeout=cfg.daemon.request_timeout.total_seconds())
+            reminders = Reminders(env=env, now=now)
             scheduler = Scheduler(
                 store=store,
                 http=http,
@@ -343,6 +454,8 @@ async def run(
                 accounts=cfg.accounts,
                 secrets=secrets,
                 now=now,
+                on_event=partial(on_event, reminders),
+                resolve=discovery.account,
             )
             fds = listen_fds(env, os.getpid())
             if fds:
@@ -365,16 +478,21 @@ async def run(
                 socket_path=socket_path,
                 system=system,
                 policy=policy,
+                discovery=discovery,
+                reminders=reminders,
             )
             async with trio.open_nursery() as root:
                 if handle_signals:
                     # Before READY=1: systemd may send SIGHUP the moment it sees it,
                     # and SIGHUP's default action would end the process.
                     await root.start(daemon._signals, root.cancel_scope)
+                await root.start(reminders.run)
+                daemon.remind_at_start()
                 await root.start(scheduler.run)
                 # Only now: a token request may start a refresh, which needs the
                 # scheduler running. Clients that connect earlier wait in the backlog.
                 await root.start(daemon.server.serve, listener)
+                root.start_soon(daemon.discover)
                 notifier.ready(scheduler.summary())
                 log.info(
                     "daemon.ready",

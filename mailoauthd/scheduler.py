@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime, timedelta
 
 import httpx
@@ -35,6 +35,7 @@ from mailoauthd.errors import (
     UnknownAccount,
     UsageError,
 )
+from mailoauthd.notify_command import refresh_token_deadline, warning_time
 from mailoauthd.secret import Secret
 from mailoauthd.state import AccountState, TokenStore
 
@@ -77,6 +78,20 @@ class _Slot:
     not_before: datetime | None = None  # the provider's Retry-After
     last_exc: MailoauthdError | None = None
     write_lock: trio.Lock = dataclasses.field(default_factory=trio.Lock)
+    # Set and replaced whenever a person changes the grant (authorize, import, revoke).
+    changed: trio.Event = dataclasses.field(default_factory=trio.Event)
+    age_warned: datetime | None = None  # refresh_token_issued_at of the token warned about
+
+    def bump(self) -> None:
+        """A new grant (or none): drop older refreshes' results, wake who waits for it."""
+        self.generation += 1
+        self.changed.set()
+        self.changed = trio.Event()
+
+
+# (event, account, message, action): authorized, imported, refreshed,
+# needs_authorization, refresh_token_expiring, revoked.
+EventHook = Callable[[str, Account, str, str], None]
 
 
 class Scheduler:
@@ -92,8 +107,14 @@ class Scheduler:
         secrets: Mapping[str, Secret | None],
         now: Callable[[], datetime] = oauth.now_utc,
         rng: random.Random | None = None,
+        on_event: EventHook | None = None,
+        resolve: Callable[[Account], Awaitable[Account]] | None = None,
     ) -> None:
         self.store = store
+        # Tells the daemon what a person may need to know (notify_command).
+        self.on_event = on_event or (lambda *_: None)
+        # Fills in a profile's discovered endpoints (discovery.py).
+        self.resolve = resolve
         self.http = http
         self.settings = settings
         self.secrets = dict(secrets)
@@ -202,6 +223,7 @@ class Scheduler:
         spread = self.settings.refresh_spread.total_seconds()
         last_call: datetime | None = None
         for slot in self._slots.values():
+            self._check_age(slot, now)
             if slot.in_flight is not None or slot.scheduled or slot.retry_at is not None:
                 continue
             if not self._refreshable(slot):
@@ -230,6 +252,26 @@ class Scheduler:
         self._last_call = last_call
         log.debug("check.done", accounts=len(self._slots), due=started)
         return started
+
+    def _check_age(self, slot: _Slot, now: datetime) -> None:
+        """Warn once per refresh token when it nears a cut-off its profile knows of."""
+        st, provider = slot.state, slot.account.provider
+        if st.refresh_token is None or st.status == state.NEEDS_AUTHORIZATION:
+            return
+        if slot.age_warned == st.refresh_token_issued_at:
+            return
+        deadline = refresh_token_deadline(provider, st.refresh_token_issued_at, st.last_refresh)
+        if deadline is None or now < warning_time(provider, deadline):
+            return
+        slot.age_warned = st.refresh_token_issued_at
+        name = slot.account.name
+        why = " (Google's limit for apps in 'testing' status)" if provider.testing else ""
+        message = f"the refresh token stops working around {_iso(deadline)}{why}"
+        action = f"run 'mailoauth authorize {name}' before then"
+        if provider.testing:
+            action += "; publish the app in Google Cloud to lift the 7-day limit"
+        log.warning("refresh_token.expiring", account=name, expires_at=_iso(deadline))
+        self.on_event("refresh_token_expiring", slot.account, message, action)
 
     def _refreshable(self, slot: _Slot) -> bool:
         if slot.broken is not None:
@@ -309,6 +351,8 @@ class Scheduler:
                 await self._persist(slot, slot.unsaved, generation)
                 if slot.state.valid_for(self.now()) > account.refresh_before.total_seconds():
                     return
+            if self.resolve is not None:
+                account = await self.resolve(account)
             request = self._request(account, slot.state)
             if account.flow != "client_credentials":
                 # On disk before the request leaves: if we die before its answer is,
@@ -358,6 +402,7 @@ class Scheduler:
                 expires_in=round(slot.state.valid_for(self.now())),
                 rotated=slot.state.refresh_token_issued_at == slot.state.last_refresh,
             )
+            self.on_event("refreshed", slot.account, "", "")
 
     async def _persist(self, slot: _Slot, new: AccountState, generation: int) -> bool:
         """Write `new` and make it current; False if the account moved on meanwhile."""
@@ -400,6 +445,8 @@ class Scheduler:
             if slot.state.status != status:
                 # Reported once, when it happens: nothing is retried until a human acts.
                 log.error(f"account.{status}", error=exc.message, hint=exc.hint)
+                if status == state.NEEDS_AUTHORIZATION:
+                    self.on_event(status, slot.account, exc.message, exc.hint)
         new = state.failed(slot.state, exc, status, now)
         try:
             if not await self._persist(slot, new, generation):
@@ -436,11 +483,21 @@ class Scheduler:
                 )
             raise ReauthorizationRequired(
                 f"{name}: {slot.state.last_error or 'needs authorization'}",
-                hint=f"run 'mailoauth authorize {name}' and sign in again",
+                hint=self._hint(slot) or f"run 'mailoauth authorize {name}' and sign in again",
             )
         if status == state.MISCONFIGURED:
             hint = slot.last_exc.hint if slot.last_exc else Misconfigured.hint
             raise Misconfigured(f"{name}: {slot.state.last_error}", hint=hint)
+
+    def _hint(self, slot: _Slot) -> str | None:
+        """What to do, also after a restart: the provider's error explained again."""
+        if slot.last_exc is not None:
+            return slot.last_exc.hint or None
+        if slot.state.status == state.NEEDS_AUTHORIZATION and slot.state.last_error:
+            name = slot.account.name
+            _, hint = oauth.explain("invalid_grant", slot.state.last_error, name)
+            return hint or f"run 'mailoauth authorize {name}' and sign in again"
+        return None
 
     def _last_failure(self, slot: _Slot, why: str = "") -> MailoauthdError:
         name = slot.account.name
@@ -529,14 +586,63 @@ class Scheduler:
                 log.warning("state.set_aside", account=name, moved_to=str(aside))
                 slot.broken = None
             new = state.imported(name, refresh_token, now)
-            slot.generation += 1
+            slot.bump()
             await trio.to_thread.run_sync(self.store.save, new)
             slot.state = new
             slot.unsaved = None
             slot.retry_at = slot.not_before = None
             slot.last_exc = None
         log.info("account.imported", account=name)
+        self.on_event("imported", slot.account, "", "")
         return await self.refresh(name)
+
+    async def authorized(self, name: str, tokens: oauth.TokenSet) -> AccountState:
+        """
+        Store the tokens of a completed sign-in (`mailoauth authorize`); they replace any grant.
+
+        Raises:
+            StateError: they could not be written; nothing changed.
+        """
+        slot = self._slot(name)
+        now = self.now()
+        async with slot.write_lock:
+            new = state.refreshed(AccountState(account=name), tokens, now)
+            try:
+                if slot.broken is not None:
+                    aside = await trio.to_thread.run_sync(self.store.set_aside, name, now)
+                    log.warning("state.set_aside", account=name, moved_to=str(aside))
+                await trio.to_thread.run_sync(self.store.save, new)
+            except OSError as exc:
+                raise StateError(
+                    f"{name}: cannot write {self.store.path(name)}: {exc.strerror or exc}; "
+                    "the new tokens were not kept",
+                    hint=f"free disk space or fix permissions, then run "
+                    f"'mailoauth authorize {name}' again",
+                ) from exc
+            slot.broken = None
+            slot.bump()
+            slot.state = new
+            slot.unsaved = None
+            slot.retry_at = slot.not_before = None
+            slot.last_exc = None
+        log.info(
+            "account.authorized",
+            account=name,
+            expires_in=round(new.valid_for(now)),
+            with_refresh_token=new.refresh_token is not None,
+        )
+        if (write := getattr(self, "_write_token_file", None)) is not None:
+            await write(slot)
+        self.on_event("authorized", slot.account, "", "")
+        return new
+
+    async def wait_changed(self, name: str) -> None:
+        """Return once a person has changed the account's grant (authorize, import, revoke)."""
+        await self._slot(name).changed.wait()
+
+    def client(self, account: Account) -> oauth.Client:
+        """The OAuth client of an account, with its profile's client secret."""
+        return self._client(account)
 
     async def forget(self, name: str) -> str:
         """
@@ -546,21 +652,34 @@ class Scheduler:
             What happened at the provider, in words for the person who asked.
         """
         slot = self._slot(name)
-        provider = slot.account.provider
+        account = slot.account
+        if self.resolve is not None and account.provider.issuer:
+            try:
+                account = await self.resolve(account)
+            except GrantError as exc:
+                log.warning("token.revoke_failed", account=name, error=exc.message)
+        provider = account.provider
         token = slot.state.refresh_token or slot.state.access_token
-        revoked = False
+        kind = "refresh_token" if slot.state.refresh_token else "access_token"
+        revoked, why = False, ""
         if provider.revocation_endpoint and token is not None and slot.broken is None:
             request = oauth.revocation_request(
-                self._client(slot.account), provider.revocation_endpoint, token
+                self._client(account), provider.revocation_endpoint, token, kind
             )
+            what = "the revocation endpoint"
             try:
                 with trio.fail_after(self.settings.request_timeout.total_seconds()):
-                    response = await oauth.send(self.http, request)
+                    response = await oauth.send(self.http, request, what=what)
                 revoked = response.status_code == 200
-            except (trio.TooSlowError, GrantError) as exc:
-                log.warning("token.revoke_failed", account=name, error=str(exc))
+                why = f"{what} answered HTTP {response.status_code}"
+            except trio.TooSlowError:
+                why = f"{what} did not answer"
+            except GrantError as exc:
+                why = exc.message
+            if not revoked:
+                log.warning("token.revoke_failed", account=name, error=why)
         async with slot.write_lock:
-            slot.generation += 1
+            slot.bump()
             if slot.broken is None:
                 await trio.to_thread.run_sync(self.store.remove, name)
             slot.state = state.forgotten(slot.state)
@@ -574,9 +693,15 @@ class Scheduler:
                 "local tokens forgotten; the provider has no revocation endpoint, so the "
                 "grant remains there (remove the app's access in your account's settings)"
             )
+        elif token is None:
+            note = "there were no tokens to revoke"
         else:
-            note = "local tokens forgotten; the provider did not confirm the revocation"
+            note = (
+                f"local tokens forgotten; the provider did not confirm the revocation ({why}): "
+                "remove the app's access in your account's settings to be sure"
+            )
         log.info("account.revoked", account=name, at_provider=revoked)
+        self.on_event("revoked", slot.account, "", "")
         return note
 
     def status(self) -> list[dict[str, object]]:
@@ -597,12 +722,20 @@ class Scheduler:
                     "last_refresh": _iso(st.last_refresh),
                     "next_check": _iso(next_check),
                     "refresh_token_issued_at": _iso(st.refresh_token_issued_at),
+                    "refresh_token_last_used": _iso(st.last_refresh) if st.refresh_token else None,
+                    "refresh_token_expires_at": _iso(
+                        refresh_token_deadline(
+                            slot.account.provider, st.refresh_token_issued_at, st.last_refresh
+                        )
+                        if st.refresh_token
+                        else None
+                    ),
                     "error_since": _iso(st.error_since),
                     "healthy": self._healthy(slot, now),
                     "failures": st.failures,
                     "last_error": self.last_error(name),
                     "last_error_code": st.last_error_code,
-                    "hint": slot.last_exc.hint if slot.last_exc else None,
+                    "hint": self._hint(slot),
                 }
             )
         return rows

@@ -18,6 +18,12 @@ the accept loop itself, without a task (see `Server._answer_at_once`). That
 path is what lets one Python thread serve tens of thousands of requests a
 second; anything else (a line not yet here, a refresh to wait for, a refused
 peer, a malformed line) goes to a task of its own as before.
+
+A few operations are conversations (`authorize`): their handler gets a Channel
+to send event lines and read further lines on the same connection, and bounds
+its own duration; the final answer is still written here. The client sends a
+further line only after it has read the first event, so nothing follows the
+request line in the first read.
 """
 
 from __future__ import annotations
@@ -77,6 +83,55 @@ Handler = Callable[[dict[str, object], Peer], Awaitable[dict[str, object]]]
 Gate = Callable[[dict[str, object], Peer], None]
 # Answers a request on the spot when that needs no waiting; None hands it to the Handler.
 QuickHandler = Callable[[dict[str, object], Peer], dict[str, object] | None]
+
+
+class Channel:
+    """The rest of a conversation's connection: event lines out, further request lines in."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self._stream = stream
+        self._buffer = bytearray()
+        self._sending = trio.Lock()
+
+    async def send(self, message: dict[str, object]) -> None:
+        """
+        Send one line, within WRITE_TIMEOUT.
+
+        Raises:
+            trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError: the
+                client is gone or not reading.
+        """
+        async with self._sending:
+            with trio.fail_after(WRITE_TIMEOUT):
+                await self._stream.send_all(protocol.encode(message))
+
+    async def receive(self) -> dict[str, object] | None:
+        """
+        The client's next line, or None once it hangs up; waits as long as the caller lets it.
+
+        Raises:
+            ProtocolError: the line is not a JSON object, or longer than MAX_LINE.
+        """
+        while (newline := self._buffer.find(b"\n")) < 0:
+            if len(self._buffer) > protocol.MAX_LINE:
+                raise ProtocolError(f"line longer than {protocol.MAX_LINE} bytes")
+            try:
+                chunk = await self._stream.receive_some(65536)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                return None
+            if not chunk:
+                return None
+            self._buffer += chunk
+        line = bytes(self._buffer[:newline])
+        del self._buffer[: newline + 1]
+        try:
+            return protocol.decode(line)
+        except protocol.WireError as exc:
+            raise ProtocolError(f"malformed line: {exc}") from None
+
+
+# A conversation: gets the request, the peer and the Channel; returns the final answer.
+Conversation = Callable[[dict[str, object], Peer, Channel], Awaitable[dict[str, object]]]
 
 
 def peer_of(sock: trio.socket.SocketType | stdsocket.socket, *, groups: bool = False) -> Peer:
@@ -221,9 +276,12 @@ class Server:
         gate: Gate | None = None,
         peer_groups: bool = False,
         quick: QuickHandler | None = None,
+        conversations: Mapping[str, Conversation] | None = None,
     ) -> None:
         self.handler = handler
         self.quick = quick
+        # op -> handler, for the operations that talk back and forth on one connection.
+        self.conversations = dict(conversations or {})
         # None: every local user is let in, and `gate` decides each request (system mode).
         self.allowed_uids = None if allowed_uids is None else frozenset(allowed_uids)
         self.gate = gate
@@ -353,7 +411,10 @@ class Server:
             return protocol.error_reply("bad-request", f"connection failed: {exc}")
         try:
             if self.gate is not None:
-                self.gate(request, peer)  # before any operation
+                self.gate(request, peer)  # before any operation, conversations included
+            conversation = self.conversations.get(str(request.get("op")))
+            if conversation is not None:
+                return await conversation(request, peer, Channel(stream))
             return await self.handler(request, peer)
         except MailoauthdError as exc:
             return protocol.error_reply(exc.code, exc.message, exc.hint)

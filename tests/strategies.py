@@ -84,9 +84,17 @@ def st_providers(draw: st.DrawFn, name: str) -> Provider:
     issuer = (
         draw(urls if token_endpoint is None else optional_urls) if preset == "generic" else None
     )
+    testing = preset == "google" and draw(st.booleans())
+    # TOML has no null: a preset's (or testing's) cut-off can be changed, not removed.
+    max_age = positive_durations if testing else st.none() | positive_durations
+    max_idle = positive_durations if microsoft else st.none() | positive_durations
     return Provider(
         name=name,
         preset=preset,
+        redirect_port=draw(st.none() | st.integers(1, 65535)),
+        testing=testing,
+        refresh_token_max_age=draw(max_age),
+        refresh_token_max_idle=draw(max_idle),
         client_id=draw(non_blank),
         client_secret=draw(st.none() | secret_sources),
         scopes=draw(scopes),
@@ -108,9 +116,16 @@ def _allows_client_credentials(provider: Provider) -> bool:
     return provider.client_secret is not None and provider.preset != "google"
 
 
+argv = st.lists(st.text(max_size=10).filter(lambda w: "\0" not in w), max_size=3).map(
+    lambda args: ("notify-send", *args)
+)
+
+
 @st.composite
-def st_accounts(draw: st.DrawFn, name: str, providers: list[Provider]) -> Account:
-    """A valid account of one of `providers`."""
+def st_accounts(
+    draw: st.DrawFn, name: str, providers: list[Provider], daemon: DaemonSettings | None = None
+) -> Account:
+    """A valid account of one of `providers`; it inherits what `daemon` sets and it does not."""
     provider = draw(st.sampled_from(providers))
     flows = [f for f in FLOWS if f != "client_credentials" or _allows_client_credentials(provider)]
     flow = draw(st.sampled_from(flows))
@@ -125,6 +140,10 @@ def st_accounts(draw: st.DrawFn, name: str, providers: list[Provider]) -> Accoun
         min_validity=draw(durations),
         allow_users=draw(principal_lists),
         allow_groups=draw(principal_lists),
+        notify_command=draw(
+            argv if daemon is not None and daemon.notify_command else st.none() | argv
+        ),
+        notify_interval=draw(positive_durations),
     )
 
 
@@ -142,6 +161,8 @@ daemon_settings = st.builds(
     log_level=st.sampled_from(["debug", "info", "warning", "error"]),
     admin_group=st.none() | principals,
     unhealthy_after=positive_durations,
+    notify_command=st.none() | argv,
+    notify_interval=positive_durations,
 )
 
 
@@ -151,10 +172,11 @@ def st_configs(draw: st.DrawFn) -> Config:
     provider_names = draw(st.lists(names, unique=True, max_size=3))
     providers = [draw(st_providers(name)) for name in provider_names]
     account_names = draw(st.lists(names, unique=True, max_size=4)) if providers else []
-    accounts = [draw(st_accounts(name, providers)) for name in account_names]
+    daemon = draw(daemon_settings)
+    accounts = [draw(st_accounts(name, providers, daemon)) for name in account_names]
     return Config(
         source=draw(st.sampled_from(["<test>", "/etc/mailoauthd/config.toml"])),
-        daemon=draw(daemon_settings),
+        daemon=daemon,
         providers=MappingProxyType({p.name: p for p in providers}),
         accounts=MappingProxyType({a.name: a for a in accounts}),
     )

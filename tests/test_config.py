@@ -312,7 +312,8 @@ class TestErrors:
         assert problem("[daemon]\nzzz = 1") == (
             f"{SOURCE}: [daemon] zzz: unknown key; expected one of: refresh_interval, "
             "refresh_before, refresh_spread, max_concurrent_refreshes, request_timeout, "
-            "min_validity, socket, state_dir, log_format, log_level, admin_group, unhealthy_after"
+            "min_validity, socket, state_dir, log_format, log_level, admin_group, unhealthy_after, "
+            "notify_command, notify_interval"
         )
 
     def test_key_in_the_wrong_table(self) -> None:
@@ -844,3 +845,96 @@ class TestAccessKeys:
             f"{SOURCE}: [daemon] allow_users: unknown key here; "
             "it belongs in an [accounts.NAME] table"
         ]
+
+
+class TestSignInAndReminderKeys:
+    def test_defaults(self) -> None:
+        """No fixed redirect port, no command, reminders every 6 h, Microsoft's 90 idle days."""
+        cfg = config(MICROSOFT, WORK)
+        provider, work = cfg.providers["office365"], cfg.accounts["work"]
+        assert provider.redirect_port is None
+        assert provider.testing is False
+        assert provider.refresh_token_max_age is None
+        assert provider.refresh_token_max_idle == timedelta(days=90)
+        assert cfg.daemon.notify_command is None
+        assert (work.notify_command, work.notify_interval) == (None, timedelta(hours=6))
+
+    def test_every_key(self) -> None:
+        """Each key is read; an account inherits the command and interval unless it sets them."""
+        cfg = config(
+            """
+            [daemon]
+            notify_command = ["notify-send", "mailoauthd"]
+            notify_interval = "2h"
+            """,
+            GOOGLE,
+            """
+            redirect_port = 8765
+            testing = true
+            refresh_token_max_idle = "30d"
+            [accounts.me]
+            provider = "gmail"
+            username = "me@gmail.com"
+            [accounts.other]
+            provider = "gmail"
+            username = "other@gmail.com"
+            notify_command = ["mail", "-s", "sign in", "root"]
+            notify_interval = "1d"
+            """,
+        )
+        gmail = cfg.providers["gmail"]
+        assert gmail.redirect_port == 8765
+        assert gmail.testing is True
+        assert gmail.refresh_token_max_age == timedelta(days=7)  # what testing implies
+        assert gmail.refresh_token_max_idle == timedelta(days=30)
+        me, other = cfg.accounts["me"], cfg.accounts["other"]
+        assert (me.notify_command, me.notify_interval) == (
+            ("notify-send", "mailoauthd"),
+            timedelta(hours=2),
+        )
+        assert other.notify_command == ("mail", "-s", "sign in", "root")
+        assert other.notify_interval == timedelta(days=1)
+
+    def test_explicit_age_beats_testing(self) -> None:
+        """A refresh_token_max_age of one's own replaces the 7 days of testing."""
+        cfg = config(GOOGLE, 'testing = true\nrefresh_token_max_age = "3d"')
+        assert cfg.providers["gmail"].refresh_token_max_age == timedelta(days=3)
+
+    @pytest.mark.parametrize(
+        ("parts", "shown"),
+        [
+            (
+                (MICROSOFT, "redirect_port = 0"),
+                "[providers.office365] redirect_port: must be a TCP port number from 1 to 65535 "
+                "(got 0, an int)",
+            ),
+            (
+                (MICROSOFT, 'redirect_port = "8080"'),
+                "[providers.office365] redirect_port: must be a TCP port number",
+            ),
+            (
+                (MICROSOFT, "testing = true"),
+                "[providers.office365] testing: only the 'google' preset has it",
+            ),
+            ((GOOGLE, 'testing = "yes"'), "[providers.gmail] testing: must be true or false"),
+            (
+                (MICROSOFT, 'refresh_token_max_idle = "0s"'),
+                "[providers.office365] refresh_token_max_idle: must be longer than zero",
+            ),
+            (
+                ('[daemon]\nnotify_command = "notify-send hi"',),
+                "[daemon] notify_command: must be a list of strings, not a shell command",
+            ),
+            (
+                (MICROSOFT, WORK, "notify_interval = 0"),
+                "[accounts.work] notify_interval: must be longer than zero",
+            ),
+        ],
+    )
+    def test_mistakes(self, parts: tuple[str, ...], shown: str) -> None:
+        """Each mistake names the table and key and says what is expected."""
+        assert problem(*parts).startswith(f"{SOURCE}: {shown}")
+
+    def test_testing_false_is_allowed_anywhere(self) -> None:
+        """testing = false changes nothing, whatever the preset."""
+        assert config(MICROSOFT, "testing = false").providers["office365"].testing is False

@@ -1,0 +1,325 @@
+"""
+Signing in, sans-I/O: PKCE, state and nonce, the authorize URL, the redirect, the device grant.
+
+Pure functions over strings and `httpx.Response`s; signin.py does the I/O. Every
+value that would let someone else finish a sign-in (the state, the PKCE verifier,
+the nonce, the authorization code, the device code) is a Secret: it leaves the
+process only in the request it belongs to, and in the authorize URL shown to the
+person signing in.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from urllib.parse import parse_qs, quote, urlencode, urlsplit
+
+import httpx
+
+from mailoauthd import oauth
+from mailoauthd.config import Account
+from mailoauthd.errors import AuthorizationFailed, Misconfigured, TransientGrantError
+from mailoauthd.secret import Secret
+
+# 32 random bytes (256 bits) each: unguessable. The verifier becomes 43
+# characters, RFC 7636's minimum length, which every provider accepts.
+STATE_BYTES = 32
+VERIFIER_BYTES = 32
+NONCE_BYTES = 32
+# RFC 8628 §3.2: poll every 5 s when the provider names no interval.
+DEFAULT_DEVICE_INTERVAL = 5
+# A provider that answers interval 0 would have us poll in a tight loop.
+MIN_DEVICE_INTERVAL = 1
+# Device codes live 15 min at Microsoft and 30 at Google; longer would hold a
+# connection open for nobody.
+MAX_DEVICE_SECONDS = 1800
+# What a preset needs at /authorize for the grant to be of use to a daemon:
+# Google issues a refresh token only with access_type=offline, and on a second
+# sign-in only with prompt=consent. A profile's authorize_params override these.
+PRESET_PARAMS = {"google": {"access_type": "offline", "prompt": "consent"}}
+
+# Device-poll answers that mean "keep polling" (RFC 8628 §3.5).
+PENDING = "authorization_pending"
+SLOW_DOWN = "slow_down"
+_DECLINED = frozenset({"access_denied", "authorization_declined"})
+_EXPIRED = frozenset({"expired_token", "code_expired"})
+
+
+class ForeignRedirect(AuthorizationFailed):
+    """A redirect that is not the answer to this sign-in (wrong or no state): ignored."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Authorization:
+    """One authorization request: what to show the person, and what to check the answer with."""
+
+    url: str
+    redirect_uri: str
+    state: Secret
+    verifier: Secret
+    nonce: Secret | None
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def challenge(verifier: Secret) -> str:
+    """The S256 code_challenge of a PKCE verifier (RFC 7636 §4.2)."""
+    return _b64url(hashlib.sha256(verifier.reveal().encode("ascii")).digest())
+
+
+def start(
+    account: Account,
+    redirect_uri: str,
+    *,
+    token: Callable[[int], str] = secrets.token_urlsafe,
+) -> Authorization:
+    """
+    A new authorization request with fresh state, PKCE pair and (with `openid`) nonce.
+
+    Args:
+        account: whose sign-in; its username becomes the login_hint.
+        redirect_uri: where the provider sends the browser back to.
+        token: random URL-safe text of n bytes; tests may pin it.
+
+    Raises:
+        Misconfigured: the profile has no authorization_endpoint.
+    """
+    provider = account.provider
+    endpoint = provider.authorization_endpoint
+    if not endpoint:
+        raise Misconfigured(
+            f"{account.name}: provider {provider.name!r} has no authorization_endpoint",
+            hint=f"set authorization_endpoint (or issuer) in [providers.{provider.name}], "
+            f"or sign in by device code: 'mailoauth authorize {account.name} --flow device_code'",
+        )
+    state, verifier = Secret(token(STATE_BYTES)), Secret(token(VERIFIER_BYTES))
+    # Some identity providers refuse an OpenID request without a nonce.
+    nonce = Secret(token(NONCE_BYTES)) if "openid" in account.scopes else None
+    params = dict(PRESET_PARAMS.get(provider.preset, {}))
+    if account.username:
+        params["login_hint"] = account.username
+    params.update(provider.authorize_params)
+    params.update(
+        response_type="code",
+        client_id=provider.client_id,
+        redirect_uri=redirect_uri,
+        state=state.reveal(),
+        code_challenge=challenge(verifier),
+        code_challenge_method="S256",
+    )
+    if account.scopes:
+        params["scope"] = " ".join(account.scopes)
+    if nonce is not None:
+        params["nonce"] = nonce.reveal()
+    separator = "&" if urlsplit(endpoint).query else "?"
+    url = endpoint + separator + urlencode(params, quote_via=quote)
+    return Authorization(
+        url=url, redirect_uri=redirect_uri, state=state, verifier=verifier, nonce=nonce
+    )
+
+
+def _query(text: str) -> str:
+    """The query of a pasted address, or the pasted query itself."""
+    text = text.strip().strip("'\"<>")
+    if "://" not in text:
+        return text.lstrip("?")
+    parts = urlsplit(text)
+    # A few providers answer in the fragment; we never ask them to, but take it.
+    return parts.query or parts.fragment
+
+
+def parse_redirect(text: str, auth: Authorization, *, account: str) -> Secret:
+    """
+    The authorization code from the address the browser was sent back to.
+
+    Args:
+        text: the whole address, or its query (what a person pastes).
+        auth: the request this should answer.
+        account: for messages.
+
+    Raises:
+        ForeignRedirect: no state, or another one: not the answer to this request.
+        AuthorizationFailed: the provider answered with an error, or without a code.
+    """
+    again = f"run 'mailoauth authorize {account}' again"
+    try:
+        params = parse_qs(_query(text), keep_blank_values=True, strict_parsing=True)
+    except ValueError:
+        params = {}
+    if any(len(values) > 1 for values in params.values()):
+        raise ForeignRedirect(
+            f"{account}: that address repeats a parameter; it is not a provider's answer",
+            hint="paste the address exactly as the browser shows it",
+        )
+    state = params.get("state", [""])[0]
+    if not state or not secrets.compare_digest(state.encode(), auth.state.reveal().encode()):
+        why = "carries no state" if not state else "carries another sign-in's state"
+        raise ForeignRedirect(
+            f"{account}: that address {why}; it is not the answer to this sign-in",
+            hint="paste the address the browser was sent to after signing in this time",
+        )
+    if error := params.get("error", [""])[0]:
+        description = " ".join(params.get("error_description", [""])[0].split())[:300]
+        message, hint = oauth.explain(error, description, account)
+        if error == "access_denied" and hint is None:
+            hint = f"the sign-in was cancelled or refused; {again}"
+        raise AuthorizationFailed(
+            f"{account}: the provider refused the sign-in ({message})", hint=hint or again
+        )
+    code = params.get("code", [""])[0]
+    if not code:
+        raise AuthorizationFailed(
+            f"{account}: the provider's answer has neither a code nor an error", hint=again
+        )
+    return Secret(code)
+
+
+def check_id_token(id_token: Secret | None, auth: Authorization, *, client_id: str) -> None:
+    """
+    Check an ID token's nonce and audience against the request (OpenID Connect §3.1.3.7).
+
+    The token came straight from the token endpoint over TLS, so its signature
+    need not be checked; its nonce ties it to this sign-in.
+
+    Raises:
+        AuthorizationFailed: the nonce or the audience is not ours.
+    """
+    if auth.nonce is None or id_token is None:
+        return
+    parts = id_token.reveal().split(".")
+    try:
+        padded = parts[1] + "=" * (-len(parts[1]) % 4)
+        claims = json.loads(base64.urlsafe_b64decode(padded))
+    except (IndexError, ValueError, binascii.Error):
+        claims = None
+    hint = "run the sign-in again; if this persists, the provider or a proxy is misbehaving"
+    if not isinstance(claims, dict):
+        raise AuthorizationFailed("the provider's ID token cannot be read", hint=hint)
+    nonce = claims.get("nonce")
+    if not isinstance(nonce, str) or not secrets.compare_digest(
+        nonce.encode(), auth.nonce.reveal().encode()
+    ):
+        raise AuthorizationFailed(
+            "the ID token does not carry this sign-in's nonce (a replayed answer?); "
+            "nothing was stored",
+            hint=hint,
+        )
+    audience = claims.get("aud")
+    audiences = audience if isinstance(audience, list) else [audience]
+    if audience is not None and client_id not in audiences:
+        raise AuthorizationFailed(
+            "the ID token was issued to another client; nothing was stored", hint=hint
+        )
+
+
+# --- the device authorization grant (RFC 8628) --------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeviceAuthorization:
+    """The provider's answer to a device authorization request."""
+
+    device_code: Secret
+    user_code: str
+    verification_uri: str
+    verification_uri_complete: str | None
+    expires_in: int
+    interval: int
+    message: str | None = None
+
+
+def _seconds(value: object, default: int | None) -> int | None:
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        value = int(value)  # some providers send numbers as strings
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return default if value is None else None
+
+
+def parse_device_authorization(
+    response: httpx.Response, *, now: datetime, account: str
+) -> DeviceAuthorization:
+    """
+    Read a device authorization response.
+
+    Raises:
+        TransientGrantError, Misconfigured, ReauthorizationRequired: as the token
+            endpoint's errors are classified (oauth.parse_token_response).
+    """
+    if response.status_code != 200:
+        oauth.parse_token_response(
+            response, now=now, account=account, subject="the device authorization request"
+        )
+        raise TransientGrantError(f"the device authorization endpoint answered {response}")
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        raise TransientGrantError("the device authorization endpoint's answer is not JSON")
+    device_code, user_code = body.get("device_code"), body.get("user_code")
+    # Google calls it verification_url.
+    uri = body.get("verification_uri") or body.get("verification_url")
+    complete = body.get("verification_uri_complete")
+    expires_in = _seconds(body.get("expires_in"), None)
+    interval = _seconds(body.get("interval"), DEFAULT_DEVICE_INTERVAL)
+    texts = {"device_code": device_code, "user_code": user_code, "verification_uri": uri}
+    missing = [name for name, value in texts.items() if not isinstance(value, str) or not value]
+    if missing or not expires_in or interval is None:
+        what = ", ".join(missing) or "a usable expires_in and interval"
+        raise TransientGrantError(f"the device authorization endpoint's answer lacks {what}")
+    device_code, user_code, uri = str(device_code), str(user_code), str(uri)
+    message = body.get("message")
+    return DeviceAuthorization(
+        device_code=Secret(device_code),
+        user_code=user_code,
+        verification_uri=uri,
+        verification_uri_complete=complete if isinstance(complete, str) and complete else None,
+        expires_in=min(expires_in, MAX_DEVICE_SECONDS),
+        interval=max(interval, MIN_DEVICE_INTERVAL),
+        message=message if isinstance(message, str) else None,
+    )
+
+
+def parse_device_poll(
+    response: httpx.Response, *, now: datetime, account: str
+) -> oauth.TokenSet | str:
+    """
+    One poll's answer: tokens, PENDING or SLOW_DOWN.
+
+    Raises:
+        AuthorizationFailed: declined, or the code expired: stop polling.
+        TransientGrantError, Misconfigured, ReauthorizationRequired: as for any token request.
+    """
+    if response.status_code != 200:
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        error = body.get("error") if isinstance(body, dict) else None
+        if error in (PENDING, SLOW_DOWN):
+            return str(error)
+        again = f"run 'mailoauth authorize {account}' again"
+        if error in _DECLINED:
+            raise AuthorizationFailed(
+                f"{account}: the sign-in was declined ({error})",
+                hint=f"{again} and approve the request",
+            )
+        if error in _EXPIRED:
+            raise AuthorizationFailed(
+                f"{account}: the code expired before anyone signed in with it ({error})",
+                hint=f"{again}, and enter the new code before it expires",
+            )
+        if error == "bad_verification_code":
+            raise AuthorizationFailed(
+                f"{account}: the provider does not know this device code ({error})", hint=again
+            )
+    return oauth.parse_token_response(response, now=now, account=account, subject="the device code")

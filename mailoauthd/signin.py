@@ -1,0 +1,424 @@
+"""
+Sign-in sessions, the I/O of `mailoauth authorize`: the loopback redirect listener, device polls.
+
+A session lives on the helper's connection (server.Channel): it sends the
+helper event lines (the URL to open, or the code to enter; progress), takes
+pasted redirect addresses from it, and ends with the final answer, when the
+flow fails, after AUTHORIZE_TIMEOUT, or when the helper hangs up. The pure
+parts (PKCE, state, URL, redirect and device answers) are in authorize.py.
+
+Token exchanges are shielded from cancellation, like refreshes: once a code is
+on its way to the provider it is spent, so what comes back is stored even if
+the helper has gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import html
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
+from functools import partial
+from typing import Protocol
+from urllib.parse import urlsplit
+
+import httpx
+import structlog
+import trio
+
+from mailoauthd import authorize, oauth
+from mailoauthd.config import Account
+from mailoauthd.errors import (
+    AuthorizationFailed,
+    MailoauthdError,
+    Misconfigured,
+    ProtocolError,
+    ReauthorizationRequired,
+    TransientGrantError,
+)
+from mailoauthd.secret import Secret
+from mailoauthd.state import AccountState
+
+log = structlog.get_logger(__name__)
+
+# 10 min: time to find the browser window, sign in and pass MFA; a session
+# left open longer holds a port and a connection for nobody.
+AUTHORIZE_TIMEOUT = 600.0
+# A browser sends its request at once; speculative connections that send
+# nothing are dropped after this.
+BROWSER_READ_TIMEOUT = 10.0
+# A request line with a code and a state is under 2 KiB; headers add a few.
+MAX_REQUEST_HEAD = 16 * 1024
+# Transient failures while polling for a device code: back off up to this.
+MAX_POLL_INTERVAL = 60
+
+
+class Channel(Protocol):
+    """What a session needs of the helper's connection (server.Channel)."""
+
+    async def send(self, message: dict[str, object]) -> None: ...
+
+    async def receive(self) -> dict[str, object] | None: ...
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Session:
+    """Everything one sign-in needs, handed over by the daemon."""
+
+    account: Account  # with its profile's discovered endpoints filled in
+    client: oauth.Client
+    http: httpx.AsyncClient
+    request_timeout: float
+    now: Callable[[], datetime]
+    store: Callable[[oauth.TokenSet], Awaitable[AccountState]]  # persists; then they are used
+
+
+class _HungUp(Exception):
+    """The helper closed the connection: the person gave up (Ctrl-C)."""
+
+
+async def run(session: Session, channel: Channel, flow: str) -> dict[str, object]:
+    """
+    Run one sign-in to its end.
+
+    Args:
+        session: the account and the means.
+        channel: the helper's connection.
+        flow: "authorization_code" or "device_code".
+
+    Returns:
+        The final answer: the account, the access token's expiry, a note.
+
+    Raises:
+        MailoauthdError: the sign-in failed; nothing was stored.
+    """
+    name = session.account.name
+    with structlog.contextvars.bound_contextvars(account=name):
+        log.info("authorize.started", flow=flow)
+        try:
+            if flow == "device_code":
+                st = await _device_flow(session, channel)
+            else:
+                st = await _browser_flow(session, channel)
+        except (_HungUp, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
+            # TooSlowError: only Channel.send raises it (a helper that stopped reading).
+            log.info("authorize.abandoned", reason="the helper hung up")
+            return {"ok": False, "error": "cancelled", "message": f"{name}: cancelled", "hint": ""}
+        except MailoauthdError as exc:
+            log.warning("authorize.failed", flow=flow, error=exc.message)
+            raise
+    note = None
+    if st.refresh_token is None:
+        note = (
+            "the provider issued no refresh token, so this works only until the access token "
+            "expires; ask for offline access (scope 'offline_access' at Microsoft and most "
+            "others, access_type=offline at Google)"
+        )
+    expires_at = st.expires_at
+    return {
+        "ok": True,
+        "account": name,
+        "expires_at": expires_at.isoformat(timespec="seconds") if expires_at else None,
+        "expires_in": round(st.valid_for(session.now())),
+        "note": note,
+    }
+
+
+async def _tell(channel: Channel, message: dict[str, object]) -> None:
+    """Send progress; a helper that has gone is noticed by the reader, not here."""
+    with contextlib.suppress(
+        trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError, OSError
+    ):
+        await channel.send(message)
+
+
+async def _post(session: Session, request: httpx.Request, what: str) -> httpx.Response:
+    try:
+        with trio.fail_after(session.request_timeout):
+            return await oauth.send(session.http, request, what=what)
+    except trio.TooSlowError:
+        raise TransientGrantError(
+            f"{what} did not answer within {session.request_timeout:g} s"
+        ) from None
+
+
+def _refused(exc: ReauthorizationRequired, account: str) -> AuthorizationFailed:
+    return AuthorizationFailed(
+        f"{account}: {exc.message}",
+        hint=f"run 'mailoauth authorize {account}' again",
+        oauth_error=exc.oauth_error,
+    )
+
+
+# --- authorization code with PKCE, loopback redirect and paste-back -------------------------
+
+
+class _CodeFlow:
+    """One authorization request, its answers from the browser or the helper, and the result."""
+
+    def __init__(self, session: Session, channel: Channel, auth: authorize.Authorization) -> None:
+        self.session = session
+        self.channel = channel
+        self.auth = auth
+        self.result: AccountState | MailoauthdError | None = None
+        self.hung_up = False
+        self.done = trio.Event()  # set once the result is known and the browser has its page
+        self._lock = trio.Lock()  # one answer at a time: the first good one wins
+
+    async def deliver(self, query: str, *, via: str) -> tuple[int, str, str]:
+        """
+        Take an answer (the redirect's query, or a pasted address).
+
+        Returns:
+            HTTP status, title and text of the page for the browser.
+        """
+        name = self.session.account.name
+        async with self._lock:
+            if self.result is not None:
+                return 409, "Already finished", "This sign-in is already finished."
+            try:
+                code = authorize.parse_redirect(query, self.auth, account=name)
+            except authorize.ForeignRedirect as exc:
+                log.warning("authorize.redirect_rejected", via=via, reason=exc.message)
+                await _tell(
+                    self.channel, {"event": "rejected", "message": exc.message, "hint": exc.hint}
+                )
+                return 400, "Not this sign-in", f"{exc.message}; {exc.hint}."
+            except AuthorizationFailed as exc:
+                self.result = exc
+                return 403, "Sign-in refused", f"{exc.message}; {exc.hint}."
+            log.info("authorize.code_received", via=via)
+            await _tell(self.channel, {"event": "exchanging", "via": via})
+            try:
+                st = await self._exchange(code)
+            except MailoauthdError as exc:
+                self.result = exc
+                return 400, "Sign-in failed", f"{exc.message}; {exc.hint}."
+            self.result = st
+            return 200, "Signed in", f"mailoauthd has the tokens for {name}. Close this window."
+
+    async def _exchange(self, code: Secret) -> AccountState:
+        s = self.session
+        request = oauth.authorization_code_request(
+            s.client, code, self.auth.redirect_uri, self.auth.verifier
+        )
+        with trio.CancelScope(shield=True):
+            response = await _post(s, request, "the token endpoint")
+            try:
+                tokens = oauth.parse_token_response(
+                    response, now=s.now(), account=s.account.name, subject="the authorization code"
+                )
+            except ReauthorizationRequired as exc:
+                raise _refused(exc, s.account.name) from None
+            authorize.check_id_token(tokens.id_token, self.auth, client_id=s.client.client_id)
+            stored = await s.store(tokens)
+        return stored
+
+    async def browser(self, stream: trio.SocketStream) -> None:
+        """Serve one connection of the browser on the loopback listener."""
+        async with stream:
+            try:
+                with trio.fail_after(BROWSER_READ_TIMEOUT):
+                    method, target = await _request_line(stream)
+            except (trio.TooSlowError, trio.BrokenResourceError, ValueError):
+                return
+            parts = urlsplit(target)
+            if method != "GET":
+                page = 405, "Method not allowed", "Only GET is served here."
+            elif parts.path != "/":
+                page = 404, "Not found", "Nothing here."  # /favicon.ico and the like
+            else:
+                page = await self.deliver(parts.query, via="browser")
+            with trio.move_on_after(5), contextlib.suppress(trio.BrokenResourceError, OSError):
+                await stream.send_all(_page(*page))
+            if self.result is not None:
+                self.done.set()
+
+    async def pasted(self) -> None:
+        """Take pasted addresses from the helper until the result is known or it hangs up."""
+        while True:
+            try:
+                message = await self.channel.receive()
+            except ProtocolError as exc:
+                message = {"op": "malformed", "error": exc.message}
+            if message is None:
+                self.hung_up = True
+                self.done.set()
+                return
+            url = message.get("url")
+            if message.get("op") != "redirect" or not isinstance(url, str):
+                await _tell(
+                    self.channel,
+                    {"event": "rejected", "message": "expected a pasted address", "hint": ""},
+                )
+                continue
+            await self.deliver(url, via="paste")
+            if self.result is not None:
+                self.done.set()
+
+
+async def _request_line(stream: trio.SocketStream) -> tuple[str, str]:
+    head = b""
+    while b"\r\n\r\n" not in head and b"\n\n" not in head:
+        chunk = await stream.receive_some(4096)
+        if not chunk or len(head) + len(chunk) > MAX_REQUEST_HEAD:
+            raise ValueError("no complete request head")
+        head += chunk
+    words = head.split(b"\n", 1)[0].decode("latin-1").split()
+    if len(words) != 3 or not words[2].startswith("HTTP/"):
+        raise ValueError("not an HTTP request line")
+    return words[0], words[1]
+
+
+def _page(status: int, title: str, text: str) -> bytes:
+    reasons = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found"}
+    reasons |= {405: "Method Not Allowed", 409: "Conflict"}
+    body = (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'>"
+        f"<title>mailoauthd: {html.escape(title)}</title></head><body>"
+        f"<h1>{html.escape(title)}</h1><p>{html.escape(text)}</p></body></html>"
+    ).encode()
+    head = (
+        f"HTTP/1.1 {status} {reasons.get(status, 'Error')}\r\n"
+        "Content-Type: text/html; charset=utf-8\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        "Cache-Control: no-store\r\n"
+        # The address holds the code: no page of ours may pass it on.
+        "Referrer-Policy: no-referrer\r\n"
+        "Content-Security-Policy: default-src 'none'\r\n"
+        "Connection: close\r\n\r\n"
+    )
+    return head.encode("ascii") + body
+
+
+async def _browser_flow(session: Session, channel: Channel) -> AccountState:
+    account = session.account
+    port = account.provider.redirect_port or 0
+    try:
+        listeners = await trio.open_tcp_listeners(port, host="127.0.0.1")
+    except OSError as exc:
+        raise MailoauthdError(
+            f"{account.name}: cannot listen on 127.0.0.1:{port} for the browser's return: "
+            f"{exc.strerror or exc}",
+            hint="another sign-in may be using this redirect_port; finish it or try again",
+        ) from exc
+    try:
+        port = listeners[0].socket.getsockname()[1]
+        auth = authorize.start(account, f"http://127.0.0.1:{port}/")
+        flow = _CodeFlow(session, channel, auth)
+        await channel.send(
+            {
+                "event": "authorize",
+                "url": auth.url,
+                "redirect_uri": auth.redirect_uri,
+                "expires_in": int(AUTHORIZE_TIMEOUT),
+            }
+        )
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(partial(trio.serve_listeners, flow.browser, listeners))
+            nursery.start_soon(flow.pasted)
+            with trio.move_on_after(AUTHORIZE_TIMEOUT):
+                await flow.done.wait()
+            nursery.cancel_scope.cancel()
+    finally:
+        for listener in listeners:
+            await listener.aclose()
+    if isinstance(flow.result, MailoauthdError):
+        raise flow.result
+    if flow.result is not None:
+        return flow.result
+    if flow.hung_up:
+        raise _HungUp
+    minutes = AUTHORIZE_TIMEOUT / 60
+    raise AuthorizationFailed(
+        f"{account.name}: nobody completed the sign-in within {minutes:g} minutes",
+        hint=f"run 'mailoauth authorize {account.name}' again",
+    )
+
+
+# --- the device authorization grant -----------------------------------------------------
+
+
+async def _device_flow(session: Session, channel: Channel) -> AccountState:
+    account = session.account
+    endpoint = account.provider.device_authorization_endpoint
+    if not endpoint:
+        name = account.provider.name
+        raise Misconfigured(
+            f"{account.name}: provider {name!r} has no device_authorization_endpoint",
+            hint=f"set device_authorization_endpoint (or issuer) in [providers.{name}], "
+            f"or sign in with a browser: 'mailoauth authorize {account.name} "
+            "--flow authorization_code'",
+        )
+    what = "the device authorization endpoint"
+    request = oauth.device_authorization_request(session.client, endpoint, account.scopes)
+    grant = authorize.parse_device_authorization(
+        await _post(session, request, what), now=session.now(), account=account.name
+    )
+    await channel.send(
+        {
+            "event": "device",
+            "verification_uri": grant.verification_uri,
+            "verification_uri_complete": grant.verification_uri_complete,
+            "user_code": grant.user_code,
+            "expires_in": grant.expires_in,
+            "interval": grant.interval,
+            "message": grant.message,
+        }
+    )
+    outcome: list[AccountState | MailoauthdError] = []
+
+    async def watch() -> None:
+        while True:
+            with contextlib.suppress(ProtocolError):  # nothing to paste in this flow
+                if await channel.receive() is None:
+                    break
+        nursery.cancel_scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch)
+        try:
+            outcome.append(await _poll(session, channel, grant))
+        except MailoauthdError as exc:
+            # Raised out of the nursery it would come wrapped in an exception group.
+            outcome.append(exc)
+        nursery.cancel_scope.cancel()
+    if not outcome:
+        raise _HungUp
+    if isinstance(outcome[0], MailoauthdError):
+        raise outcome[0]
+    return outcome[0]
+
+
+async def _poll(
+    session: Session, channel: Channel, grant: authorize.DeviceAuthorization
+) -> AccountState:
+    name = session.account.name
+    interval = grant.interval
+    deadline = trio.current_time() + grant.expires_in
+    while trio.current_time() < deadline:
+        await trio.sleep(interval)  # RFC 8628 §3.5: wait the interval before each poll
+        request = oauth.device_token_request(session.client, grant.device_code)
+        try:
+            # Shielded: approved tokens come once, and must be stored even on shutdown.
+            with trio.CancelScope(shield=True):
+                response = await _post(session, request, "the token endpoint")
+                answer = authorize.parse_device_poll(response, now=session.now(), account=name)
+                if isinstance(answer, oauth.TokenSet):
+                    return await session.store(answer)
+        except TransientGrantError as exc:
+            interval = min(interval * 2, MAX_POLL_INTERVAL)
+            log.warning("authorize.poll_failed", error=exc.message, retry_in=interval)
+            await _tell(channel, {"event": "retrying", "message": exc.message, "in": interval})
+            continue
+        except ReauthorizationRequired as exc:
+            raise _refused(exc, name) from None
+        if answer == authorize.SLOW_DOWN:
+            interval += 5  # RFC 8628 §3.5
+            log.info("authorize.slow_down", interval=interval)
+            await _tell(channel, {"event": "slow_down", "interval": interval})
+    raise AuthorizationFailed(
+        f"{name}: the code expired before anyone signed in with it",
+        hint=f"run 'mailoauth authorize {name}' again, and enter the new code in time",
+    )

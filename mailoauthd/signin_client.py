@@ -1,0 +1,189 @@
+"""
+The helper's side of `mailoauth authorize`. Standard library only.
+
+The daemon runs the sign-in (signin.py); this shows a person what to do and
+relays what they paste. One connection for the whole sign-in (docs/protocol.md):
+the request line, then event lines from the daemon until a final answer with
+"ok", while each line typed or piped on stdin goes back as a pasted address.
+Closing the connection (Ctrl-C) cancels the sign-in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import sys
+
+from mailoauthd import client, errors, protocol
+
+# The daemon gives up on a sign-in after 10 minutes and a device code after at
+# most 30; silence for longer than this means it is gone.
+IDLE_TIMEOUT = 2100.0
+
+
+def _say(text: str = "") -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def _warn(text: str) -> None:
+    sys.stderr.write(f"mailoauth: {text}\n")
+    sys.stderr.flush()
+
+
+def _minutes(seconds: object) -> str:
+    if not isinstance(seconds, int | float) or seconds <= 0:
+        return "a while"
+    minutes = round(seconds / 60)
+    return f"{minutes} minute{'s' if minutes != 1 else ''}" if minutes else f"{seconds:g} seconds"
+
+
+def _graphical() -> bool:
+    """A browser can open where the person sits: a display here, or a Mac."""
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")) or (
+        sys.platform == "darwin"
+    )
+
+
+def _open_browser(url: str) -> bool:
+    import webbrowser
+
+    try:
+        return webbrowser.open(url, new=1)
+    except webbrowser.Error:
+        return False
+
+
+def _stdin_fd() -> int | None:
+    try:
+        return sys.stdin.fileno() if sys.stdin is not None else None
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _event(account: str, message: dict[str, object], *, open_browser: bool) -> bool:
+    """
+    Show one event.
+
+    Returns:
+        True when the person may now paste an address.
+    """
+    event = message.get("event")
+    if event == "authorize":
+        url = str(message.get("url"))
+        _say(f"To sign in to {account}, open this address in a browser:")
+        _say()
+        _say(f"    {url}")
+        _say()
+        if open_browser and _graphical() and _open_browser(url):
+            _say("(A browser should have opened it.)")
+        _say(
+            f"Waiting up to {_minutes(message.get('expires_in'))} for the browser to come back "
+            f"to {message.get('redirect_uri')}."
+        )
+        _say(
+            "If the browser runs on another machine, the last page will fail to load: copy its "
+            "address from the address bar, paste it here and press Enter."
+        )
+        return True
+    if event == "device":
+        _say(f"To sign in to {account}, visit")
+        _say()
+        _say(f"    {message.get('verification_uri')}")
+        _say()
+        _say(f"and enter the code  {message.get('user_code')}")
+        if message.get("verification_uri_complete"):
+            _say(f"(or open {message.get('verification_uri_complete')} to skip typing it).")
+        _say(f"The code is good for {_minutes(message.get('expires_in'))}; waiting for you...")
+    elif event == "exchanging":
+        _say("Got the provider's answer; fetching the tokens...")
+    elif event == "rejected":
+        hint = f" ({message.get('hint')})" if message.get("hint") else ""
+        _warn(f"{account}: not accepted: {message.get('message')}{hint}")
+    elif event == "slow_down":
+        _say(f"The provider asked us to check less often: every {message.get('interval')} s.")
+    elif event == "retrying":
+        _say(f"The provider is not answering ({message.get('message')}); trying again.")
+    return False
+
+
+def run(account: str, *, socket_path: str | None, flow: str | None, open_browser: bool) -> int:
+    """
+    Sign in to `account` through the daemon; returns the exit status.
+
+    Args:
+        account: the account's name.
+        socket_path: --socket, if given.
+        flow: "authorization_code" or "device_code"; None for the account's own.
+        open_browser: try to open the URL in a local browser (not with --no-browser).
+
+    Raises:
+        client._Fail: the daemon could not be reached, or the sign-in failed.
+    """
+    request: dict[str, object] = {"v": protocol.VERSION, "op": "authorize", "account": account}
+    if flow:
+        request["flow"] = flow
+    sock = client.connect(socket_path, None)
+    try:
+        sock.sendall(protocol.encode(request))
+        received = b""
+        typed = b""
+        stdin = None  # read once the daemon has asked for a pasted address
+        while True:
+            watched = [sock.fileno()] + ([stdin] if stdin is not None else [])
+            ready, _, _ = select.select(watched, [], [], IDLE_TIMEOUT)
+            if not ready:
+                raise client._Fail(
+                    f"{account}: mailoauthd said nothing for {IDLE_TIMEOUT:g} s",
+                    errors.EXIT_TEMPORARY,
+                )
+            if stdin is not None and stdin in ready:
+                data = os.read(stdin, 65536)
+                typed += data or b"\n"
+                if not data:
+                    stdin = None  # end of input: from now on only the browser can answer
+                *lines, typed = typed.split(b"\n")
+                for line in lines:
+                    if text := line.decode("utf-8", "replace").strip():
+                        sock.sendall(protocol.encode({"op": "redirect", "url": text}))
+                        _say("Checking that address...")
+            if sock.fileno() not in ready:
+                continue
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise client._Fail(
+                    f"{account}: mailoauthd closed the connection before the sign-in finished",
+                    errors.EXIT_ERROR,
+                )
+            received += chunk
+            *lines, received = received.split(b"\n")
+            for line in lines:
+                try:
+                    message = json.loads(line)
+                except ValueError:
+                    raise client._Fail("mailoauthd sent a line that is not JSON", 1) from None
+                if not isinstance(message, dict):
+                    continue
+                if "ok" in message:
+                    return _finish(account, message)
+                if _event(account, message, open_browser=open_browser):
+                    stdin = _stdin_fd()
+    except OSError as exc:
+        raise client._Fail(
+            f"lost the connection to mailoauthd: {exc}", errors.EXIT_UNREACHABLE
+        ) from None
+    finally:
+        sock.close()
+
+
+def _finish(account: str, reply: dict[str, object]) -> int:
+    if reply.get("ok") is not True:
+        code = str(reply.get("error", "error"))
+        hint = f" ({reply.get('hint')})" if reply.get("hint") else ""
+        raise client._Fail(f"{reply.get('message')}{hint}", errors.exit_code_for(code))
+    if reply.get("expires_at"):
+        _say(f"{account}: signed in; access token valid until {reply.get('expires_at')}.")
+    if reply.get("note"):
+        _warn(f"{account}: {reply.get('note')}")
+    return errors.EXIT_OK
