@@ -350,6 +350,7 @@ class Scheduler:
                 # provider may already have retired the refresh token on disk.
                 await self._persist(slot, slot.unsaved, generation)
                 if slot.state.valid_for(self.now()) > account.refresh_before.total_seconds():
+                    await self._succeeded(slot)  # on disk at last: that refresh is done
                     return
             if self.resolve is not None:
                 account = await self.resolve(account)
@@ -394,15 +395,19 @@ class Scheduler:
             )
             self._wakeup.set()
         else:
-            slot.retry_at = None
-            slot.not_before = None
-            slot.last_exc = None
-            log.info(
-                "token.refreshed",
-                expires_in=round(slot.state.valid_for(self.now())),
-                rotated=slot.state.refresh_token_issued_at == slot.state.last_refresh,
-            )
-            self.on_event("refreshed", slot.account, "", "")
+            await self._succeeded(slot)
+
+    async def _succeeded(self, slot: _Slot) -> None:
+        """A token response is on disk and in use: clear the failure, tell the token file."""
+        slot.retry_at = None
+        slot.not_before = None
+        slot.last_exc = None
+        log.info(
+            "token.refreshed",
+            expires_in=round(slot.state.valid_for(self.now())),
+            rotated=slot.state.refresh_token_issued_at == slot.state.last_refresh,
+        )
+        self.on_event("refreshed", slot.account, "", "")
 
     async def _persist(self, slot: _Slot, new: AccountState, generation: int) -> bool:
         """Write `new` and make it current; False if the account moved on meanwhile."""
