@@ -398,7 +398,7 @@ class Scheduler:
             await self._succeeded(slot)
 
     async def _succeeded(self, slot: _Slot) -> None:
-        """A token response is on disk and in use: clear the failure, tell the token file."""
+        """A token response is on disk and in use: the refresh is done."""
         slot.retry_at = None
         slot.not_before = None
         slot.last_exc = None
