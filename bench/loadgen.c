@@ -71,6 +71,10 @@ static int cmp_i64(const void *a, const void *b) {
 
 static struct sockaddr_un addr;
 static int epfd;
+static int64_t t0;
+/* The worst latency among requests due in each second of the run. */
+#define MAX_SECONDS 3600
+static int64_t worst_by_second[MAX_SECONDS];
 static int64_t *latencies;
 static size_t n_lat, cap_lat;
 static uint64_t n_ok, n_errors, n_violations, n_connect_retries;
@@ -141,6 +145,9 @@ static void start(struct client *c) {
 
 static void finish(struct client *c, int64_t now) {
     record(now - c->started_ns);
+    int64_t second = (c->started_ns - t0) / 1000000000;
+    if (second >= 0 && second < MAX_SECONDS && now - c->started_ns > worst_by_second[second])
+        worst_by_second[second] = now - c->started_ns;
     check_reply(c);
     epoll_ctl(epfd, EPOLL_CTL_DEL, c->fd, NULL);
     close(c->fd);
@@ -226,7 +233,7 @@ int main(int argc, char **argv) {
     struct client *clients = calloc((size_t)n_clients, sizeof *clients);
     epfd = epoll_create1(EPOLL_CLOEXEC);
     struct epoll_event events[256];
-    int64_t t0 = mono_ns();
+    t0 = mono_ns();
     int64_t end = t0 + (int64_t)(seconds * 1e9);
     int64_t period = rate > 0 ? (int64_t)(1e9 * n_clients / rate) : 0;
     uint64_t issued = 0;
@@ -306,6 +313,9 @@ int main(int argc, char **argv) {
         if (*p == '"' || *p == '\\') putchar('\\');
         if ((unsigned char)*p >= 0x20) putchar(*p);
     }
-    printf("\"}\n");
+    printf("\",\"max_us_by_second\":[");
+    int seconds_run = (int)fmin(MAX_SECONDS, ceil(seconds - 1e-9));
+    for (int i = 0; i < seconds_run; i++) printf("%s%.1f", i ? "," : "", worst_by_second[i] / 1e3);
+    printf("]}\n");
     return 0;
 }

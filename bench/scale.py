@@ -168,6 +168,8 @@ def run_one(
                 out.update(
                     {f"load_{k}": v for k, v in loaded.items() if isinstance(v, float | int)}
                 )
+                worst = [round(us / 1000, 1) for us in loaded["max_us_by_second"]]
+                out["load_worst_by_second_ms"] = worst  # type: ignore[assignment]
             else:
                 time.sleep(min(2 * CHECK_INTERVAL, idle_seconds))  # refresh threads wind down
                 cpu_ns = main_thread_cpu_ns(daemon.pid)

@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from common import (
     Daemon,
@@ -58,7 +59,7 @@ def loadgen(
     rate: float,
     accounts: Sequence[str],
     min_validity: float = MIN_VALIDITY,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """One run of the load generator, with the daemon's CPU time over it."""
     cpu_before = cpu_seconds(daemon.pid)
     out = subprocess.run(
@@ -75,7 +76,7 @@ def loadgen(
         text=True,
         check=True,
     )
-    result: dict[str, float] = json.loads(out.stdout)
+    result: dict[str, Any] = json.loads(out.stdout)
     result["daemon_cpu_s"] = cpu_seconds(daemon.pid) - cpu_before
     if result["errors"]:
         raise RuntimeError(f"the daemon answered with errors: {result}")
