@@ -23,7 +23,7 @@ from urllib.parse import parse_qs, quote, urlencode, urlsplit
 import httpx
 
 from mailoauthd import oauth
-from mailoauthd.config import Account
+from mailoauthd.config import Account, Provider
 from mailoauthd.errors import AuthorizationFailed, Misconfigured, TransientGrantError
 from mailoauthd.secret import Secret
 
@@ -43,6 +43,11 @@ MAX_DEVICE_SECONDS = 1800
 # Google issues a refresh token only with access_type=offline, and on a second
 # sign-in only with prompt=consent. A profile's authorize_params override these.
 PRESET_PARAMS = {"google": {"access_type": "offline", "prompt": "consent"}}
+
+# The host of the loopback redirect URI. RFC 8252 §8.3 prefers the IP literal,
+# and Google takes it; Microsoft's app registration portal accepts only
+# http://localhost for loopback redirects (any port), not http://127.0.0.1.
+_REDIRECT_HOSTS = {"microsoft": "localhost"}
 
 # Device-poll answers that mean "keep polling" (RFC 8628 §3.5).
 PENDING = "authorization_pending"
@@ -68,6 +73,11 @@ class Authorization:
 
 def _b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def redirect_host(provider: Provider) -> str:
+    """The host name for the loopback redirect URI: 127.0.0.1, or localhost for Microsoft."""
+    return _REDIRECT_HOSTS.get(provider.preset, "127.0.0.1")
 
 
 def challenge(verifier: Secret) -> str:

@@ -94,11 +94,11 @@ AADSTS_EXPLANATIONS = {
     ),
     "50011": (
         "the redirect URI is not registered for this app",
-        "add http://127.0.0.1 (or http://localhost) as a 'Mobile and desktop' redirect URI",
+        "add http://localhost as a 'Mobile and desktop applications' redirect URI",
     ),
     "500113": (
         "the app registration has no redirect URI",
-        "add http://127.0.0.1 (or http://localhost) as a 'Mobile and desktop' redirect URI",
+        "add http://localhost as a 'Mobile and desktop applications' redirect URI",
     ),
     "7000218": (
         "the app needs a client secret, or must allow public client flows",

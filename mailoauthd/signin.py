@@ -305,7 +305,12 @@ async def _browser_flow(session: Session, channel: Channel) -> AccountState:
         ) from exc
     try:
         port = listeners[0].socket.getsockname()[1]
-        auth = authorize.start(account, f"http://127.0.0.1:{port}/")
+        host = authorize.redirect_host(account.provider)
+        if host == "localhost":
+            # A browser may try ::1 for localhost first; most fall back to 127.0.0.1.
+            with contextlib.suppress(OSError):
+                listeners += await trio.open_tcp_listeners(port, host="::1")
+        auth = authorize.start(account, f"http://{host}:{port}/")
         flow = _CodeFlow(session, channel, auth)
         await channel.send(
             {

@@ -34,7 +34,7 @@ from conftest import (
     mock_now,
 )
 
-from mailoauthd import authorize, config, daemon, oauth, protocol, state
+from mailoauthd import authorize, client, config, daemon, oauth, protocol, state
 from mailoauthd.devprovider import DevProvider
 from mailoauthd.errors import AuthorizationFailed, Misconfigured, TransientGrantError
 from mailoauthd.oauth import TokenSet
@@ -551,7 +551,7 @@ class TestBrowserFlow:
             )
             _, final = await conv.final()
             assert "redirect URI is not registered" in str(final["message"])
-            assert "'Mobile and desktop' redirect URI" in str(final["hint"])
+            assert "'Mobile and desktop applications' redirect URI" in str(final["hint"])
 
     async def test_paste_back_completes_the_same_flow(
         self, provider: DevProvider, tmp_path: Path
@@ -578,6 +578,21 @@ class TestBrowserFlow:
             conv = await Conversation.start(d)
             first = await conv.next()
             assert first["redirect_uri"] == f"http://127.0.0.1:{port}/"
+            assert (await browse(str(first["url"]))).status_code == 200
+            _, final = await conv.final()
+            assert final["ok"] is True
+
+    async def test_microsoft_redirects_to_localhost(
+        self, provider: DevProvider, tmp_path: Path
+    ) -> None:
+        """A microsoft profile uses http://localhost:PORT/, what its app portal registers."""
+        preset = 'preset = "microsoft"\ntenant = "contoso.com"\nscopes = ["mail"]\n'
+        cfg = flow_config(tmp_path, provider, provider_keys=preset)
+        assert cfg.providers["dev"].preset == "microsoft"
+        async with in_process_daemon(cfg) as d:
+            conv = await Conversation.start(d)
+            first = await conv.next()
+            assert str(first["redirect_uri"]).startswith("http://localhost:")
             assert (await browse(str(first["url"]))).status_code == 200
             _, final = await conv.final()
             assert final["ok"] is True
@@ -858,6 +873,15 @@ class TestHelper:
         assert status == 0, err
         assert out.strip() == helper("token", "work", socket=d.socket).stdout.strip()
         assert provider.introspect(out.strip())["active"] is True
+
+    def test_token_wait_usage(self, setup: Path, start_daemon: Start) -> None:
+        """--wait takes its seconds only as --wait=S; a bad value is a usage error (exit 2)."""
+        d = start_daemon(setup)
+        bad = helper("token", "work", "--wait=soon", socket=d.socket)
+        assert bad.returncode == 2
+        assert "--wait takes a number of seconds" in bad.stderr
+        # Alone it means the default, and does not take the account for its value.
+        assert client._parse_hot(["--wait", "work"]) == ("work", {"--wait": "300.0"})
 
     def test_no_secret_in_logs(
         self, setup: Path, provider: DevProvider, start_daemon: Start, tmp_path: Path
