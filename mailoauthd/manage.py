@@ -161,6 +161,15 @@ def _status(args: argparse.Namespace) -> int:
     for row in rows:
         if row.get("hint") and row.get("status") != "ok":
             print(f"{row.get('account')}: {row.get('hint')}")
+        if row.get("refresh_token_expiring"):
+            name = row.get("account")
+            issued = _short_time(row.get("refresh_token_issued_at"))
+            used = _short_time(row.get("refresh_token_last_used"))
+            print(
+                f"{name}: the refresh token (issued {issued}, last used {used}) stops working "
+                f"around {_short_time(row.get('refresh_token_expires_at'))}; "
+                f"run 'mailoauth authorize {name}' before then"
+            )
     return 0
 
 

@@ -716,6 +716,13 @@ class Scheduler:
         for name, slot in self._slots.items():
             st = slot.state
             next_check = slot.retry_at or self.next_check
+            deadline = (
+                refresh_token_deadline(
+                    slot.account.provider, st.refresh_token_issued_at, st.last_refresh
+                )
+                if st.refresh_token
+                else None
+            )
             rows.append(
                 {
                     "account": name,
@@ -728,13 +735,10 @@ class Scheduler:
                     "next_check": _iso(next_check),
                     "refresh_token_issued_at": _iso(st.refresh_token_issued_at),
                     "refresh_token_last_used": _iso(st.last_refresh) if st.refresh_token else None,
-                    "refresh_token_expires_at": _iso(
-                        refresh_token_deadline(
-                            slot.account.provider, st.refresh_token_issued_at, st.last_refresh
-                        )
-                        if st.refresh_token
-                        else None
-                    ),
+                    "refresh_token_expires_at": _iso(deadline),
+                    # Within the warning time of that cut-off: sign in again soon.
+                    "refresh_token_expiring": deadline is not None
+                    and now >= warning_time(slot.account.provider, deadline),
                     "error_since": _iso(st.error_since),
                     "healthy": self._healthy(slot, now),
                     "failures": st.failures,

@@ -17,7 +17,7 @@ import pytest
 import trio
 import trio.testing
 from conftest import T0, USER, eventually, in_process_daemon, make_config, mock_now
-from test_authorize import Conversation, browse, sign_in_keys
+from test_authorize import Conversation, browse, run_helper, sign_in_keys
 
 from mailoauthd import config, state
 from mailoauthd.devprovider import DevProvider
@@ -285,6 +285,12 @@ class TestReminders:
             assert row["refresh_token_expires_at"] == "2026-11-02T11:00:00+00:00"
             assert row["refresh_token_issued_at"] == issued.isoformat()
             assert row["refresh_token_last_used"] == "2026-11-01T11:55:00+00:00"
+            table = (await run_helper("status", d=d)).stdout
+            assert (
+                "work: the refresh token (issued 2026-10-26T11:00:00Z, last used "
+                "2026-11-01T11:55:00Z) stops working around 2026-11-02T11:00:00Z; "
+                "run 'mailoauth authorize work' before then"
+            ) in table
             for _ in range(5):
                 clock.jump(180)
                 await settle()
