@@ -658,15 +658,16 @@ class Scheduler:
         """
         slot = self._slot(name)
         account = slot.account
+        revoked, why, undiscovered = False, "", False
         if self.resolve is not None and account.provider.issuer:
             try:
                 account = await self.resolve(account)
             except GrantError as exc:
-                log.warning("token.revoke_failed", account=name, error=exc.message)
+                why, undiscovered = exc.message, True
+                log.warning("token.revoke_failed", account=name, error=why)
         provider = account.provider
         token = slot.state.refresh_token or slot.state.access_token
         kind = "refresh_token" if slot.state.refresh_token else "access_token"
-        revoked, why = False, ""
         if provider.revocation_endpoint and token is not None and slot.broken is None:
             request = oauth.revocation_request(
                 self._client(account), provider.revocation_endpoint, token, kind
@@ -693,13 +694,24 @@ class Scheduler:
             slot.last_exc = None
         if revoked:
             note = "revoked at the provider; local tokens forgotten"
+        elif slot.broken is not None:
+            note = (
+                f"nothing revoked: {self.store.path(name)} is unreadable and kept as it is; "
+                "remove it yourself, and the app's access in your account's settings"
+            )
+        elif token is None:
+            note = "there were no tokens to revoke"
+        elif undiscovered:
+            note = (
+                f"local tokens forgotten; the revocation endpoint is unknown ({why}), so the "
+                "grant may remain at the provider: remove the app's access in your account's "
+                "settings"
+            )
         elif not provider.revocation_endpoint:
             note = (
                 "local tokens forgotten; the provider has no revocation endpoint, so the "
                 "grant remains there (remove the app's access in your account's settings)"
             )
-        elif token is None:
-            note = "there were no tokens to revoke"
         else:
             note = (
                 f"local tokens forgotten; the provider did not confirm the revocation ({why}): "

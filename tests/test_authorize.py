@@ -958,6 +958,14 @@ class TestRevoke:
             assert token.returncode == 4
             assert "not authorized yet" in token.stderr
 
+    async def test_nothing_to_revoke(self, provider: DevProvider, tmp_path: Path) -> None:
+        """An account without tokens is said to have had none; nothing goes to the provider."""
+        async with in_process_daemon(flow_config(tmp_path, provider)) as d:
+            run = await run_helper("revoke", "work", d=d)
+        assert run.returncode == 0, run.stderr
+        assert "there were no tokens to revoke" in run.stderr
+        assert provider.count(path="/revoke") == 0
+
     async def test_without_an_endpoint_the_grant_remains(
         self, provider: DevProvider, tmp_path: Path
     ) -> None:

@@ -233,3 +233,27 @@ class TestDaemon:
         while helper("refresh", "work", socket=d.socket).returncode != 0:
             assert time.monotonic() < deadline, d.log()
             time.sleep(0.05)
+
+
+async def test_revoke_without_discovery_says_the_grant_may_remain(
+    provider: DevProvider, tmp_path: Path
+) -> None:
+    """When the issuer's document cannot be had, revoke forgets and says why it could not revoke."""
+    path = tmp_path / "config.toml"
+    path.write_text(issuer_config(tmp_path, provider))
+    store = TokenStore(tmp_path / "state")
+    store.open()
+    now = datetime.now(UTC)
+    store.save(state.imported("work", Secret(provider.issue_refresh_token(USER)), now))
+    store.close()
+    provider.add_fault("status", path=OIDC, status=404, count=100)
+    provider.add_fault("status", path=RFC8414, status=404, count=100)
+    async with in_process_daemon(config.load(path)) as d:
+        note = await d.scheduler.forget("work")
+        assert d.scheduler.status()[0]["status"] == state.NEEDS_AUTHORIZATION
+    assert note.startswith(
+        "local tokens forgotten; the revocation endpoint is unknown (no metadata"
+    )
+    assert f"{provider.url}{OIDC}" in note
+    assert "grant may remain at the provider" in note
+    assert provider.count(path="/revoke") == 0
