@@ -31,6 +31,14 @@ from mailoauthd.secret import Secret
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 PRESETS = ("microsoft", "google", "generic")
 FLOWS = ("authorization_code", "device_code", "client_credentials")
+# How `mailoauth test` reaches a mail server: implicit TLS, STARTTLS, or in the clear
+# ("none", allowed to loopback addresses only: a test server on this machine).
+MAIL_SECURITY = ("tls", "starttls", "none")
+# preset -> (IMAP, SMTP submission) of the provider's mail service.
+_MAIL_SERVERS = {
+    "microsoft": ("outlook.office365.com:993", "smtp.office365.com:587"),
+    "google": ("imap.gmail.com:993", "smtp.gmail.com:587"),
+}
 # 30 s: a password manager may wait for a GPG agent or a hardware key's touch;
 # beyond that nobody is coming, and the daemon must not hang.
 SECRET_COMMAND_TIMEOUT_SECONDS = 30
@@ -180,6 +188,20 @@ class Account:
     # user/group names, or numeric ids.
     allow_users: tuple[str | int, ...] = ()
     allow_groups: tuple[str | int, ...] = ()
+    # Where `mailoauth test` logs in: "host:port"; the preset's servers by default.
+    imap_server: str | None = None
+    smtp_server: str | None = None
+    # "tls" (implicit), "starttls" or "none" (loopback only); None: tls on 993/465,
+    # starttls elsewhere.
+    imap_security: str | None = None
+    smtp_security: str | None = None
+    tls_ca_file: Path | None = None  # trust this CA (a private or self-signed server)
+    # The current access token also kept in this file, replaced atomically on each
+    # refresh, for programs that read a password file (fetchmail) instead of a command.
+    token_file: Path | None = None
+    token_file_owner: str | int | None = None
+    token_file_group: str | int | None = None
+    token_file_mode: int = 0o600
     notify_command: tuple[str, ...] | None = None  # the [daemon] value unless set here
     notify_interval: timedelta = timedelta(hours=6)
 
@@ -393,6 +415,31 @@ def _principals(value: object) -> tuple[str | int, ...]:
     return tuple(found)
 
 
+def _server(value: object) -> str:
+    """A mail server as "host:port" ("[::1]:993" for an IPv6 address)."""
+    host, _, port = _text(value).rpartition(":")
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not bare or any(c.isspace() or c in "/[]" for c in bare) or not port.isdigit():
+        raise _Invalid(f"must be 'host:port', e.g. 'outlook.office365.com:993' {_got(value)}")
+    if not 1 <= int(port) <= 65535:
+        raise _Invalid(f"has no valid port number (1 to 65535) {_got(value)}")
+    return str(value)
+
+
+def _file_mode(value: object) -> int:
+    """Permission bits: 0o640 in TOML, or a string of octal digits such as "0640"."""
+    mode = value
+    if isinstance(value, str) and value and len(value) <= 4 and set(value) <= set("01234567"):
+        mode = int(value, 8)
+    if isinstance(mode, int) and not isinstance(mode, bool) and 0 <= mode <= 0o777:
+        if mode & 0o200 and not mode & 0o400:
+            raise _Invalid(f"lets the owner write but not read {_got(value)}")
+        if mode & 0o022:
+            raise _Invalid(f"lets others than the owner write {_got(value)}; use e.g. '0640'")
+        return mode
+    raise _Invalid(f"must be permission bits such as '0600' or '0640' (or 0o640) {_got(value)}")
+
+
 def _same(value: Any) -> Any:
     return value
 
@@ -460,6 +507,15 @@ _ACCOUNT_KEYS = {
     "min_validity": _DURATION_KEY,
     "allow_users": _Key(_principals, list),
     "allow_groups": _Key(_principals, list),
+    "imap_server": _Key(_server),
+    "smtp_server": _Key(_server),
+    "imap_security": _Key(_one_of(*MAIL_SECURITY)),
+    "smtp_security": _Key(_one_of(*MAIL_SECURITY)),
+    "tls_ca_file": _Key(_absolute_path, str),
+    "token_file": _Key(_absolute_path, str),
+    "token_file_owner": _Key(_principal),
+    "token_file_group": _Key(_principal),
+    "token_file_mode": _Key(_file_mode, lambda mode: f"{mode:04o}"),
     "notify_command": _Key(_argv, list),
     "notify_interval": _Key(_positive_duration, _dump_duration),
 }
@@ -624,6 +680,14 @@ def _build_account(
         app_only = flow == "client_credentials" and provider.preset == "microsoft"
         app_host = _MICROSOFT_CLOUDS[provider.cloud or "global"][2]
         values["scopes"] = (f"https://{app_host}/.default",) if app_only else provider.scopes
+    if provider.preset in _MAIL_SERVERS and provider.cloud in (None, "global"):
+        imap, smtp = _MAIL_SERVERS[provider.preset]
+        values = {"imap_server": imap, "smtp_server": smtp, **values}
+    for kind in ("imap", "smtp"):
+        host = str(values.get(f"{kind}_server", "")).rpartition(":")[0].strip("[]")
+        if values.get(f"{kind}_security") == "none" and host not in _LOOPBACK_HOSTS:
+            why = f"a token in the clear is allowed only to {', '.join(_LOOPBACK_HOSTS)}"
+            problems.add(table, f"{kind}_security", f"is 'none' for {host or 'no server'}; {why}")
     values = {
         "refresh_before": daemon.refresh_before,
         "min_validity": daemon.min_validity,

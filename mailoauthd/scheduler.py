@@ -23,7 +23,7 @@ import httpx
 import structlog
 import trio
 
-from mailoauthd import oauth, state
+from mailoauthd import oauth, state, tokenfile
 from mailoauthd.config import Account, DaemonSettings
 from mailoauthd.errors import (
     GrantError,
@@ -187,6 +187,10 @@ class Scheduler:
         """Run the periodic check forever; `started` once the first check is scheduled."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            # A token_file newly configured, or lost, gets the stored token at once.
+            for slot in list(self._slots.values()):
+                if slot.broken is None and slot.state.valid_for(self.now()) > 0:
+                    await self._write_token_file(slot)
             task_status.started()
             while True:
                 now = self.now()
@@ -408,6 +412,26 @@ class Scheduler:
             rotated=slot.state.refresh_token_issued_at == slot.state.last_refresh,
         )
         self.on_event("refreshed", slot.account, "", "")
+        # Only now: the state file holds this token, so a crash cannot leave a
+        # token file newer than what the daemon knows.
+        await self._write_token_file(slot)
+
+    async def _write_token_file(self, slot: _Slot) -> None:
+        """Put the current access token in the account's token_file, if it has one."""
+        token = slot.state.access_token
+        if slot.account.token_file is None or token is None:
+            return
+        try:
+            await trio.to_thread.run_sync(tokenfile.write, slot.account, token)
+        except OSError as exc:
+            # The refresh itself succeeded and is served over the socket; only the
+            # file's readers are behind, until the next refresh writes it again.
+            log.error(
+                "token_file.write_failed",
+                account=slot.account.name,
+                path=str(slot.account.token_file),
+                error=exc.strerror or str(exc),
+            )
 
     async def _persist(self, slot: _Slot, new: AccountState, generation: int) -> bool:
         """Write `new` and make it current; False if the account moved on meanwhile."""
@@ -688,6 +712,10 @@ class Scheduler:
             slot.bump()
             if slot.broken is None:
                 await trio.to_thread.run_sync(self.store.remove, name)
+            try:
+                await trio.to_thread.run_sync(tokenfile.remove, slot.account)
+            except OSError as exc:
+                log.error("token_file.remove_failed", account=name, error=exc.strerror or str(exc))
             slot.state = state.forgotten(slot.state)
             slot.unsaved = None
             slot.retry_at = slot.not_before = None

@@ -119,6 +119,15 @@ def _allows_client_credentials(provider: Provider) -> bool:
 argv = st.lists(st.text(max_size=10).filter(lambda w: "\0" not in w), max_size=3).map(
     lambda args: ("notify-send", *args)
 )
+servers = st.none() | st.builds(
+    "{}:{}".format,
+    st.sampled_from(["mail.example.com", "127.0.0.1", "[::1]"]),
+    st.integers(1, 65535),
+)
+_PRESET_SERVERS = {
+    ("microsoft", "global"): ("outlook.office365.com:993", "smtp.office365.com:587"),
+    ("google", None): ("imap.gmail.com:993", "smtp.gmail.com:587"),
+}
 
 
 @st.composite
@@ -130,6 +139,7 @@ def st_accounts(
     flows = [f for f in FLOWS if f != "client_credentials" or _allows_client_credentials(provider)]
     flow = draw(st.sampled_from(flows))
     username = draw(st.none() | non_blank) if flow == "client_credentials" else draw(non_blank)
+    preset_servers = _PRESET_SERVERS.get((provider.preset, provider.cloud), (None, None))
     return Account(
         name=name,
         provider=provider,
@@ -140,6 +150,16 @@ def st_accounts(
         min_validity=draw(durations),
         allow_users=draw(principal_lists),
         allow_groups=draw(principal_lists),
+        # A preset with its mail servers fills in those it knows when none is given.
+        imap_server=draw(servers) or preset_servers[0],
+        smtp_server=draw(servers) or preset_servers[1],
+        imap_security=draw(st.none() | st.sampled_from(["tls", "starttls"])),
+        smtp_security=draw(st.none() | st.sampled_from(["tls", "starttls"])),
+        tls_ca_file=draw(st.none() | absolute_paths),
+        token_file=draw(st.none() | absolute_paths),
+        token_file_owner=draw(st.none() | principals),
+        token_file_group=draw(st.none() | principals),
+        token_file_mode=draw(st.sampled_from([0o600, 0o400, 0o640, 0o440, 0o644])),
         notify_command=draw(
             argv if daemon is not None and daemon.notify_command else st.none() | argv
         ),

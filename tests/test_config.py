@@ -847,6 +847,77 @@ class TestAccessKeys:
         ]
 
 
+class TestMailSettings:
+    def test_presets_know_their_mail_servers(self) -> None:
+        """Microsoft and Google accounts log in to their providers' IMAP and SMTP servers."""
+        parsed = config(
+            MICROSOFT, GOOGLE, WORK, "[accounts.home]\nprovider = 'gmail'\nusername = 'a@b'"
+        )
+        work, home = parsed.accounts["work"], parsed.accounts["home"]
+        assert (work.imap_server, work.smtp_server) == (
+            "outlook.office365.com:993",
+            "smtp.office365.com:587",
+        )
+        assert (home.imap_server, home.smtp_server) == ("imap.gmail.com:993", "smtp.gmail.com:587")
+
+    def test_account_servers_override_the_preset(self) -> None:
+        """imap_server, smtp_server, their security and tls_ca_file are taken as given."""
+        work = config(
+            MICROSOFT,
+            WORK,
+            'imap_server = "[::1]:1143"\nimap_security = "none"\n'
+            'smtp_server = "mail.example.com:465"\nsmtp_security = "tls"\n'
+            'tls_ca_file = "/etc/ssl/private-ca.pem"',
+        ).accounts["work"]
+        assert (work.imap_server, work.imap_security) == ("[::1]:1143", "none")
+        assert (work.smtp_server, work.smtp_security) == ("mail.example.com:465", "tls")
+        assert work.tls_ca_file == Path("/etc/ssl/private-ca.pem")
+
+    def test_token_file(self) -> None:
+        """token_file takes an owner, a group and a mode; the mode defaults to 0600."""
+        work = config(MICROSOFT, WORK, 'token_file = "/run/tok"').accounts["work"]
+        assert (work.token_file, work.token_file_mode) == (Path("/run/tok"), 0o600)
+        work = config(
+            MICROSOFT,
+            WORK,
+            'token_file = "/run/tok"\ntoken_file_owner = "fetchmail"\n'
+            'token_file_group = 8\ntoken_file_mode = "0440"',
+        ).accounts["work"]
+        assert (work.token_file_owner, work.token_file_group) == ("fetchmail", 8)
+        assert work.token_file_mode == 0o440
+        assert config(MICROSOFT, WORK, "token_file_mode = 0o640").accounts[
+            "work"
+        ].token_file_mode == (0o640)
+
+    @pytest.mark.parametrize(
+        ("line", "shown"),
+        [
+            ('imap_server = "outlook.office365.com"', "imap_server: must be 'host:port'"),
+            ('smtp_server = "smtp.example.com:0"', "smtp_server: has no valid port number"),
+            ('imap_security = "ssl"', "imap_security: must be one of 'tls', 'starttls', 'none'"),
+            (
+                'smtp_security = "none"',
+                "smtp_security: is 'none' for smtp.office365.com; a token in the clear",
+            ),
+            ('token_file = "tok"', "token_file: must be an absolute path"),
+            ('token_file_mode = "0666"', "token_file_mode: lets others than the owner write"),
+            ("token_file_mode = 0o200", "token_file_mode: lets the owner write but not read"),
+            ('token_file_mode = "rw"', "token_file_mode: must be permission bits"),
+            ('token_file_owner = "a b"', "token_file_owner: must be a user or group name"),
+        ],
+    )
+    def test_bad_mail_settings(self, line: str, shown: str) -> None:
+        """A bad server, security mode or token file setting is named with what is expected."""
+        assert problem(MICROSOFT, WORK, line).startswith(f"{SOURCE}: [accounts.work] {shown}")
+
+    def test_plain_text_to_loopback(self) -> None:
+        """Security 'none' is allowed for a test server on this machine."""
+        work = config(
+            MICROSOFT, WORK, 'smtp_server = "127.0.0.1:2525"\nsmtp_security = "none"'
+        ).accounts["work"]
+        assert work.smtp_security == "none"
+
+
 class TestSignInAndReminderKeys:
     def test_defaults(self) -> None:
         """No fixed redirect port, no command, reminders every 6 h, Microsoft's 90 idle days."""
