@@ -40,6 +40,7 @@ commands:
   revoke ACCOUNT                forget the account's tokens
   authorize ACCOUNT [--no-browser] [--flow authorization_code|device_code]
                                 sign in: in a browser, by pasting its address back, or by code
+  test ACCOUNT                  log in to the account's IMAP and SMTP servers with its token
 
 options for token and sasl:
   --timeout SECONDS             wait at most this long for a due refresh (default 15)

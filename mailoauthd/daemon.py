@@ -163,6 +163,8 @@ class Daemon:
             return {"ok": True, "account": name, "note": await self.scheduler.forget(name)}
         if op == "ping":
             return {"ok": True, "version": __version__, "pid": os.getpid()}
+        if op == "servers":
+            return _servers(self.scheduler.account(_text(request, "account")))
         raise ProtocolError(f"unknown operation {op!r}")
 
     async def _bounded(
@@ -395,6 +397,21 @@ def _exe(pid: int) -> str | None:
         with open(f"/proc/{pid}/comm", encoding="utf-8") as comm:
             return comm.read().strip() or None
     return None
+
+
+def _servers(account: config.Account) -> dict[str, object]:
+    """What `mailoauth test` needs to log in as the account: servers, TLS, user."""
+    ca_file = account.tls_ca_file
+    return {
+        "ok": True,
+        "account": account.name,
+        "username": account.username or "",
+        "imap_server": account.imap_server,
+        "imap_security": account.imap_security,
+        "smtp_server": account.smtp_server,
+        "smtp_security": account.smtp_security,
+        "tls_ca_file": str(ca_file) if ca_file is not None else None,
+    }
 
 
 def _expiry(expires_at: datetime | None, now: datetime) -> dict[str, object]:

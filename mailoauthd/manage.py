@@ -54,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
         ("import", "read a refresh token on stdin and store it (migration from other tools)"),
         ("revoke", "revoke at the provider where supported, then forget the tokens"),
         ("authorize", "sign in: in a browser, by pasting its address back, or by code"),
+        ("test", "log in to the account's IMAP and SMTP servers with its token"),
     ):
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("account")
@@ -69,6 +70,12 @@ def _parser() -> argparse.ArgumentParser:
                 "--flow",
                 choices=("authorization_code", "device_code"),
                 help="sign in this way instead of the account's configured flow",
+            )
+        if name == "test":
+            cmd.add_argument("--mechanism", choices=("xoauth2", "oauthbearer"), default="xoauth2")
+            cmd.add_argument("--only", choices=("imap", "smtp"), help="check one protocol")
+            cmd.add_argument(
+                "--timeout", type=float, default=30.0, help="seconds for each step (default 30)"
             )
     return parser
 
@@ -101,6 +108,16 @@ def main(argv: list[str]) -> int:
         reply = client.request_reply(line, args.socket, ADMIN_TIMEOUT)
         sys.stderr.write(f"mailoauth: configuration reloaded: {reply.get('accounts')} accounts\n")
         return 0
+    if command == "test":
+        from mailoauthd import logincheck
+
+        return logincheck.main(
+            args.account,
+            socket_path=args.socket,
+            mechanism=args.mechanism,
+            only=args.only,
+            timeout=args.timeout,
+        )
     request: dict[str, object] = {"v": protocol.VERSION, "op": command, "account": args.account}
     timeout = getattr(args, "timeout", ADMIN_TIMEOUT)
     request["timeout"] = timeout

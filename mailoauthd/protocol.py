@@ -18,7 +18,7 @@ VERSION = 1
 MAX_LINE = 64 * 1024
 
 # Operations the daemon serves. The strings are API: never rename one.
-OPS = ("token", "status", "refresh", "import", "revoke", "ping", "reload", "authorize")
+OPS = ("token", "status", "refresh", "import", "revoke", "ping", "servers", "reload", "authorize")
 
 
 class _ScanContext:

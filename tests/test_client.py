@@ -60,7 +60,8 @@ class TestImports:
         # What the interpreter loaded before us (site hooks, an editable
         # install's finder) is not the helper's doing.
         code = (
-            "import sys; before = set(sys.modules); import mailoauthd.client, mailoauthd.manage; "
+            "import sys; before = set(sys.modules); import mailoauthd.client, mailoauthd.manage, "
+            "mailoauthd.logincheck; "
             "print(sorted(n for n in set(sys.modules) - before"
             " if n.split('.')[0] not in sys.stdlib_module_names"
             " and not n.startswith('mailoauthd')))"
