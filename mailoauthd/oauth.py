@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import email.utils
 import re
+import ssl
 import urllib.parse
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -399,12 +400,32 @@ async def send(
         raise TransientGrantError(
             f"cannot reach {what} at {request.url.host}: {type(exc).__name__}"
             + (f": {exc}" if str(exc) else "")
+            + _tls_failure(exc)
         ) from exc
     except httpx.RequestError as exc:  # e.g. a body that cannot be decoded
         raise TransientGrantError(
             f"the answer of {what} at {request.url.host} could not be read: {type(exc).__name__}"
         ) from exc
     return response
+
+
+def _tls_failure(exc: BaseException) -> str:
+    """
+    What went wrong in the TLS handshake, if that is what failed.
+
+    httpx over trio wraps an ssl error in errors with no message of their own, and
+    "ConnectError" alone sends people looking at the network, not at a certificate.
+    """
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return f" (TLS: {cause.reason}: {cause.verify_message})"
+        if isinstance(cause, ssl.SSLError):
+            return f" (TLS: {cause.reason or cause})"
+        cause = cause.__cause__ or cause.__context__
+    return ""
 
 
 def now_utc() -> datetime:
