@@ -120,6 +120,9 @@ class Daemon:
         )
         self.reminders = reminders or Reminders(env={}, now=scheduler.now)
         self._signing_in: set[str] = set()  # accounts with a sign-in in progress
+        # Fixed for the process (the CLI configures logging once), and asked for
+        # every token served: looking it up through structlog's proxy costs more.
+        self._debug = log.is_enabled_for(logging.DEBUG)
         self.server = Server(
             self.handle,
             allowed_uids=None if system else {os.geteuid(), 0},
@@ -214,7 +217,7 @@ class Daemon:
 
     def _token_reply(self, name: str, st: AccountState, peer: Peer) -> dict[str, object]:
         assert st.access_token is not None
-        if log.is_enabled_for(logging.DEBUG):
+        if self._debug:
             log.debug("token.served", account=name, uid=peer.uid, pid=peer.pid, exe=_exe(peer.pid))
         return {
             "ok": True,

@@ -81,11 +81,26 @@ def encode_token_request(
     ).encode("ascii")
 
 
-def encode(message: dict[str, object]) -> bytes:
-    """Any message as one line; imports json, so not for the helper's hot path."""
+# mypy reads `if TYPE_CHECKING:` as true whatever defines the name; importing
+# it from typing would cost the helper a module it does not otherwise load.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
     import json
 
-    return (json.dumps(message, separators=(",", ":"), ensure_ascii=True) + "\n").encode("ascii")
+# Made on first use: the helper's hot path never encodes with json. One for the
+# process, because json.dumps with separators makes a new encoder every call,
+# a visible share of the daemon's quick answers (docs/performance.md).
+_encoder: json.JSONEncoder | None = None
+
+
+def encode(message: dict[str, object]) -> bytes:
+    """Any message as one line; imports json, so not for the helper's hot path."""
+    global _encoder
+    if _encoder is None:
+        import json
+
+        _encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True)
+    return (_encoder.encode(message) + "\n").encode("ascii")
 
 
 def error_reply(code: str, message: str, hint: str = "") -> dict[str, object]:
