@@ -1,0 +1,58 @@
+"""The pure parts of `mailoauth test`; the logins themselves run against Dovecot in tests/e2e."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+
+from mailoauthd import client, logincheck
+from mailoauthd.logincheck import Server, parse_server
+
+
+class TestServers:
+    @pytest.mark.parametrize(
+        ("value", "security", "expected"),
+        [
+            (
+                "outlook.office365.com:993",
+                None,
+                Server("IMAP", "outlook.office365.com", 993, "tls"),
+            ),
+            ("smtp.office365.com:587", None, Server("IMAP", "smtp.office365.com", 587, "starttls")),
+            ("mail.example.com:465", None, Server("IMAP", "mail.example.com", 465, "tls")),
+            ("[::1]:1143", "none", Server("IMAP", "::1", 1143, "none")),
+            ("127.0.0.1:2525", "tls", Server("IMAP", "127.0.0.1", 2525, "tls")),
+        ],
+    )
+    def test_security_follows_the_port_unless_given(
+        self, value: str, security: str | None, expected: Server
+    ) -> None:
+        """Ports 993 and 465 mean implicit TLS, others STARTTLS, unless the config says."""
+        assert parse_server("IMAP", value, security) == expected
+
+    def test_unset(self) -> None:
+        """No server configured is None, not an error."""
+        assert parse_server("SMTP", None, None) is None
+
+    def test_label(self) -> None:
+        """An IPv6 address is bracketed in what is printed."""
+        assert Server("SMTP", "::1", 587, "starttls").label == "SMTP [::1]:587 (STARTTLS)"
+
+
+class TestInitialResponse:
+    def test_matches_the_helpers_sasl_output(self) -> None:
+        """`mailoauth test` sends what `mailoauth sasl` would print, for both mechanisms."""
+        server = Server("SMTP", "smtp.example.com", 587, "starttls")
+        for mechanism in ("xoauth2", "oauthbearer"):
+            raw = logincheck.initial_response("a@b.c", "tok", mechanism, server)
+            expected = client.sasl_response(
+                "a@b.c", "tok", mechanism=mechanism, host="smtp.example.com", port="587"
+            )
+            assert base64.b64encode(raw.encode()).decode() == expected
+
+    def test_oauthbearer_escapes_the_authzid(self) -> None:
+        """RFC 5801: ',' and '=' in the user are escaped in the GS2 header."""
+        server = Server("IMAP", "h", 993, "tls")
+        raw = logincheck.initial_response("a=b,c", "t", "oauthbearer", server)
+        assert raw.startswith("n,a=a=3Db=2Cc,\x01")
