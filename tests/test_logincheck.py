@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import base64
+import socket
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
+from conftest import USER, DaemonProcess, config_text, helper
 
 from mailoauthd import client, logincheck
+from mailoauthd.devprovider import DevProvider
 from mailoauthd.logincheck import Server, parse_server
 
 
@@ -56,3 +61,45 @@ class TestInitialResponse:
         server = Server("IMAP", "h", 993, "tls")
         raw = logincheck.initial_response("a=b,c", "t", "oauthbearer", server)
         assert raw.startswith("n,a=a=3Db=2Cc,\x01")
+
+
+@pytest.mark.slow
+class TestAgainstTheDaemon:
+    def test_no_servers_configured_says_which_key_to_set(
+        self, tmp_path: Path, provider: DevProvider, start_daemon: Callable[..., DaemonProcess]
+    ) -> None:
+        """An account whose provider has no preset servers is told to set imap_server."""
+        config = tmp_path / "config.toml"
+        config.write_text(config_text(tmp_path, provider))
+        d = start_daemon(config)
+        run = helper("test", "work", socket=d.socket)
+        assert run.returncode == 1
+        assert run.stdout == ""
+        assert run.stderr == (
+            "mailoauth: work: no imap_server or smtp_server is configured (set it in "
+            "[accounts.work], e.g. imap_server = 'outlook.office365.com:993')\n"
+        )
+
+    def test_unreachable_server_is_a_clear_failure(
+        self, tmp_path: Path, provider: DevProvider, start_daemon: Callable[..., DaemonProcess]
+    ) -> None:
+        """Nothing listening on the IMAP port: exit 1, the address and the OS's reason."""
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]  # closed again when the test connects
+        keys = f'imap_server = "127.0.0.1:{port}"\nimap_security = "none"'
+        config = tmp_path / "config.toml"
+        config.write_text(config_text(tmp_path, provider, account_keys=keys))
+        d = start_daemon(config)
+        imported = helper(
+            "import", "work", socket=d.socket, stdin=provider.issue_refresh_token(USER) + "\n"
+        )
+        assert imported.returncode == 0, imported.stderr
+        run = helper("test", "work", "--timeout", "5", socket=d.socket)
+        assert run.returncode == 1
+        assert f"IMAP 127.0.0.1:{port} (NONE)" in run.stdout
+        assert run.stderr == (
+            f"mailoauth: work: IMAP 127.0.0.1:{port} (NONE): cannot connect: Connection refused\n"
+        )
+        token = helper("token", "work", socket=d.socket).stdout.strip()
+        assert token not in run.stdout + run.stderr
