@@ -219,7 +219,7 @@ def connect(socket_path: str | None, timeout: float | None) -> _socket.socket:
         candidate = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         candidate.settimeout(timeout)
         try:
-            candidate.connect(path)
+            _connect(candidate, path, timeout)
         except OSError as exc:
             candidate.close()
             last_error = exc.strerror or str(exc)
@@ -230,6 +230,35 @@ def connect(socket_path: str | None, timeout: float | None) -> _socket.socket:
         f"({errors.DaemonUnreachable.hint})",
         errors.EXIT_UNREACHABLE,
     )
+
+
+def _connect(sock: _socket.socket, path: str, timeout: float | None) -> None:
+    """
+    connect(), waiting while the daemon's listen queue is full.
+
+    With a timeout set, a Unix socket's connect() fails at once with EAGAIN when the
+    queue is full, where TCP would wait: a burst of mail connections would then read
+    "cannot reach mailoauthd" from a daemon that is up and about to accept.
+    """
+    try:
+        sock.connect(path)
+        return
+    except BlockingIOError:
+        pass
+    import time  # built into the interpreter: costs nothing, and only on this path
+
+    deadline = time.monotonic() + (15.0 if timeout is None else timeout)
+    pause = 0.001
+    while True:
+        if time.monotonic() + pause > deadline:
+            raise BlockingIOError(11, "the daemon's listen queue stayed full")
+        time.sleep(pause)
+        pause = min(pause * 2, 0.05)
+        try:
+            sock.connect(path)
+            return
+        except BlockingIOError:
+            continue
 
 
 def request_reply(request: bytes, socket_path: str | None, timeout: float) -> dict[str, object]:

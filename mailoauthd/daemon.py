@@ -189,6 +189,7 @@ class Daemon:
         if not self.policy.may_use(peer, name):
             return None  # `gate` refuses it, and logs that, on the general path
         min_validity = _number(request, "min_validity", -1.0)
+        _number(request, "timeout", DEFAULT_REQUEST_TIMEOUT)  # ill-typed is refused on both paths
         st = self.scheduler.token_now(name, None if min_validity < 0 else min_validity)
         return None if st is None else self._token_reply(name, st, peer)
 

@@ -255,7 +255,9 @@ def bind(path: Path, *, public: bool = False) -> stdsocket.socket:
     old_umask = os.umask(0o111 if public else 0o177)  # created 0666 or 0600
     try:
         sock.bind(str(path))
-        sock.listen(128)
+        # As deep as the kernel allows (net.core.somaxconn): mail programs connect in
+        # bursts, and a full queue makes connect() fail at once on a Unix socket.
+        sock.listen(stdsocket.SOMAXCONN)
     except OSError as exc:
         sock.close()
         raise MailoauthdError(f"cannot listen on {path}: {exc.strerror or exc}") from exc
