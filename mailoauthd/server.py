@@ -52,6 +52,10 @@ READ_TIMEOUT = 5.0
 WRITE_TIMEOUT = 5.0
 # Well above what mail programs open at once, far below the fd limit.
 MAX_CONNECTIONS = 512
+# Beyond MAX_CONNECTIONS, how long a new connection may take to send its line and still be
+# answered from memory: a helper sends it right after connecting, and half a second covers
+# one descheduled on a loaded box; it also bounds what each connection of a flood costs.
+BUSY_GRACE = 0.5
 # Connections taken per wake-up before other tasks get their turn: enough to
 # drain a burst in one go, few enough that a scheduled refresh never waits long.
 ACCEPT_BATCH = 64
@@ -328,12 +332,11 @@ class Server:
                             continue
                         nursery.start_soon(self._send_rest, _stream(conn), rest)
                         continue
-                    stream = _stream(conn)
                     if self.active >= MAX_CONNECTIONS:
-                        nursery.start_soon(self._refuse_busy, stream)
+                        nursery.start_soon(self._refuse_busy, conn, received)
                         continue
                     self.active += 1
-                    nursery.start_soon(self._connection, stream, received)
+                    nursery.start_soon(self._connection, _stream(conn), received)
 
     def _answer_at_once(self, conn: stdsocket.SocketType) -> tuple[bytes, bytes | None]:
         """
@@ -372,10 +375,25 @@ class Server:
         with contextlib.suppress(OSError):
             await stream.aclose()
 
-    async def _refuse_busy(self, stream: trio.SocketStream) -> None:
-        reply = protocol.error_reply("busy", "mailoauthd is serving too many connections", "")
+    async def _refuse_busy(self, conn: stdsocket.SocketType, received: bytes) -> None:
+        """
+        Too many connections: answer "busy", unless this one's line comes at once and can
+        be answered from memory. A flood of silent connections takes every slot, and must
+        not turn away the mail programs that send their line and go.
+        """
+        reply = None
+        if not received:  # accepted before its line arrived: give it a moment
+            with trio.move_on_after(BUSY_GRACE):
+                await trio.lowlevel.wait_readable(conn)
+                _, reply = self._answer_at_once(conn)
+        if reply is None:
+            busy = protocol.error_reply("busy", "mailoauthd is serving too many connections", "")
+            reply = protocol.encode(busy)
+        else:
+            self.served += 1
+        stream = _stream(conn)
         with trio.move_on_after(1.0), contextlib.suppress(trio.BrokenResourceError, OSError):
-            await stream.send_all(protocol.encode(reply))
+            await stream.send_all(reply)
         await stream.aclose()
 
     async def _connection(self, stream: trio.SocketStream, received: bytes = b"") -> None:
