@@ -656,6 +656,7 @@ def clock() -> trio.testing.MockClock:
     return trio.testing.MockClock(rate=0)
 
 
+@pytest.mark.slow
 class TestDeviceFlow:
     @pytest.fixture
     def dev(self, clock: trio.testing.MockClock) -> Iterator[DevProvider]:
@@ -938,6 +939,7 @@ async def run_helper(*args: str, d: daemon.Daemon) -> subprocess.CompletedProces
     return await trio.to_thread.run_sync(lambda: helper(*args, socket=d.socket_path))
 
 
+@pytest.mark.slow
 class TestRevoke:
     async def test_revokes_at_the_provider_then_forgets(
         self, provider: DevProvider, tmp_path: Path
@@ -1000,6 +1002,7 @@ class TestRevoke:
         assert not state_file(tmp_path).exists()
 
 
+@pytest.mark.slow
 class TestExplanations:
     @pytest.mark.parametrize(
         ("description", "what", "todo"),

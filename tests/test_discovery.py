@@ -176,6 +176,7 @@ class TestFetching:
 
 
 class TestDaemon:
+    @pytest.mark.slow
     async def test_refresh_sign_in_and_revoke_use_discovered_endpoints(
         self, provider: DevProvider, tmp_path: Path
     ) -> None:

@@ -170,6 +170,7 @@ async def settle() -> None:
     await trio.testing.wait_all_tasks_blocked()
 
 
+@pytest.mark.slow
 class TestReminders:
     async def test_fires_once_repeats_and_stops_after_sign_in(
         self, clock: trio.testing.MockClock, dev: DevProvider, tmp_path: Path, record: Path
