@@ -112,6 +112,41 @@ def io_counters(pid: int) -> dict[str, int]:
     return counters
 
 
+def machine_busy() -> float:
+    """CPU seconds every process on the machine has used so far (/proc/stat)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:9]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields)
+    return (user + nice + system + irq + softirq + steal) / CLK_TCK
+
+
+def own_cpu() -> float:
+    """CPU seconds of this process and of its children that have been waited for."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+class OtherWork:
+    """
+    How much CPU other processes took while something was measured.
+
+    Numbers from a shared machine are only as good as the machine was quiet:
+    the report says how busy it was with work that is not the bench's.
+    """
+
+    def __init__(self, *running: int) -> None:
+        self.running = running  # our processes not yet waited for, measured through /proc
+        self.started = time.monotonic()
+        self.busy = machine_busy()
+        self.own = own_cpu() + sum(cpu_seconds(pid) for pid in running)
+
+    def cores(self) -> float:
+        """Average cores used by processes other than ours since creation."""
+        elapsed = time.monotonic() - self.started
+        own = own_cpu() + sum(cpu_seconds(pid) for pid in self.running)
+        others = (machine_busy() - self.busy) - (own - self.own)
+        return max(0.0, others / elapsed) if elapsed > 0 else 0.0
+
+
 def self_cpu() -> float:
     """CPU time of this process (the bench and the provider threads it hosts)."""
     t = os.times()

@@ -185,6 +185,10 @@ def _machine(r: dict[str, Any]) -> str:
         ["state files on", m["filesystem"]],
         ["load average (1/5/15 min) before / after", f"{m['load']} / {r['load_after']}"],
         [
+            "CPU taken by other processes meanwhile (cores, average)",
+            ", ".join(f"{k} {v:.2f}" for k, v in r["others_cores"].items()),
+        ],
+        [
             "versions",
             ", ".join(f"{k} {val}" for k, val in v.items()),
         ],
@@ -263,6 +267,7 @@ SOCKET_COLUMNS = [
     "max",
     "daemon CPU (cores)",
     "generator CPU (cores)",
+    "others (cores)",
 ]
 
 
@@ -283,6 +288,7 @@ def _socket(s: dict[str, Any]) -> str:
                 _us(x["max_us"]),
                 f"{x['daemon_cpu_s'] / x['seconds']:.2f}",
                 f"{x['cpu_s'] / x['seconds']:.2f}",
+                f"{x['others_cores']:.2f}",
             ]
         )
     return f"""## 2. Socket service
@@ -329,8 +335,8 @@ def _who_limits(s: dict[str, Any]) -> str:
         )
     return (
         f"At full speed the daemon (one Python thread) got only {daemon:.2f} of a core and "
-        f"the generator {generator:.2f}: other work on the machine took the rest (see the "
-        "load average above), so these closed-loop figures are the machine's limit in this "
+        f"the generator {generator:.2f}, while other processes took {x['others_cores']:.2f} "
+        "of the machine's 2 cores: these closed-loop figures are the machine's limit in this "
         "run rather than the daemon's."
     )
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -24,7 +25,7 @@ import helper_latency
 import report
 import scale
 import socket_load
-from common import Install, installed_versions, load, log, machine, program_version
+from common import Install, OtherWork, installed_versions, load, log, machine, program_version
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny counts: does the bench run?")
     parser.add_argument("--no-mutt", action="store_true", help="skip mutt_oauth2.py")
     args = parser.parse_args(argv)
+    # Stopped from outside: unwind, so that every daemon started is stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     install = Install(Path(sys.executable).parent)
     with_mutt = (
@@ -95,9 +98,12 @@ def main(argv: list[str] | None = None) -> int:
         "smoke": args.smoke,
         "sizes": sizes,
     }
+    busy: dict[str, float] = {}
+    results["others_cores"] = busy
     base = Path(tempfile.mkdtemp(prefix="mob-", dir="/tmp"))  # short: socket paths max 107
     try:
         log(f"working in {base}")
+        others = OtherWork()
         results["helper"] = helper_latency.run(
             install,
             base / "helper",
@@ -105,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
             warmup=int(sizes["warmup"]),
             with_mutt=with_mutt,
         )
+        busy["helper"] = others.cores()
+        others = OtherWork()
         results["socket"] = socket_load.run(
             install,
             base / "socket",
@@ -113,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
             churn_seconds=float(sizes["churn_seconds"]),
             open_rate=float(sizes["open_rate"]),
         )
+        busy["socket"] = others.cores()
+        others = OtherWork()
         results["scale"] = scale.run(
             install,
             base / "scale",
@@ -123,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             loadgen_binary=base / "socket" / "loadgen",
             min_load_seconds=float(sizes["min_load_seconds"]),
         )
+        busy["scale"] = others.cores()
     finally:
         shutil.rmtree(base, ignore_errors=True)
     results["load_after"] = load()

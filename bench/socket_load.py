@@ -22,6 +22,7 @@ from typing import Any
 from common import (
     Daemon,
     Install,
+    OtherWork,
     account_names,
     cpu_seconds,
     log,
@@ -62,6 +63,7 @@ def loadgen(
 ) -> dict[str, Any]:
     """One run of the load generator, with the daemon's CPU time over it."""
     cpu_before = cpu_seconds(daemon.pid)
+    others = OtherWork(daemon.pid)
     out = subprocess.run(
         [
             str(binary),
@@ -78,6 +80,7 @@ def loadgen(
     )
     result: dict[str, Any] = json.loads(out.stdout)
     result["daemon_cpu_s"] = cpu_seconds(daemon.pid) - cpu_before
+    result["others_cores"] = others.cores()
     if result["errors"]:
         raise RuntimeError(f"the daemon answered with errors: {result}")
     return result
