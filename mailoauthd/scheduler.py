@@ -370,6 +370,9 @@ class Scheduler:
             # the refresh token; on shutdown we finish and persist rather than
             # drop the answer. fail_after still bounds it.
             with trio.CancelScope(shield=True):
+                # expires_in counts from when the provider answered, which we do not know:
+                # counting from before we asked never thinks a token lives longer than it does.
+                sent = self.now()
                 try:
                     with trio.fail_after(self.settings.request_timeout.total_seconds()):
                         response = await oauth.send(self.http, request)
@@ -379,7 +382,7 @@ class Scheduler:
                         f"{self.settings.request_timeout.total_seconds():g} s"
                     ) from None
                 now = self.now()
-                tokens = oauth.parse_token_response(response, now=now, account=account.name)
+                tokens = oauth.parse_token_response(response, now=sent, account=account.name)
                 new = state.refreshed(slot.state, tokens, now)
                 if generation != slot.generation:
                     log.info("token.refresh_dropped", reason="account re-imported or revoked")
