@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test check lint clean bench
+.PHONY: demo test check lint clean bench soak
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,12 @@ check: lint test
 bench:
 	bash bench/setup.sh
 	bench/.venv/bin/python bench/run.py
+
+# The reliability suite at full size (2,000 kill cycles, 30 s of load, ...): about 15
+# minutes; writes docs/reliability.md from what it counted. `make test` runs it smaller.
+soak: $(STAMP)
+	MAILOAUTHD_SOAK=1 MAILOAUTHD_RELIABILITY_REPORT=docs/reliability.md \
+		$(BIN)/python -m pytest -W error -q tests/reliability
 
 clean:
 	rm -rf $(VENV) bench/.venv build *.egg-info .pytest_cache .mypy_cache .ruff_cache
