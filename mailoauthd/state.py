@@ -30,6 +30,7 @@ from typing import TypeVar
 import tomli_w
 
 from mailoauthd.errors import GrantError, StateError, StateLocked
+from mailoauthd.fsutil import sync_directory, write_atomic
 from mailoauthd.oauth import TokenSet
 from mailoauthd.secret import Secret
 
@@ -319,30 +320,7 @@ class TokenStore:
         Raises:
             OSError: the write failed (disk full, …); the previous file is intact.
         """
-        data = to_toml(state).encode("utf-8")
-        path = self.path(state.account)
-        temp = self.directory / f".{state.account}.toml.{os.getpid()}.tmp"
-        fd = os.open(
-            temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
-        )
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                temp.unlink()
-            raise
-        os.close(fd)
-        try:
-            os.replace(temp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                temp.unlink()
-            raise
-        self._sync_directory()
+        write_atomic(self.path(state.account), to_toml(state).encode("utf-8"))
 
     def set_aside(self, account: str, now: datetime) -> Path | None:
         """Move an unreadable state file out of the way, keeping it; returns where it went."""
@@ -356,18 +334,11 @@ class TokenStore:
             n += 1
             aside = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
         os.replace(path, aside)
-        self._sync_directory()
+        sync_directory(self.directory)
         return aside
 
     def remove(self, account: str) -> None:
         """Delete an account's state file."""
         with contextlib.suppress(FileNotFoundError):
             self.path(account).unlink()
-        self._sync_directory()
-
-    def _sync_directory(self) -> None:
-        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        sync_directory(self.directory)

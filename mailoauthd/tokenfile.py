@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import grp
-import os
 import pwd
 from pathlib import Path
 
 from mailoauthd.config import Account
+from mailoauthd.fsutil import sync_directory, write_atomic
 from mailoauthd.secret import Secret
 
 
@@ -60,34 +60,13 @@ def write(account: Account, token: Secret) -> Path | None:
     path = account.token_file
     if path is None:
         return None
-    uid, gid = _uid(account.token_file_owner), _gid(account.token_file_group)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with contextlib.suppress(FileNotFoundError):
-        temp.unlink()  # left by a crash of an earlier daemon with our pid
-    # 0600 until owner and mode are set: the token is never readable by more than asked.
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(temp, flags, 0o600)
-    try:
-        if (uid, gid) != (-1, -1):
-            os.fchown(fd, uid, gid)
-        os.fchmod(fd, account.token_file_mode)
-        view = memoryview(f"{token.reveal()}\n".encode())
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        with contextlib.suppress(OSError):
-            temp.unlink()
-        raise
-    os.close(fd)
-    try:
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            temp.unlink()
-        raise
-    _sync_directory(path.parent)
+    write_atomic(
+        path,
+        f"{token.reveal()}\n".encode(),
+        mode=account.token_file_mode,
+        uid=_uid(account.token_file_owner),
+        gid=_gid(account.token_file_group),
+    )
     return path
 
 
@@ -96,12 +75,4 @@ def remove(account: Account) -> None:
     if account.token_file is not None:
         with contextlib.suppress(FileNotFoundError):
             account.token_file.unlink()
-        _sync_directory(account.token_file.parent)
-
-
-def _sync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        sync_directory(account.token_file.parent)

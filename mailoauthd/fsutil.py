@@ -1,0 +1,65 @@
+"""Durable file replacement, the way every file holding a secret is written. Stdlib only."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+
+def write_atomic(
+    path: Path, data: bytes, *, mode: int = 0o600, uid: int = -1, gid: int = -1
+) -> None:
+    """
+    Replace `path` with `data`: temp file in the same directory, fsync, rename, fsync the directory.
+
+    After a crash, either the old or the new file is there, whole. The temp
+    file is created 0600 and only then given its owner and mode, so the data
+    is never readable by more than asked; no symlink is followed.
+
+    Args:
+        path: the file to replace.
+        data: its new content.
+        mode: its permission bits.
+        uid: its owner, or -1 to leave it to us.
+        gid: its group, or -1 to leave it to us.
+
+    Raises:
+        OSError: the write failed (disk full, …); the previous file is intact.
+    """
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        temp.unlink()  # left by a crash of an earlier process with our pid
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(temp, flags, 0o600)
+    try:
+        if (uid, gid) != (-1, -1):
+            os.fchown(fd, uid, gid)
+        if mode != 0o600:
+            os.fchmod(fd, mode)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            temp.unlink()
+        raise
+    os.close(fd)
+    try:
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            temp.unlink()
+        raise
+    sync_directory(path.parent)
+
+
+def sync_directory(directory: Path) -> None:
+    """fsync a directory, so that renames and unlinks in it survive a crash."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
