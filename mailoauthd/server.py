@@ -8,8 +8,10 @@ request by the peer's uid and groups (access.py). The listener is bound here,
 or inherited from systemd (socket activation, `listen_fds`). Every
 connection is bounded in time (READ_TIMEOUT to send its line, WRITE_TIMEOUT
 to take the answer) and in size (MAX_LINE); at most MAX_CONNECTIONS are
-served at once and the rest are told "busy". Whatever one client does, the
-others are served. The server knows nothing of tokens: `daemon` hands it a
+served at once. When all are taken, the connection that has waited longest
+without sending its line is told "busy" to make room for the newcomer; only
+when every one is a request being served is the newcomer told "busy".
+Whatever one client does, the others are served. The server knows nothing of tokens: `daemon` hands it a
 handler, and a quick handler for what can be answered from memory.
 
 Under load the helper's line is usually waiting by the time we accept the
@@ -34,6 +36,7 @@ import os
 import socket as stdsocket
 import stat
 import struct
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,10 +55,6 @@ READ_TIMEOUT = 5.0
 WRITE_TIMEOUT = 5.0
 # Well above what mail programs open at once, far below the fd limit.
 MAX_CONNECTIONS = 512
-# Beyond MAX_CONNECTIONS, how long a new connection may take to send its line and still be
-# answered from memory: a helper sends it right after connecting, and half a second covers
-# one descheduled on a loaded box; it also bounds what each connection of a flood costs.
-BUSY_GRACE = 0.5
 # Connections taken per wake-up before other tasks get their turn: enough to
 # drain a burst in one go, few enough that a scheduled refresh never waits long.
 ACCEPT_BATCH = 64
@@ -293,6 +292,8 @@ class Server:
         self.gate = gate
         self.peer_groups = peer_groups  # read each peer's supplementary groups, for `gate`
         self.active = 0
+        # Connections still waiting for their line, oldest first: evicted when full.
+        self._silent: OrderedDict[object, trio.CancelScope] = OrderedDict()
         self.served = 0
 
     def _admitted(self, peer: Peer) -> bool:
@@ -333,8 +334,14 @@ class Server:
                         nursery.start_soon(self._send_rest, _stream(conn), rest)
                         continue
                     if self.active >= MAX_CONNECTIONS:
-                        nursery.start_soon(self._refuse_busy, conn, received)
-                        continue
+                        if not self._silent:  # every slot is a request being served
+                            nursery.start_soon(self._refuse_busy, _stream(conn))
+                            continue
+                        # A flood of silent connections must not lock out the mail programs
+                        # that send their line and go: the one that has waited longest
+                        # without sending its line has had its chance, and makes room.
+                        _, oldest = self._silent.popitem(last=False)
+                        oldest.cancel()
                     self.active += 1
                     nursery.start_soon(self._connection, _stream(conn), received)
 
@@ -375,25 +382,10 @@ class Server:
         with contextlib.suppress(OSError):
             await stream.aclose()
 
-    async def _refuse_busy(self, conn: stdsocket.SocketType, received: bytes) -> None:
-        """
-        Too many connections: answer "busy", unless this one's line comes at once and can
-        be answered from memory. A flood of silent connections takes every slot, and must
-        not turn away the mail programs that send their line and go.
-        """
-        reply = None
-        if not received:  # accepted before its line arrived: give it a moment
-            with trio.move_on_after(BUSY_GRACE):
-                await trio.lowlevel.wait_readable(conn)
-                _, reply = self._answer_at_once(conn)
-        if reply is None:
-            busy = protocol.error_reply("busy", "mailoauthd is serving too many connections", "")
-            reply = protocol.encode(busy)
-        else:
-            self.served += 1
-        stream = _stream(conn)
+    async def _refuse_busy(self, stream: trio.SocketStream) -> None:
+        reply = protocol.error_reply("busy", "mailoauthd is serving too many connections", "")
         with trio.move_on_after(1.0), contextlib.suppress(trio.BrokenResourceError, OSError):
-            await stream.send_all(reply)
+            await stream.send_all(protocol.encode(reply))
         await stream.aclose()
 
     async def _connection(self, stream: trio.SocketStream, received: bytes = b"") -> None:
@@ -416,7 +408,17 @@ class Server:
         try:
             # Read the line even from a peer we will refuse: closing on unread
             # data would reset the connection and lose our answer.
-            line = await _read_line(stream, received)
+            with trio.CancelScope() as waiting:
+                key = object()
+                self._silent[key] = waiting
+                try:
+                    line = await _read_line(stream, received)
+                finally:
+                    self._silent.pop(key, None)
+            if waiting.cancelled_caught:  # evicted to make room (see serve)
+                return protocol.error_reply(
+                    "busy", "mailoauthd is serving too many connections; this one sent nothing"
+                )
             if not self._admitted(peer):
                 log.info("request.refused", uid=peer.uid, pid=peer.pid, reason="uid not allowed")
                 return protocol.error_reply(

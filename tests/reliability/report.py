@@ -209,8 +209,9 @@ def render(figures: Figures, *, seconds: float, outcomes: dict[str, int]) -> str
         "",
         "Two fixes came out of this. (1) With 512 silent connections holding every slot, a "
         'mail program was told "busy" (or found the connection closed under it) until they '
-        "timed out; a connection beyond the limit now gets half a second to send its line "
-        "and is answered from memory if it can be. (2) A burst of connections filled the "
+        "timed out; now, when every slot is taken, the connection that has waited longest "
+        'without sending its line is told "busy" and makes room for the newcomer, so the '
+        "silent ones cannot hold more than the slots. (2) A burst of connections filled the "
         "listen queue (128), and `mailoauth token`, whose connect() has a timeout, failed at "
         'once with EAGAIN and exit 3 "cannot reach mailoauthd"; the helper now waits for '
         "room, and the daemon listens with SOMAXCONN. (Also: a token request with a "

@@ -207,8 +207,8 @@ class TestSymlinks:
     def test_temp_file(
         self, tmp_path: Path, seeded: tuple[DevProvider, Path], figures: Figures
     ) -> None:
-        """A symlink planted where the daemon writes its temp file makes the write fail: the
-        target is untouched, and nothing is asked of the provider until the way is clear."""
+        """A symlink planted where the daemon writes its temp file is removed, not written
+        through: the target is untouched and the state file is a regular file again."""
         provider, config = seeded
         target, content = bait(tmp_path)
         daemon = Daemon(config, tmp_path / "run" / "socket", tmp_path / "daemon.log")
@@ -219,14 +219,14 @@ class TestSymlinks:
             time.sleep(0.01)
         temp = tmp_path / "state" / f".work.toml.{daemon.pid}.tmp"
         temp.symlink_to(target)
-        refused = ask(daemon.socket, {"v": 1, "op": "refresh", "account": "work"})
-        assert refused["ok"] is False
-        assert "cannot write" in str(refused["message"])
-        assert target.read_bytes() == content
-        assert len(provider.rotations) == 1  # the start-up refresh only
-        temp.unlink()
         assert ask(daemon.socket, {"v": 1, "op": "refresh", "account": "work"})["ok"] is True
         assert len(provider.rotations) == 2
+        assert not temp.is_symlink()
+        state_file = tmp_path / "state" / "work.toml"
+        assert not state_file.is_symlink()
+        refresh_token = stored(tmp_path / "state", "work").refresh_token
+        assert refresh_token is not None
+        assert refresh_token.reveal() == provider.rotations[-1].issued
         assert daemon.stop() == 0
         assert target.read_bytes() == content
         figures.add("secrets", "planted symlinks, none followed")
