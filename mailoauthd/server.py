@@ -11,8 +11,9 @@ to take the answer) and in size (MAX_LINE); at most MAX_CONNECTIONS are
 served at once. When all are taken, the connection that has waited longest
 without sending its line is told "busy" to make room for the newcomer; only
 when every one is a request being served is the newcomer told "busy".
-Whatever one client does, the others are served. The server knows nothing of tokens: `daemon` hands it a
-handler, and a quick handler for what can be answered from memory.
+Whatever one client does, the others are served. The server knows nothing of
+tokens: `daemon` hands it a handler, and a quick handler for what can be
+answered from memory.
 
 Under load the helper's line is usually waiting by the time we accept the
 connection, and most token requests need no waiting: those are answered in
