@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Callable
 from typing import Any
 
@@ -43,7 +44,20 @@ def render(r: dict[str, Any]) -> str:
     parts = [_header(r), _targets(helper, sock, scale), _machine(r)]
     parts += [_helper(helper), _socket(sock), _scale(scale), _correctness(sock, scale)]
     parts.append(_method(r))
-    return "\n\n".join(parts) + "\n"
+    return _reflow("\n\n".join(parts)) + "\n"
+
+
+def _reflow(text: str) -> str:
+    """Refill plain paragraphs, whose lines the figures filled in have made ragged."""
+    blocks = []
+    for block in text.split("\n\n"):
+        lines = block.strip("\n").split("\n")
+        if any(line.startswith(("|", "#", "-", ">", "```", "  ")) for line in lines):
+            blocks.append(block.strip("\n"))
+        else:
+            words = " ".join(line.strip() for line in lines)
+            blocks.append(textwrap.fill(words, 79, break_long_words=False, break_on_hyphens=False))
+    return "\n\n".join(blocks)
 
 
 def _header(r: dict[str, Any]) -> str:

@@ -44,13 +44,24 @@ def git_revision() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "performance.md")
-    parser.add_argument("--json", type=Path, help="also write the raw figures here")
+    parser.add_argument(
+        "--json",
+        type=Path,
+        default=ROOT / "bench" / ".venv" / "figures.json",
+        help="also write the raw figures here (default: bench/.venv/figures.json)",
+    )
+    parser.add_argument(
+        "--render", type=Path, metavar="JSON", help="only write the report from a run's figures"
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny counts: does the bench run?")
     parser.add_argument("--no-mutt", action="store_true", help="skip mutt_oauth2.py")
     args = parser.parse_args(argv)
     # Stopped from outside: unwind, so that every daemon started is stopped too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
+    if args.render:
+        args.out.write_text(report.render(json.loads(args.render.read_text())))
+        return 0
     install = Install(Path(sys.executable).parent)
     with_mutt = (
         not args.no_mutt
@@ -138,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(base, ignore_errors=True)
     results["load_after"] = load()
     results["minutes"] = (time.monotonic() - started) / 60
-    if args.json:
+    if args.json.parent.is_dir():
         args.json.write_text(json.dumps(results, indent=1))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report.render(results))
