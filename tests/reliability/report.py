@@ -254,7 +254,7 @@ def render(figures: Figures, *, seconds: float, outcomes: dict[str, int]) -> str
         "authorization codes, device codes, PKCE verifiers) and the client secret, looking "
         "for any 12-character piece of each. Both sign-in flows (authorization code with "
         "PKCE through the loopback redirect, and device code) were run by the real helper. "
-        "The daemon always ran as a subprocess with umask 000, so every mode it set was "
+        "Every daemon run as a subprocess had umask 000, so every mode it set was "
         "deliberate; the state directory was checked for group or other permission bits "
         "after every kill and after the sign-ins, and set-aside files and token files too. "
         "Symlinks were planted as the state file, its temp file, "
