@@ -189,7 +189,9 @@ class Daemon:
         if not self.policy.may_use(peer, name):
             return None  # `gate` refuses it, and logs that, on the general path
         min_validity = _number(request, "min_validity", -1.0)
-        _number(request, "timeout", DEFAULT_REQUEST_TIMEOUT)  # ill-typed is refused on both paths
+        # Ill-typed fields are refused on both paths alike.
+        _number(request, "timeout", DEFAULT_REQUEST_TIMEOUT)
+        _number(request, "wait", 0.0)
         st = self.scheduler.token_now(name, None if min_validity < 0 else min_validity)
         return None if st is None else self._token_reply(name, st, peer)
 
@@ -388,6 +390,15 @@ def on_event(
         reminders.clear(account.name)
 
 
+def _identity(path: Path) -> tuple[int, int] | None:
+    """The (device, inode) of a file, not following links; None if it is gone."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
+
+
 def _exe(pid: int) -> str | None:
     """
     The peer's executable, for the log: its path, or else its name (/proc/PID/comm).
@@ -468,6 +479,7 @@ async def run(
     # nothing until READY=1, then move it out of the collector's sight (gc.freeze).
     gc.disable()
     listener = None
+    ours: tuple[int, int] | None = None
     activated = False
     try:
         # httpx's timeout is a backstop: the scheduler bounds each attempt itself.
@@ -497,6 +509,7 @@ async def run(
             else:
                 # Open to every local user only when the configuration grants them something.
                 listener = bind(socket_path, public=policy.shared)
+                ours = _identity(socket_path)
             daemon = Daemon(
                 cfg,
                 config_path=config_path,
@@ -542,7 +555,10 @@ async def run(
         gc.enable()
         if listener is not None:
             listener.close()
-            if not activated:
+            # Only the socket file we made: another daemon may have replaced it
+            # since (a stale one ends after a new one started), and its clients
+            # must not lose their way to it.
+            if not activated and ours is not None and _identity(socket_path) == ours:
                 with contextlib.suppress(OSError):
                     socket_path.unlink()
         store.close()

@@ -289,6 +289,18 @@ class TestBadClients:
             for s in silent:
                 s.close()
 
+    @pytest.mark.parametrize("field", ["timeout", "wait", "min_validity"])
+    def test_ill_typed_field_is_refused_even_with_a_token_at_hand(
+        self, setup: Path, provider: DevProvider, start_daemon: Start, field: str
+    ) -> None:
+        """A wrongly typed field is refused although the token could be answered at once."""
+        d = start_daemon(setup)
+        authorize(d, provider)
+        line = json.dumps({"v": 1, "op": "token", "account": "work", field: "x"}) + "\n"
+        answer = json.loads(raw_request(d.socket, line.encode()))
+        assert answer["error"] == "bad-request"
+        assert field in answer["message"]
+
     def test_silent_client_is_timed_out(self, setup: Path, start_daemon: Start) -> None:
         """A client that connects and says nothing gets a timeout answer and is closed."""
         d = start_daemon(setup)
@@ -330,6 +342,19 @@ class TestOperations:
         d = start_daemon(setup)
         assert d.stop() == 0
         assert not d.socket.exists()
+
+    def test_stopping_leaves_another_daemons_socket_alone(
+        self, setup: Path, start_daemon: Start, tmp_path: Path
+    ) -> None:
+        """A daemon whose socket file was replaced by another's does not remove it on exit."""
+        first = start_daemon(setup)
+        first.socket.unlink()  # as a careless clean-up would
+        other = tmp_path / "other.toml"
+        other.write_text(setup.read_text().replace(str(tmp_path / "state"), str(tmp_path / "s2")))
+        second = start_daemon(other)
+        assert first.stop() == 0
+        assert second.socket.exists()
+        assert helper("status", socket=second.socket).returncode == 0
 
     def test_notify_socket_sees_ready_status_reloading_stopping(
         self, setup: Path, tmp_path: Path
