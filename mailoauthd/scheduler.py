@@ -88,6 +88,14 @@ class _Slot:
         self.changed.set()
         self.changed = trio.Event()
 
+    def replace_grant(self, new: AccountState) -> None:
+        """A person replaced the grant (import, authorize, revoke): `new` is on disk."""
+        self.bump()
+        self.state = new
+        self.unsaved = None
+        self.retry_at = self.not_before = None
+        self.last_exc = None
+
 
 # (event, account, message, action): authorized, imported, refreshed,
 # needs_authorization, refresh_token_expiring, revoked.
@@ -534,8 +542,6 @@ class Scheduler:
     def _last_failure(self, slot: _Slot, why: str = "") -> MailoauthdError:
         name = slot.account.name
         exc = slot.last_exc
-        if isinstance(exc, TransientGrantError):
-            return TransientGrantError(f"{name}: {why}{exc.message}", hint=exc.hint)
         if exc is not None:
             return type(exc)(f"{name}: {why}{exc.message}", hint=exc.hint)
         return TransientGrantError(f"{name}: {why}no valid token")
@@ -545,7 +551,7 @@ class Scheduler:
         slot = self._slots.get(name)
         if slot is None or slot.broken is not None:
             return None
-        wanted = slot.account.min_validity.total_seconds() if min_validity is None else min_validity
+        wanted = _wanted(slot, min_validity)
         return slot.state if slot.state.valid_for(self.now()) >= wanted else None
 
     async def token(self, name: str, min_validity: float | None, deadline: float) -> AccountState:
@@ -557,7 +563,7 @@ class Scheduler:
         fast when the provider asked us to wait longer than the caller can.
         """
         slot = self._slot(name)
-        wanted = slot.account.min_validity.total_seconds() if min_validity is None else min_validity
+        wanted = _wanted(slot, min_validity)
         waited = False
         while True:
             now = self.now()
@@ -613,17 +619,11 @@ class Scheduler:
             raise UsageError(f"{name}: a client_credentials account needs no refresh token")
         now = self.now()
         async with slot.write_lock:
-            if slot.broken is not None:
-                aside = await trio.to_thread.run_sync(self.store.set_aside, name, now)
-                log.warning("state.set_aside", account=name, moved_to=str(aside))
-                slot.broken = None
+            await self._set_aside(slot, now)
+            slot.broken = None
             new = state.imported(name, refresh_token, now)
-            slot.bump()
             await trio.to_thread.run_sync(self.store.save, new)
-            slot.state = new
-            slot.unsaved = None
-            slot.retry_at = slot.not_before = None
-            slot.last_exc = None
+            slot.replace_grant(new)
         log.info("account.imported", account=name)
         self.on_event("imported", slot.account, "", "")
         return await self.refresh(name)
@@ -640,9 +640,7 @@ class Scheduler:
         async with slot.write_lock:
             new = state.refreshed(AccountState(account=name), tokens, now)
             try:
-                if slot.broken is not None:
-                    aside = await trio.to_thread.run_sync(self.store.set_aside, name, now)
-                    log.warning("state.set_aside", account=name, moved_to=str(aside))
+                await self._set_aside(slot, now)
                 await trio.to_thread.run_sync(self.store.save, new)
             except OSError as exc:
                 raise StateError(
@@ -652,21 +650,22 @@ class Scheduler:
                     f"'mailoauth authorize {name}' again",
                 ) from exc
             slot.broken = None
-            slot.bump()
-            slot.state = new
-            slot.unsaved = None
-            slot.retry_at = slot.not_before = None
-            slot.last_exc = None
+            slot.replace_grant(new)
         log.info(
             "account.authorized",
             account=name,
             expires_in=round(new.valid_for(now)),
             with_refresh_token=new.refresh_token is not None,
         )
-        if (write := getattr(self, "_write_token_file", None)) is not None:
-            await write(slot)
+        await self._write_token_file(slot)
         self.on_event("authorized", slot.account, "", "")
         return new
+
+    async def _set_aside(self, slot: _Slot, now: datetime) -> None:
+        """Move an unreadable state file out of the way (kept) before a new grant is written."""
+        if slot.broken is not None:
+            aside = await trio.to_thread.run_sync(self.store.set_aside, slot.account.name, now)
+            log.warning("state.set_aside", account=slot.account.name, moved_to=str(aside))
 
     async def wait_changed(self, name: str) -> None:
         """Return once a person has changed the account's grant (authorize, import, revoke)."""
@@ -719,10 +718,7 @@ class Scheduler:
                 await trio.to_thread.run_sync(tokenfile.remove, slot.account)
             except OSError as exc:
                 log.error("token_file.remove_failed", account=name, error=exc.strerror or str(exc))
-            slot.state = state.forgotten(slot.state)
-            slot.unsaved = None
-            slot.retry_at = slot.not_before = None
-            slot.last_exc = None
+            slot.replace_grant(state.forgotten(slot.state))
         if revoked:
             note = "revoked at the provider; local tokens forgotten"
         elif slot.broken is not None:
@@ -829,6 +825,11 @@ class Scheduler:
             minutes = int((when - self.now()).total_seconds() // 60)
             line += f"; next expiry {name} in {minutes}m" if minutes >= 0 else f"; {name} expired"
         return line
+
+
+def _wanted(slot: _Slot, min_validity: float | None) -> float:
+    """Seconds a handed-out token must still be valid: asked for, or the account's."""
+    return slot.account.min_validity.total_seconds() if min_validity is None else min_validity
 
 
 def _iso(when: datetime | None) -> str | None:
