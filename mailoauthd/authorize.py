@@ -22,7 +22,7 @@ from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
 import httpx
 
-from mailoauthd import oauth
+from mailoauthd import oauth, provider_input
 from mailoauthd.config import Account, Provider
 from mailoauthd.errors import AuthorizationFailed, Misconfigured, TransientGrantError
 from mailoauthd.secret import Secret
@@ -39,6 +39,8 @@ MIN_DEVICE_INTERVAL = 1
 # Device codes live 15 min at Microsoft and 30 at Google; longer would hold a
 # connection open for nobody.
 MAX_DEVICE_SECONDS = 1800
+# A provider's poll interval beyond this is nonsense (RFC 8628 suggests 5 s).
+MAX_DEVICE_INTERVAL = 60
 # What a preset needs at /authorize for the grant to be of use to a daemon:
 # Google issues a refresh token only with access_type=offline, and on a second
 # sign-in only with prompt=consent. A profile's authorize_params override these.
@@ -54,6 +56,8 @@ PENDING = "authorization_pending"
 SLOW_DOWN = "slow_down"
 _DECLINED = frozenset({"access_denied", "authorization_declined"})
 _EXPIRED = frozenset({"expired_token", "code_expired"})
+# Errors after which polling goes on (a provider failing for a while).
+_KEEP_POLLING = frozenset({"temporarily_unavailable", "server_error"})
 
 
 class ForeignRedirect(AuthorizationFailed):
@@ -246,12 +250,20 @@ class DeviceAuthorization:
     message: str | None = None
 
 
-def _seconds(value: object, default: int | None) -> int | None:
-    if isinstance(value, str) and value.isascii() and value.isdigit():
-        value = int(value)  # some providers send numbers as strings
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    return default if value is None else None
+def _seconds(value: object, default: int | None, maximum: int) -> int | None:
+    """A provider's count of seconds, bounded by `maximum`; None when it is not one."""
+    if value is None:
+        return default
+    number = provider_input.seconds(value)
+    return None if number is None else int(min(number, maximum))
+
+
+def _device_text(value: object, limit: int = 2000) -> str | None:
+    """Provider text shown to a person: a non-empty string without control characters."""
+    if not isinstance(value, str) or not value:
+        return None
+    cleaned = provider_input.clean_text(value, limit)
+    return cleaned or None
 
 
 def parse_device_authorization(
@@ -264,38 +276,46 @@ def parse_device_authorization(
         TransientGrantError, Misconfigured, ReauthorizationRequired: as the token
             endpoint's errors are classified (oauth.parse_token_response).
     """
-    if response.status_code != 200:
+    body = provider_input.json_object(response.content)
+    if response.status_code != 200 or (
+        # Microsoft answers some refusals with 200 and an error (AADSTS text and all).
+        body is not None and body.get("error") is not None and "device_code" not in body
+    ):
         oauth.parse_token_response(
             response, now=now, account=account, subject="the device authorization request"
         )
-        raise TransientGrantError(f"the device authorization endpoint answered {response}")
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
-    if not isinstance(body, dict):
+        raise TransientGrantError(
+            f"the device authorization endpoint answered HTTP {response.status_code}"
+        )
+    if body is None:
         raise TransientGrantError("the device authorization endpoint's answer is not JSON")
-    device_code, user_code = body.get("device_code"), body.get("user_code")
+    raw_code = body.get("device_code")
+    device_code = raw_code if provider_input.is_b64token(raw_code) else None
+    user_code = _device_text(body.get("user_code"), 100)
     # Google calls it verification_url.
-    uri = body.get("verification_uri") or body.get("verification_url")
-    complete = body.get("verification_uri_complete")
-    expires_in = _seconds(body.get("expires_in"), None)
-    interval = _seconds(body.get("interval"), DEFAULT_DEVICE_INTERVAL)
+    uri = _device_text(body.get("verification_uri") or body.get("verification_url"))
+    complete = _device_text(body.get("verification_uri_complete"))
+    expires_in = _seconds(body.get("expires_in"), None, MAX_DEVICE_SECONDS)
+    interval = _seconds(body.get("interval"), DEFAULT_DEVICE_INTERVAL, MAX_DEVICE_INTERVAL)
     texts = {"device_code": device_code, "user_code": user_code, "verification_uri": uri}
-    missing = [name for name, value in texts.items() if not isinstance(value, str) or not value]
-    if missing or not expires_in or interval is None:
+    missing = [name for name, value in texts.items() if value is None]
+    if (
+        device_code is None
+        or user_code is None
+        or uri is None
+        or not expires_in
+        or interval is None
+    ):
         what = ", ".join(missing) or "a usable expires_in and interval"
         raise TransientGrantError(f"the device authorization endpoint's answer lacks {what}")
-    device_code, user_code, uri = str(device_code), str(user_code), str(uri)
-    message = body.get("message")
     return DeviceAuthorization(
-        device_code=Secret(device_code),
+        device_code=Secret(str(device_code)),
         user_code=user_code,
         verification_uri=uri,
-        verification_uri_complete=complete if isinstance(complete, str) and complete else None,
-        expires_in=min(expires_in, MAX_DEVICE_SECONDS),
+        verification_uri_complete=complete,
+        expires_in=expires_in,
         interval=max(interval, MIN_DEVICE_INTERVAL),
-        message=message if isinstance(message, str) else None,
+        message=_device_text(body.get("message")),
     )
 
 
@@ -309,14 +329,14 @@ def parse_device_poll(
         AuthorizationFailed: declined, or the code expired: stop polling.
         TransientGrantError, Misconfigured, ReauthorizationRequired: as for any token request.
     """
-    if response.status_code != 200:
-        try:
-            body = response.json()
-        except ValueError:
-            body = None
-        error = body.get("error") if isinstance(body, dict) else None
+    body = provider_input.json_object(response.content)
+    raw_error = body.get("error") if body is not None else None
+    if raw_error is not None and (
+        response.status_code != 200 or "access_token" not in (body or {})
+    ):
+        error = provider_input.clean_text(raw_error, 80)
         if error in (PENDING, SLOW_DOWN):
-            return str(error)
+            return error
         again = f"run 'mailoauth authorize {account}' again"
         if error in _DECLINED:
             raise AuthorizationFailed(
@@ -332,4 +352,17 @@ def parse_device_poll(
             raise AuthorizationFailed(
                 f"{account}: the provider does not know this device code ({error})", hint=again
             )
+        if error not in _KEEP_POLLING and response.status_code < 500:
+            # RFC 8628 §3.5: any other error ends the sign-in at once (Google's
+            # org_internal, admin_policy_enforced ...), with the provider's words.
+            try:
+                oauth.parse_token_response(
+                    response, now=now, account=account, subject="the device code"
+                )
+            except TransientGrantError:
+                raise
+            except Misconfigured as exc:
+                raise AuthorizationFailed(f"{account}: {exc.message}", hint=exc.hint) from None
+            except oauth.GrantError as exc:
+                raise AuthorizationFailed(f"{account}: {exc.message}", hint=again) from None
     return oauth.parse_token_response(response, now=now, account=account, subject="the device code")

@@ -173,6 +173,9 @@ class Provider:
     # Known cut-offs of a refresh token: since it was issued, and since it was last used.
     refresh_token_max_age: timedelta | None = None
     refresh_token_max_idle: timedelta | None = None
+    # The lifetime assumed for an access token whose answer names none (no
+    # expires_in) and which is no JWT with an `exp` claim: short on purpose.
+    default_expires_in: timedelta = timedelta(minutes=15)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -497,6 +500,7 @@ _PROVIDER_KEYS = {
     "testing": _Key(_flag),
     "refresh_token_max_age": _Key(_positive_duration, _dump_duration),
     "refresh_token_max_idle": _Key(_positive_duration, _dump_duration),
+    "default_expires_in": _Key(_positive_duration, _dump_duration),
 }
 _ACCOUNT_KEYS = {
     "provider": _Key(_text, lambda p: p.name, "the name of a [providers.NAME] table ({defined})"),

@@ -20,6 +20,7 @@ import trio
 from mailoauthd import oauth
 from mailoauthd.config import Account, Provider
 from mailoauthd.errors import Misconfigured, TransientGrantError
+from mailoauthd.provider_input import clean_text, json_object, short_repr
 
 log = structlog.get_logger(__name__)
 
@@ -54,10 +55,13 @@ def metadata_urls(issuer: str) -> list[str]:
 def _usable_url(value: object) -> bool:
     if not isinstance(value, str) or not value or any(c.isspace() for c in value):
         return False
-    parts = urlsplit(value)
-    if parts.scheme == "http":
-        return parts.hostname in _LOOPBACK
-    return parts.scheme == "https" and bool(parts.hostname)
+    try:
+        parts = urlsplit(value)
+        if parts.scheme == "http":
+            return parts.hostname in _LOOPBACK
+        return parts.scheme == "https" and bool(parts.hostname)
+    except ValueError:  # e.g. "https://[not-an-address]"
+        return False
 
 
 def parse_metadata(response: httpx.Response, *, url: str, issuer: str) -> dict[str, str]:
@@ -74,18 +78,16 @@ def parse_metadata(response: httpx.Response, *, url: str, issuer: str) -> dict[s
         Misconfigured: any other status, not JSON, another issuer, no usable token_endpoint.
     """
     status = response.status_code
+    reason = clean_text(response.reason_phrase, 100)
     if status >= 500 or status == 429:
-        raise TransientGrantError(f"{url}: HTTP {status} {response.reason_phrase}")
+        raise TransientGrantError(f"{url}: HTTP {status} {reason}")
     if status != 200:
         raise Misconfigured(
-            f"{url}: HTTP {status} {response.reason_phrase}",
+            f"{url}: HTTP {status} {reason}",
             hint="check the issuer URL in the configuration",
         )
-    try:
-        document = response.json()
-    except ValueError:
-        document = None
-    kind = response.headers.get("Content-Type", "no content type")
+    document = json_object(response.content)
+    kind = clean_text(response.headers.get("Content-Type", "no content type"), 100)
     if not isinstance(document, dict):
         raise Misconfigured(
             f"{url}: not a JSON object ({kind})", hint="check the issuer URL in the configuration"
@@ -93,7 +95,7 @@ def parse_metadata(response: httpx.Response, *, url: str, issuer: str) -> dict[s
     named = document.get("issuer")
     if not isinstance(named, str) or named.rstrip("/") != issuer.rstrip("/"):
         raise Misconfigured(
-            f"{url}: names issuer {named!r}, not {issuer!r}",
+            f"{url}: names issuer {short_repr(named, 200)}, not {issuer!r}",
             hint="set issuer to exactly the value the document names",
         )
     endpoints: dict[str, str] = {}
@@ -101,9 +103,9 @@ def parse_metadata(response: httpx.Response, *, url: str, issuer: str) -> dict[s
         value = document.get(key)
         if value is None:
             continue
-        if not _usable_url(value):
+        if not _usable_url(value) or clean_text(value, 2000) != value:
             raise Misconfigured(
-                f"{url}: {key} is not an https URL ({value!r})",
+                f"{url}: {key} is not an https URL ({short_repr(value, 200)})",
                 hint=f"set {key} explicitly in the configuration",
             )
         endpoints[key] = str(value)

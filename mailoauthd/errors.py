@@ -134,6 +134,9 @@ class GrantError(MailoauthdError):
         super().__init__(message, hint=hint)
         self.retry_after = retry_after
         self.oauth_error = oauth_error
+        # A refresh token found in an answer refused for another reason (a Secret):
+        # under strict rotation it is the only one that still works, and must be kept.
+        self.refresh_token: object = None
 
 
 class TransientGrantError(GrantError):

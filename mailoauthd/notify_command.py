@@ -19,6 +19,7 @@ import structlog
 import trio
 
 from mailoauthd.config import Account, Provider
+from mailoauthd.provider_input import MAX_MESSAGE, clean_text
 
 log = structlog.get_logger(__name__)
 
@@ -84,8 +85,10 @@ def command_env(
         MAILOAUTHD_USERNAME=account.username or "",
         MAILOAUTHD_PROVIDER=account.provider.name,
         MAILOAUTHD_EVENT=event,
-        MAILOAUTHD_MESSAGE=message,
-        MAILOAUTHD_ACTION=action,
+        # Provider text may be in these: no NUL (which no environment can hold) nor
+        # other control characters, and bounded, whatever an older state file held.
+        MAILOAUTHD_MESSAGE=clean_text(message, MAX_MESSAGE),
+        MAILOAUTHD_ACTION=clean_text(action, MAX_MESSAGE),
     )
     return env
 
@@ -189,8 +192,10 @@ class Reminders:
                         capture_stderr=True,
                         check=False,
                     )
-            except OSError as exc:
-                log.error("notify.failed", **fields, program=argv[0], error=exc.strerror or exc)
+            except (OSError, ValueError) as exc:
+                # ValueError: something in argv or env the kernel cannot take.
+                error = exc.strerror if isinstance(exc, OSError) else None
+                log.error("notify.failed", **fields, program=argv[0], error=error or str(exc))
                 return
             if scope.cancelled_caught:
                 log.error("notify.failed", **fields, program=argv[0], error="timed out, killed")

@@ -19,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 
 import httpx
 
+from mailoauthd import provider_input
 from mailoauthd.errors import (
     GrantError,
     Misconfigured,
@@ -27,28 +28,50 @@ from mailoauthd.errors import (
 )
 from mailoauthd.secret import Secret
 
-# Providers that omit expires_in are rare; RFC 6749 recommends it. An hour is
-# what every provider we know issues, and the scheduled check corrects us if
-# the token dies sooner (the resource server rejects it, the user refreshes).
-DEFAULT_EXPIRES_IN = 3600
+# Providers that omit expires_in are rare; RFC 6749 recommends it. When the
+# access token is a JWT its `exp` claim says; otherwise we assume this much
+# (a profile's default_expires_in): short, so that a token that dies sooner is
+# not handed out for long after it has.
+DEFAULT_EXPIRES_IN = 900
 # No provider issues access tokens for longer than a day or so; a year means
 # a broken answer, and a larger number would overflow datetime arithmetic.
 MAX_EXPIRES_IN = 366 * 24 * 3600
 # Cap on what we read of an error body into a message: provider HTML error
 # pages can be large, and one line on stderr must stay one line.
-MAX_DESCRIPTION = 300
+MAX_DESCRIPTION = provider_input.MAX_TEXT
+# A 4xx without an OAuth error body (an empty 400, a proxy's bare 401) is retried
+# once after this long; refused again, the grant is taken as dead.
+CONFIRM_REFUSAL_SECONDS = 30
+# AADSTS50196: Microsoft saw the same request in a loop and throttles it.
+THROTTLE_SECONDS = 120
 
 REFRESH_TOKEN = "refresh_token"  # noqa: S105 - a grant type, not a secret
 CLIENT_CREDENTIALS = "client_credentials"
 AUTHORIZATION_CODE = "authorization_code"
 DEVICE_CODE = "urn:ietf:params:oauth:grant-type:device_code"
 
-# RFC 6749 §5.2 error codes, by what the daemon should do about them.
-_NEEDS_AUTH = frozenset({"invalid_grant", "interaction_required", "consent_required"})
+# RFC 6749 §5.2 error codes, by what the daemon should do about them. Every
+# OAuth error code is final except these: `temporarily_unavailable`, and
+# `server_error` (the same thing where a 5xx cannot be sent, RFC 6749 §4.1.2.1).
+_NEEDS_AUTH = frozenset(
+    {"invalid_grant", "interaction_required", "consent_required", "login_required"}
+)
 _MISCONFIGURED = frozenset(
-    {"invalid_client", "unauthorized_client", "invalid_scope", "unsupported_grant_type"}
+    {
+        "invalid_client",
+        "unauthorized_client",
+        "invalid_scope",
+        "unsupported_grant_type",
+        "invalid_request",
+        "invalid_resource",
+        "invalid_target",
+        "unsupported_response_type",
+    }
 )
 _TRANSIENT = frozenset({"temporarily_unavailable", "server_error", "slow_down"})
+# Microsoft codes that are not what their OAuth error code says.
+_AADSTS_THROTTLE = frozenset({"50196"})  # "the server terminated an operation" (a loop)
+_AADSTS_MISCONFIGURED = frozenset({"9001023", "90009", "900144", "700016", "7000215"})
 
 # Microsoft identity platform codes people actually hit, as "what happened; what to do".
 AADSTS_EXPLANATIONS = {
@@ -83,6 +106,14 @@ AADSTS_EXPLANATIONS = {
     "70011": (
         "a requested scope is invalid for this app",
         "check the scopes configured for this provider",
+    ),
+    "50196": (
+        "Microsoft throttled repeated requests for this account (a request loop)",
+        "mailoauthd waits before it asks again; check what asks for tokens so often",
+    ),
+    "9001023": (
+        "the requested scopes belong to more than one resource",
+        "ask for the scopes of one resource only (e.g. only outlook.office.com ones)",
     ),
     "9002313": (
         "the request was malformed or invalid",
@@ -137,6 +168,10 @@ class TokenSet:
     refresh_token: Secret | None
     scopes: tuple[str, ...] | None
     id_token: Secret | None = None
+    # Google: seconds until the refresh token stops working (time-limited grants).
+    refresh_token_expires_in: float | None = None
+    # Where the lifetime came from: "expires_in", "jwt" or "default".
+    expiry_source: str = "expires_in"
 
 
 def _form_request(
@@ -232,7 +267,7 @@ def retry_after(response: httpx.Response, now: datetime) -> float | None:
         return None
     value = value.strip()
     if value.isascii() and value.isdigit():
-        return float(value)
+        return provider_input.seconds(value, maximum=86400.0)
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
@@ -242,17 +277,12 @@ def retry_after(response: httpx.Response, now: datetime) -> float | None:
     return max(0.0, (when - now).total_seconds())
 
 
-def _one_line(text: str) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= MAX_DESCRIPTION else text[: MAX_DESCRIPTION - 1] + "…"
+def _one_line(text: object) -> str:
+    return provider_input.clean_text(text, MAX_DESCRIPTION)
 
 
 def _json_body(response: httpx.Response) -> dict[str, object] | None:
-    try:
-        body = response.json()
-    except ValueError:
-        return None
-    return body if isinstance(body, dict) else None
+    return provider_input.json_object(response.content)
 
 
 def explain(oauth_error: str, description: str, account: str) -> tuple[str, str | None]:
@@ -278,43 +308,69 @@ def explain(oauth_error: str, description: str, account: str) -> tuple[str, str 
 
 
 def parse_token_response(
-    response: httpx.Response, *, now: datetime, account: str, subject: str = "the refresh token"
+    response: httpx.Response,
+    *,
+    now: datetime,
+    account: str,
+    subject: str = "the refresh token",
+    default_expires_in: float = DEFAULT_EXPIRES_IN,
 ) -> TokenSet:
     """
     Turn the token endpoint's answer into tokens, or into a classified error.
 
     Args:
-        response: the HTTP response, body read.
+        response: the HTTP response, body read (and bounded: `send`).
         now: the wall-clock time the response arrived, for the expiry.
         account: the account's name, for messages.
         subject: what the provider may reject, for messages ("the authorization code").
+        default_expires_in: the lifetime assumed when the answer names none and the
+            access token is no JWT (the profile's default_expires_in).
 
     Raises:
-        TransientGrantError: 5xx, 429, a malformed answer; retry later.
+        TransientGrantError: 5xx, 429, `temporarily_unavailable`, a malformed answer;
+            retry later. A 4xx without an OAuth error body is a BareRefusal, retried
+            once before the grant is taken as dead.
         ReauthorizationRequired: the grant is gone; a human must sign in again.
         Misconfigured: the provider refuses our client or request.
+        Any of them carries `refresh_token` when a 200 answer held a usable one that
+        must be kept although the rest of the answer is refused.
     """
     status = response.status_code
     body = _json_body(response)
     # Some providers answer errors with 200; an error and no token is an error.
     if status == 200 and not (
-        body is not None and isinstance(body.get("error"), str) and "access_token" not in body
+        body is not None and body.get("error") is not None and "access_token" not in body
     ):
         if body is None:
+            kind = _one_line(response.headers.get("Content-Type", "no content type"))
             raise TransientGrantError(
-                f"the token endpoint answered 200 with a body that is not a JSON object "
-                f"({response.headers.get('Content-Type', 'no content type')})"
+                f"the token endpoint answered 200 with a body that is not a JSON object ({kind})"
             )
-        return _tokens(body, now)
+        return _tokens(body, now, default_expires_in)
     wait = retry_after(response, now)
-    if body is not None and isinstance(body.get("error"), str):
-        oauth_error = str(body["error"])
-        description = _one_line(str(body.get("error_description") or ""))
+    if body is not None and body.get("error") is not None:
+        oauth_error = _one_line(body["error"])[:80] or "unnamed_error"
+        description = _one_line(body.get("error_description") or "")
         message, hint = explain(oauth_error, description, account)
+        aadsts = _AADSTS.search(description)
+        code = aadsts.group(1) if aadsts else None
+        if code in _AADSTS_THROTTLE:
+            raise TransientGrantError(
+                f"the provider is throttling us (HTTP {status}, {message})",
+                retry_after=max(wait or 0.0, THROTTLE_SECONDS),
+                oauth_error=oauth_error,
+                hint=hint,
+            )
         if status >= 500 or status == 429 or oauth_error in _TRANSIENT:
             raise TransientGrantError(
                 f"the provider is failing (HTTP {status}, {message})",
                 retry_after=wait,
+                oauth_error=oauth_error,
+            )
+        if code in _AADSTS_MISCONFIGURED or oauth_error in _MISCONFIGURED:
+            raise Misconfigured(
+                f"the provider refused the request ({message})",
+                hint=hint,
                 oauth_error=oauth_error,
             )
         if oauth_error in _NEEDS_AUTH:
@@ -323,56 +379,95 @@ def parse_token_response(
                 hint=hint or f"run 'mailoauth authorize {account}' and sign in again",
                 oauth_error=oauth_error,
             )
-        if oauth_error in _MISCONFIGURED:
-            raise Misconfigured(
-                f"the provider refused the request ({message})",
-                hint=hint,
-                oauth_error=oauth_error,
-            )
-        # An error code we do not know: not ours to give up on for good.
-        raise TransientGrantError(
-            f"the provider answered HTTP {status} ({message})",
-            retry_after=wait,
+        # RFC 6749 §5.2: an error code we do not know is still a refusal, and final.
+        raise ReauthorizationRequired(
+            f"the provider refused {subject} (HTTP {status}, {message})",
+            hint=hint or f"run 'mailoauth authorize {account}' and sign in again",
             oauth_error=oauth_error,
         )
-    reason = response.reason_phrase or "no reason given"
+    reason = _one_line(response.reason_phrase or "no reason given")
     kind = (
         "an HTML page" if "html" in response.headers.get("Content-Type", "") else "no OAuth error"
     )
-    if status in (401, 403) and body is None:
-        # Some proxies and providers answer bare 401s for a bad client.
-        raise Misconfigured(f"the token endpoint refused us (HTTP {status} {reason}, {kind})")
+    if 400 <= status < 500 and status not in (408, 425, 429):
+        raise BareRefusal(
+            f"the token endpoint refused {subject} (HTTP {status} {reason}, {kind})",
+            retry_after=CONFIRM_REFUSAL_SECONDS,
+            hint=f"if it is refused again, run 'mailoauth authorize {account}'",
+        )
     raise TransientGrantError(
         f"the token endpoint answered HTTP {status} {reason} with {kind}", retry_after=wait
     )
 
 
-def _tokens(body: dict[str, object], now: datetime) -> TokenSet:
+class BareRefusal(TransientGrantError):
+    """
+    A 4xx without an OAuth error: retried once after CONFIRM_REFUSAL_SECONDS (a proxy's
+    hiccup); the same again and the grant is dead (the scheduler decides).
+    """
+
+
+def _tokens(body: dict[str, object], now: datetime, default_expires_in: float) -> TokenSet:
+    # A refresh token comes first: under strict rotation the one we sent is already
+    # retired, so whatever else is wrong with this answer, this one must be kept.
+    raw_refresh = body.get("refresh_token")
+    refresh: Secret | None = None
+    if raw_refresh is not None and raw_refresh != "":
+        if not provider_input.is_b64token(raw_refresh):
+            raise TransientGrantError(
+                "the token endpoint's refresh_token is not a bearer token "
+                "(characters RFC 6750 does not allow, or too long; not shown)"
+            )
+        refresh = Secret(str(raw_refresh))
+    try:
+        return _usable_tokens(body, now, default_expires_in, refresh)
+    except GrantError as exc:
+        exc.refresh_token = refresh
+        raise
+
+
+def _usable_tokens(
+    body: dict[str, object], now: datetime, default_expires_in: float, refresh: Secret | None
+) -> TokenSet:
     access = body.get("access_token")
     if not isinstance(access, str) or not access:
         raise TransientGrantError("the token endpoint's answer has no access_token")
+    if not provider_input.is_b64token(access):
+        raise TransientGrantError(
+            "the token endpoint's access_token is not a bearer token "
+            "(characters RFC 6750 does not allow, or too long; not shown)"
+        )
     token_type = body.get("token_type", "Bearer")
     if not isinstance(token_type, str) or token_type.lower() != "bearer":
-        raise Misconfigured(f"the provider issued a {token_type!r} token; only Bearer is usable")
-    expires_in = body.get("expires_in", DEFAULT_EXPIRES_IN)
-    if isinstance(expires_in, str) and expires_in.isascii() and expires_in.isdigit():
-        expires_in = int(expires_in)  # some providers send a string
-    if (
-        isinstance(expires_in, bool)
-        or not isinstance(expires_in, int | float)
-        or not 0 < expires_in <= MAX_EXPIRES_IN
-    ):
-        raise TransientGrantError(f"the token endpoint's expires_in is not usable: {expires_in!r}")
-    refresh = body.get("refresh_token")
+        shown = provider_input.short_repr(token_type)
+        raise Misconfigured(f"the provider issued a {shown} token; only Bearer is usable")
+    source = "expires_in"
+    if body.get("expires_in") is None:
+        exp = provider_input.jwt_expiry(access)
+        if exp is not None:
+            expires_in: float | None = exp - now.timestamp()
+            source = "jwt"
+        else:
+            expires_in, source = default_expires_in, "default"
+    else:
+        expires_in = provider_input.seconds(body["expires_in"], maximum=MAX_EXPIRES_IN)
+    if expires_in is None or not 0 < expires_in <= MAX_EXPIRES_IN:
+        shown = provider_input.short_repr(body.get("expires_in"))
+        raise TransientGrantError(f"the token endpoint's expires_in is not usable: {shown}")
     scope = body.get("scope")
+    scopes = None
+    if isinstance(scope, str):
+        scopes = tuple(provider_input.clean_text(s, 200) for s in scope.split()[:100])
     id_token = body.get("id_token")
     return TokenSet(
         access_token=Secret(access),
         token_type="Bearer",  # noqa: S106 - a token type, not a secret
-        expires_at=now + timedelta(seconds=float(expires_in)),
-        refresh_token=Secret(refresh) if isinstance(refresh, str) and refresh else None,
-        scopes=tuple(scope.split()) if isinstance(scope, str) else None,
+        expires_at=now + timedelta(seconds=expires_in),
+        refresh_token=refresh,
+        scopes=scopes,
         id_token=Secret(id_token) if isinstance(id_token, str) and id_token else None,
+        refresh_token_expires_in=provider_input.seconds(body.get("refresh_token_expires_in")),
+        expiry_source=source,
     )
 
 
@@ -391,22 +486,51 @@ async def send(
         what: names the endpoint in messages, e.g. "the device authorization endpoint".
     """
     try:
-        response = await http.send(request)
-        await response.aread()
-        await response.aclose()
+        response = await http.send(request, stream=True)
+        try:
+            body = await _read_bounded(response, what)
+        finally:
+            await response.aclose()
     except httpx.TimeoutException as exc:
         raise TransientGrantError(f"{what} timed out ({request.url.host})") from exc
     except httpx.TransportError as exc:
         raise TransientGrantError(
             f"cannot reach {what} at {request.url.host}: {type(exc).__name__}"
-            + (f": {exc}" if str(exc) else "")
+            + (f": {_one_line(exc)}" if str(exc) else "")
             + _tls_failure(exc)
         ) from exc
     except httpx.RequestError as exc:  # e.g. a body that cannot be decoded
         raise TransientGrantError(
             f"the answer of {what} at {request.url.host} could not be read: {type(exc).__name__}"
         ) from exc
-    return response
+    # The body as read (decoded), so the headers that described its encoding go.
+    headers = [
+        (k, v)
+        for k, v in response.headers.multi_items()
+        if k.lower() not in ("content-encoding", "content-length", "transfer-encoding")
+    ]
+    return httpx.Response(
+        response.status_code,
+        headers=headers,
+        content=body,
+        request=request,
+        extensions={"reason_phrase": response.reason_phrase.encode("latin-1", "replace")},
+    )
+
+
+async def _read_bounded(response: httpx.Response, what: str) -> bytes:
+    """The (decoded) body, read while it streams, refused past MAX_BODY bytes."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_bytes():
+        size += len(chunk)
+        if size > provider_input.MAX_BODY:
+            raise TransientGrantError(
+                f"the answer of {what} is larger than {provider_input.MAX_BODY} bytes; "
+                "not read further"
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _tls_failure(exc: BaseException) -> str:
@@ -434,6 +558,7 @@ def now_utc() -> datetime:
 
 
 __all__ = [
+    "BareRefusal",
     "Client",
     "authorization_code_request",
     "device_authorization_request",

@@ -55,6 +55,14 @@ PERSIST_RETRY_SECONDS = 30
 # failure at once instead of another attempt: a mail program that opens ten
 # connections during an outage should not wait ten times.
 ON_DEMAND_GAP_SECONDS = 10
+# A request that wants more validity than the token has starts a refresh; one
+# such refresh per account in this many seconds, however many ask (any allowed
+# user could otherwise make us hammer the provider, which Microsoft answers with
+# AADSTS50196 and a throttle).
+ON_DEMAND_REFRESH_GAP_SECONDS = 60
+# A request's min_validity is capped at the lifetime of the tokens the provider
+# issues, less this: more than that no refresh can give.
+LIFETIME_MARGIN_SECONDS = 60
 
 
 def backoff_seconds(failures: int, rng: random.Random) -> float:
@@ -81,6 +89,8 @@ class _Slot:
     # Set and replaced whenever a person changes the grant (authorize, import, revoke).
     changed: trio.Event = dataclasses.field(default_factory=trio.Event)
     age_warned: datetime | None = None  # refresh_token_issued_at of the token warned about
+    bare_refusals: int = 0  # 4xx answers without an OAuth error in a row (oauth.BareRefusal)
+    last_on_demand: float | None = None  # trio time of the last refresh a request started
 
     def bump(self) -> None:
         """A new grant (or none): drop older refreshes' results, wake who waits for it."""
@@ -319,7 +329,19 @@ class Scheduler:
         try:
             async with self._limiter:
                 with structlog.contextvars.bound_contextvars(account=slot.account.name):
-                    await self._attempt(slot)
+                    try:
+                        await self._attempt(slot)
+                    except Exception as exc:  # noqa: BLE001 - the last resort: keep serving
+                        # A bug must not end the daemon: the tokens held are still served,
+                        # and the account is retried as after any transient failure.
+                        log.error("refresh.internal_error", error=type(exc).__name__)
+                        slot.last_exc = TransientGrantError(
+                            f"internal error during the refresh ({type(exc).__name__})",
+                            hint="mailoauthd retries; please report this with the log",
+                        )
+                        delay = backoff_seconds(slot.state.failures + 1, self.rng)
+                        slot.retry_at = self.now() + timedelta(seconds=delay)
+                        self._wakeup.set()
         finally:
             slot.in_flight = None
             done.set()
@@ -390,7 +412,18 @@ class Scheduler:
                         f"{self.settings.request_timeout.total_seconds():g} s"
                     ) from None
                 now = self.now()
-                tokens = oauth.parse_token_response(response, now=sent, account=account.name)
+                try:
+                    tokens = oauth.parse_token_response(
+                        response,
+                        now=sent,
+                        account=account.name,
+                        default_expires_in=account.provider.default_expires_in.total_seconds(),
+                    )
+                except GrantError as exc:
+                    if isinstance(exc.refresh_token, Secret):
+                        await self._keep_refresh_token(slot, exc.refresh_token, generation)
+                    raise
+                self._note_answer(slot, tokens)
                 new = state.refreshed(slot.state, tokens, now)
                 if generation != slot.generation:
                     log.info("token.refresh_dropped", reason="account re-imported or revoked")
@@ -412,8 +445,32 @@ class Scheduler:
         else:
             await self._succeeded(slot)
 
+    async def _keep_refresh_token(self, slot: _Slot, token: Secret, generation: int) -> None:
+        """
+        Store the refresh token of an answer refused for another reason, before anything
+        else: under strict rotation the one we sent is retired, and this is the grant.
+        """
+        if token == slot.state.refresh_token:
+            return
+        now = self.now()
+        kept = dataclasses.replace(
+            slot.state, refresh_token=token, refresh_token_issued_at=now, refresh_sent=None
+        )
+        if await self._persist(slot, kept, generation):
+            log.warning("token.refresh_token_kept", reason="the rest of the answer was refused")
+
+    def _note_answer(self, slot: _Slot, tokens: oauth.TokenSet) -> None:
+        """Say what a good answer lacked or narrowed (no expires_in, a lost scope)."""
+        if tokens.expiry_source != "expires_in":
+            log.info("token.no_expires_in", lifetime_from=tokens.expiry_source)
+        held = set(slot.state.scopes)
+        if tokens.scopes is not None and held and not held <= set(tokens.scopes):
+            lost = sorted(held - set(tokens.scopes))
+            log.warning("token.scopes_narrowed", lost=lost[:10])
+
     async def _succeeded(self, slot: _Slot) -> None:
         """A token response is on disk and in use: the refresh is done."""
+        slot.bare_refusals = 0
         slot.retry_at = None
         slot.not_before = None
         slot.last_exc = None
@@ -458,6 +515,16 @@ class Scheduler:
     async def _failed(self, slot: _Slot, exc: GrantError, generation: int) -> None:
         now = self.now()
         name = slot.account.name
+        if isinstance(exc, oauth.BareRefusal):
+            slot.bare_refusals += 1
+            if slot.bare_refusals > 1:
+                # Refused again after a pause: not a proxy's hiccup; the grant is dead.
+                exc = ReauthorizationRequired(
+                    f"{exc.message}, again after a retry",
+                    hint=f"run 'mailoauth authorize {name}' and sign in again",
+                )
+        else:
+            slot.bare_refusals = 0
         if isinstance(exc, ReauthorizationRequired):
             status = state.NEEDS_AUTHORIZATION
             exc.hint = exc.hint.replace("ACCOUNT", name)
@@ -546,12 +613,23 @@ class Scheduler:
             return type(exc)(f"{name}: {why}{exc.message}", hint=exc.hint)
         return TransientGrantError(f"{name}: {why}no valid token")
 
+    def _capped(self, slot: _Slot, wanted: float) -> float:
+        """
+        `wanted`, but no more than the provider's tokens can have: the lifetime of
+        the last one issued, less a margin; asking for more would refresh forever.
+        """
+        st = slot.state
+        if st.expires_at is None or st.last_refresh is None:
+            return wanted
+        lifetime = (st.expires_at - st.last_refresh).total_seconds()
+        return min(wanted, max(lifetime / 2, lifetime - LIFETIME_MARGIN_SECONDS))
+
     def token_now(self, name: str, min_validity: float | None) -> AccountState | None:
         """The account's state if its token is valid for `min_validity` now, else None."""
         slot = self._slots.get(name)
         if slot is None or slot.broken is not None:
             return None
-        wanted = _wanted(slot, min_validity)
+        wanted = self._capped(slot, _wanted(slot, min_validity))
         return slot.state if slot.state.valid_for(self.now()) >= wanted else None
 
     async def token(self, name: str, min_validity: float | None, deadline: float) -> AccountState:
@@ -563,7 +641,7 @@ class Scheduler:
         fast when the provider asked us to wait longer than the caller can.
         """
         slot = self._slot(name)
-        wanted = _wanted(slot, min_validity)
+        wanted = self._capped(slot, _wanted(slot, min_validity))
         waited = False
         while True:
             now = self.now()
@@ -580,6 +658,21 @@ class Scheduler:
                     )
                 raise self._last_failure(slot)
             if slot.in_flight is None:
+                remaining = slot.state.valid_for(now)
+                asked = slot.last_on_demand
+                if (
+                    remaining > 0
+                    and asked is not None
+                    and trio.current_time() - asked < ON_DEMAND_REFRESH_GAP_SECONDS
+                ):
+                    # The token still works: one on-demand refresh a minute, however
+                    # many ask for more validity than it has.
+                    raise TransientGrantError(
+                        f"{name}: the token is valid for {remaining:.0f} s, less than the "
+                        f"{wanted:g} s asked for, and it was refreshed on demand "
+                        f"less than {ON_DEMAND_REFRESH_GAP_SECONDS} s ago",
+                        hint="ask for a shorter min_validity, or try again in a minute",
+                    )
                 if slot.not_before is not None and slot.not_before > now:
                     wait = (slot.not_before - now).total_seconds()
                     if trio.current_time() + wait > deadline:
@@ -595,6 +688,8 @@ class Scheduler:
                     and (now - last).total_seconds() < ON_DEMAND_GAP_SECONDS
                 ):
                     raise self._last_failure(slot)
+            if slot.in_flight is None:
+                slot.last_on_demand = trio.current_time()
             await self._start_refresh(slot).wait()
             waited = True
 
@@ -639,6 +734,16 @@ class Scheduler:
         now = self.now()
         async with slot.write_lock:
             new = state.refreshed(AccountState(account=name), tokens, now)
+            kept = tokens.refresh_token is None and slot.state.refresh_token is not None
+            if kept and slot.broken is None:
+                # RFC 6749 §6: providers omit the refresh token when consent already
+                # exists; the one we hold still works, and is the grant.
+                new = dataclasses.replace(
+                    new,
+                    refresh_token=slot.state.refresh_token,
+                    refresh_token_issued_at=slot.state.refresh_token_issued_at,
+                )
+                log.warning("account.refresh_token_kept", reason="the sign-in issued none")
             try:
                 await self._set_aside(slot, now)
                 await trio.to_thread.run_sync(self.store.save, new)

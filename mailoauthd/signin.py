@@ -420,7 +420,7 @@ async def _poll(
         except ReauthorizationRequired as exc:
             raise _refused(exc, name) from None
         if answer == authorize.SLOW_DOWN:
-            interval += 5  # RFC 8628 §3.5
+            interval = min(interval + 5, MAX_POLL_INTERVAL)  # RFC 8628 §3.5
             log.info("authorize.slow_down", interval=interval)
             await _tell(channel, {"event": "slow_down", "interval": interval})
     raise AuthorizationFailed(

@@ -32,6 +32,7 @@ import tomli_w
 from mailoauthd.errors import GrantError, StateError, StateLocked
 from mailoauthd.fsutil import sync_directory, write_atomic
 from mailoauthd.oauth import TokenSet
+from mailoauthd.provider_input import MAX_MESSAGE, clean_text
 from mailoauthd.secret import Secret
 
 _T = TypeVar("_T")
@@ -122,7 +123,7 @@ def failed(state: AccountState, error: GrantError, status: str, now: datetime) -
         state,
         status=status,
         last_attempt=now,
-        last_error=error.message,
+        last_error=clean_text(error.message, MAX_MESSAGE),
         last_error_code=error.code,
         error_since=state.error_since or now,
         failures=state.failures + 1,
@@ -197,7 +198,9 @@ def from_toml(text: str, *, source: str) -> AccountState:
                 fields[name] = when if when.tzinfo else when.replace(tzinfo=UTC)
         for name in _TEXT_FIELDS:
             if name in doc:
-                fields[name] = _typed(doc, name, str)
+                # An older version stored provider text as it came (NUL and all):
+                # cleaned here, it can no longer break what shows or passes it on.
+                fields[name] = clean_text(_typed(doc, name, str), MAX_MESSAGE)
         scopes = doc.get("scopes", [])
         if not isinstance(scopes, list) or not all(isinstance(s, str) for s in scopes):
             raise ValueError("scopes is not a list of strings")

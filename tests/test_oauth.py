@@ -349,7 +349,25 @@ CLASSIFICATION = [
     pytest.param(
         error_reply("temporarily_unavailable"), TransientGrantError, id="temporarily_unavailable"
     ),
-    pytest.param(error_reply("brand_new_error"), TransientGrantError, id="unknown-error-code"),
+    # RFC 6749 §5.2: every error code is final but temporarily_unavailable (issue #10).
+    pytest.param(error_reply("brand_new_error"), ReauthorizationRequired, id="unknown-error-code"),
+    pytest.param(
+        httpx.Response(200, json={"error": "invalid_code"}),
+        ReauthorizationRequired,
+        id="200-unknown-error-code",
+    ),
+    pytest.param(error_reply("invalid_request"), Misconfigured, id="invalid_request"),
+    pytest.param(error_reply("invalid_resource"), Misconfigured, id="invalid_resource"),
+    pytest.param(
+        error_reply("invalid_grant", "AADSTS9001023: The grant type is not supported over two"),
+        Misconfigured,
+        id="aadsts9001023",
+    ),
+    pytest.param(
+        error_reply("invalid_grant", "AADSTS50196: The server terminated an operation"),
+        TransientGrantError,
+        id="aadsts50196-throttle",
+    ),
     # Server trouble, whatever the body says.
     *(
         pytest.param(error_reply("server_error", status=s), TransientGrantError, id=f"{s}-json")
@@ -361,11 +379,13 @@ CLASSIFICATION = [
     ),
     pytest.param(error_reply("slow_down", status=429), TransientGrantError, id="429-json"),
     pytest.param(html_reply(429), TransientGrantError, id="429-html"),
-    pytest.param(html_reply(404), TransientGrantError, id="404-html"),
-    # A bare refusal without an OAuth error: our client is not welcome.
-    pytest.param(html_reply(401), Misconfigured, id="401-html"),
-    pytest.param(httpx.Response(401), Misconfigured, id="401-empty"),
-    pytest.param(html_reply(403), Misconfigured, id="403-html"),
+    # A 4xx without an OAuth error: retried once, then the grant is taken as dead.
+    pytest.param(html_reply(404), oauth.BareRefusal, id="404-html"),
+    pytest.param(html_reply(401), oauth.BareRefusal, id="401-html"),
+    pytest.param(httpx.Response(401), oauth.BareRefusal, id="401-empty"),
+    pytest.param(httpx.Response(400), oauth.BareRefusal, id="400-empty"),
+    pytest.param(html_reply(403), oauth.BareRefusal, id="403-html"),
+    pytest.param(httpx.Response(408), TransientGrantError, id="408-empty"),
 ]
 
 

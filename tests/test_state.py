@@ -27,6 +27,7 @@ from mailoauthd.errors import (
     TransientGrantError,
 )
 from mailoauthd.oauth import TokenSet
+from mailoauthd.provider_input import MAX_MESSAGE, clean_text
 from mailoauthd.secret import Secret
 from mailoauthd.state import AccountState, TokenStore, from_toml, to_toml
 
@@ -53,6 +54,10 @@ secrets = st.text(max_size=60).map(Secret)
 any_text = st.text()
 
 
+def stored_text(text: str) -> str:
+    return clean_text(text, MAX_MESSAGE)
+
+
 @st.composite
 def account_states(draw: st.DrawFn, names: st.SearchStrategy[str] = any_text) -> AccountState:
     """Any AccountState the daemon could hold, every optional field present or not."""
@@ -70,8 +75,9 @@ def account_states(draw: st.DrawFn, names: st.SearchStrategy[str] = any_text) ->
         scopes=tuple(draw(st.lists(st.text(max_size=30), max_size=5))),
         last_refresh=maybe(times),
         last_attempt=maybe(times),
-        last_error=maybe(st.text(max_size=200)),
-        last_error_code=maybe(st.text(max_size=30)),
+        # As stored: the state module keeps no control characters in them (issue #10).
+        last_error=maybe(st.text(max_size=200).map(stored_text)),
+        last_error_code=maybe(st.text(max_size=30).map(stored_text)),
         error_since=maybe(times),
         failures=draw(st.integers(min_value=0, max_value=2**63 - 1)),
     )
