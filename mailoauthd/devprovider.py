@@ -50,6 +50,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, unquote_plus, urlencode, urlsplit
 
+from mailoauthd.devprovider_hostile import HostileAnswers
+
 DEFAULT_CLIENTS: Mapping[str, str | None] = {"demo-client": "demo-secret", "public-client": None}
 DEFAULT_USER = "demo@example.com"
 DEFAULT_SCOPES = ("mail",)
@@ -338,6 +340,8 @@ class DevProvider:
         self._devices: dict[str, _Device] = {}
         self._user_codes: dict[str, str] = {}
         self._faults: list[_Fault] = []
+        # Hostile mode (devprovider_hostile.py): scripted answers no honest provider sends.
+        self.hostile = HostileAnswers()
         self._records: list[RequestRecord] = []
         self._deny_next: str | None = None
         self._routes: dict[str, tuple[str, Callable[[_Request], _Response]]] = {
@@ -943,6 +947,17 @@ class DevProvider:
             with self._changed:
                 self._received += 1
                 self._changed.notify_all()
+        hostile = None if admin else self.hostile.take(req.path)
+        if hostile is not None:
+            with self._changed:
+                record = RequestRecord(
+                    self._clock(), req.method, req.path, req.first("grant_type"),
+                    req.client_hint(), hostile.status, "hostile",
+                )  # fmt: skip
+                self._records.append(record)
+                self._changed.notify_all()
+            self.hostile.send(handler, hostile)
+            return
         fault = None if admin else self._take_fault(req.path)
         kind = fault.kind if fault is not None else None
         response: _Response | None = None

@@ -265,6 +265,7 @@ def render(figures: Figures, *, seconds: float, outcomes: dict[str, int]) -> str
         "",
         _held(figures, "secrets"),
         "",
+        *_hostile_provider(figures),
         "## Reproduce",
         "",
         "```",
@@ -274,3 +275,28 @@ def render(figures: Figures, *, seconds: float, outcomes: dict[str, int]) -> str
         "",
     ]
     return "\n".join(line for line in parts if line is not None)
+
+
+def _hostile_provider(figures: Figures) -> list[str]:
+    """The section on a hostile provider (tests/reliability/test_hostile_provider.py)."""
+    from . import test_hostile_provider as t
+
+    counts = figures.counts.get(t.SECTION, {})
+    return [
+        "## Hostile provider",
+        "",
+        "**What was tried.** The development provider's hostile mode answered the token, "
+        "device authorization, discovery and revocation endpoints with Hypothesis-generated "
+        "responses: any status, any JSON shape and nesting (up to 200,000 levels), huge and "
+        "non-finite numbers (10**400, 1e400, NaN), control characters and NUL in every text, "
+        "wrong types, lying Content-Length headers, and bodies streamed up to "
+        f"{t.STREAM >> 20} MiB, at the real daemon as a subprocess. After every answer the "
+        "test checked that the daemon was alive, that its resident memory stayed bounded, "
+        "that it still served the token it held, and that `status` was well-formed "
+        f"(`{SMALL_COMMAND}`: {t.EXAMPLES_TEST} examples; `{COMMAND}`: {t.EXAMPLES_SOAK}).",
+        "",
+        _table(counts),
+        "",
+        _held(figures, t.SECTION),
+        "",
+    ]
