@@ -10,6 +10,7 @@ stops and waits for a human, Misconfigured stops and waits for a config fix.
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import re
 import ssl
@@ -522,15 +523,23 @@ async def _read_bounded(response: httpx.Response, what: str) -> bytes:
     """The (decoded) body, read while it streams, refused past MAX_BODY bytes."""
     chunks: list[bytes] = []
     size = 0
-    async for chunk in response.aiter_bytes():
+    iterator = response.aiter_bytes()
+    async for chunk in iterator:
         size += len(chunk)
         if size > provider_input.MAX_BODY:
-            raise TransientGrantError(
-                f"the answer of {what} is larger than {provider_input.MAX_BODY} bytes; "
-                "not read further"
-            )
+            break
         chunks.append(chunk)
-    return b"".join(chunks)
+    else:
+        return b"".join(chunks)
+    # Hang up, then let httpx's nested generators run into the closed stream and
+    # finish, rather than leave them half-way for the garbage collector.
+    await response.aclose()
+    with contextlib.suppress(Exception):
+        async for _ in iterator:
+            pass
+    raise TransientGrantError(
+        f"the answer of {what} is larger than {provider_input.MAX_BODY} bytes; not read further"
+    )
 
 
 def _tls_failure(exc: BaseException) -> str:

@@ -641,9 +641,10 @@ class Scheduler:
         fast when the provider asked us to wait longer than the caller can.
         """
         slot = self._slot(name)
-        wanted = self._capped(slot, _wanted(slot, min_validity))
         waited = False
         while True:
+            # Capped anew each time: a refresh tells us what lifetime tokens have.
+            wanted = self._capped(slot, _wanted(slot, min_validity))
             now = self.now()
             if slot.state.valid_for(now) >= wanted and slot.broken is None:
                 return slot.state
