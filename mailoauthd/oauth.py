@@ -286,9 +286,12 @@ def _json_body(response: httpx.Response) -> dict[str, object] | None:
     return provider_input.json_object(response.content)
 
 
-def explain(oauth_error: str, description: str, account: str) -> tuple[str, str | None]:
+def explain(
+    oauth_error: str, description: str, account: str, *, testing: bool = False
+) -> tuple[str, str | None]:
     """
-    A provider's error in words a person can act on.
+    A provider's error in words a person can act on; `testing`: the profile says the
+    app is in Google's "testing" status (its 7-day limit is named only then).
 
     Returns:
         (message, hint): the hint is None when we have nothing better than the default.
@@ -297,7 +300,11 @@ def explain(oauth_error: str, description: str, account: str) -> tuple[str, str 
     if match and match.group(1) in AADSTS_EXPLANATIONS:
         what, todo = AADSTS_EXPLANATIONS[match.group(1)]
         return f"AADSTS{match.group(1)}: {what}", todo.format(account=account)
-    if oauth_error == "invalid_grant" and "Token has been expired or revoked" in description:
+    if (
+        testing
+        and oauth_error == "invalid_grant"
+        and "Token has been expired or revoked" in description
+    ):
         # Google's wording; apps in "testing" publishing status get 7-day refresh tokens.
         return (
             f"invalid_grant: {description} (Google revokes refresh tokens of apps in "
@@ -315,6 +322,7 @@ def parse_token_response(
     account: str,
     subject: str = "the refresh token",
     default_expires_in: float = DEFAULT_EXPIRES_IN,
+    testing: bool = False,
 ) -> TokenSet:
     """
     Turn the token endpoint's answer into tokens, or into a classified error.
@@ -326,6 +334,7 @@ def parse_token_response(
         subject: what the provider may reject, for messages ("the authorization code").
         default_expires_in: the lifetime assumed when the answer names none and the
             access token is no JWT (the profile's default_expires_in).
+        testing: the profile is a Google app in "testing" status (for messages).
 
     Raises:
         TransientGrantError: 5xx, 429, `temporarily_unavailable`, a malformed answer;
@@ -352,7 +361,7 @@ def parse_token_response(
     if body is not None and body.get("error") is not None:
         oauth_error = _one_line(body["error"])[:80] or "unnamed_error"
         description = _one_line(body.get("error_description") or "")
-        message, hint = explain(oauth_error, description, account)
+        message, hint = explain(oauth_error, description, account, testing=testing)
         aadsts = _AADSTS.search(description)
         code = aadsts.group(1) if aadsts else None
         if code in _AADSTS_THROTTLE:

@@ -418,6 +418,7 @@ class Scheduler:
                         now=sent,
                         account=account.name,
                         default_expires_in=account.provider.default_expires_in.total_seconds(),
+                        testing=account.provider.testing,
                     )
                 except GrantError as exc:
                     if isinstance(exc.refresh_token, Secret):
@@ -602,7 +603,8 @@ class Scheduler:
             return slot.last_exc.hint or None
         if slot.state.status == state.NEEDS_AUTHORIZATION and slot.state.last_error:
             name = slot.account.name
-            _, hint = oauth.explain("invalid_grant", slot.state.last_error, name)
+            testing = slot.account.provider.testing
+            _, hint = oauth.explain("invalid_grant", slot.state.last_error, name, testing=testing)
             return hint or f"run 'mailoauth authorize {name}' and sign in again"
         return None
 

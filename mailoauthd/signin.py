@@ -107,7 +107,7 @@ async def run(session: Session, channel: Channel, flow: str) -> dict[str, object
             return {"ok": False, "error": "cancelled", "message": f"{name}: cancelled", "hint": ""}
         except MailoauthdError as exc:
             log.warning("authorize.failed", flow=flow, error=exc.message)
-            raise
+            raise _for_sign_in(exc, name) from None
     note = None
     if st.refresh_token is None:
         note = (
@@ -141,6 +141,21 @@ async def _post(session: Session, request: httpx.Request, what: str) -> httpx.Re
         raise TransientGrantError(
             f"{what} did not answer within {session.request_timeout:g} s"
         ) from None
+
+
+def _for_sign_in(exc: MailoauthdError, account: str) -> MailoauthdError:
+    """
+    A sign-in's failure in true words: it names the account, and says nothing keeps
+    retrying (the default hint of a transient error) when nothing does.
+    """
+    if not exc.message.startswith(f"{account}:"):
+        exc.message = f"{account}: {exc.message}"
+    if isinstance(exc, TransientGrantError) and (not exc.hint or "keeps retrying" in exc.hint):
+        exc.hint = (
+            "this is usually temporary, but a sign-in is not retried: "
+            f"run 'mailoauth authorize {account}' again in a while"
+        )
+    return exc
 
 
 def _refused(exc: ReauthorizationRequired, account: str) -> AuthorizationFailed:

@@ -522,8 +522,11 @@ class TestExplain:
         )
 
     def test_google_testing_app_limit(self) -> None:
-        """Google's 'expired or revoked' mentions the 7-day limit of apps in testing."""
-        message, hint = explain("invalid_grant", "Token has been expired or revoked.", "home")
+        """Google's 'expired or revoked' mentions the 7-day limit of apps in testing,
+        and only for a profile marked so (issue #10)."""
+        message, hint = explain(
+            "invalid_grant", "Token has been expired or revoked.", "home", testing=True
+        )
         assert "7 days" in message
         assert hint is not None
         assert "mailoauth authorize home" in hint
@@ -553,8 +556,16 @@ class TestExplain:
         """Google's revoked-token answer is ReauthorizationRequired naming the 7-day limit."""
         with pytest.raises(ReauthorizationRequired) as info:
             parse(error_reply("invalid_grant", "Token has been expired or revoked."))
-        assert "7 days" in str(info.value)
+        assert "testing" not in str(info.value)
         assert "mailoauth authorize work" in info.value.hint
+        with pytest.raises(ReauthorizationRequired) as info:
+            oauth.parse_token_response(
+                error_reply("invalid_grant", "Token has been expired or revoked."),
+                now=T0,
+                account="work",
+                testing=True,
+            )
+        assert "7 days" in str(info.value)
 
 
 # --- secrets never leak into errors ---------------------------------------------

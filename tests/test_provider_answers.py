@@ -18,12 +18,22 @@ import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import trio
 import trio.testing
-from conftest import T0, USER, eventually, in_process_daemon, make_config, mock_now
+from conftest import (
+    T0,
+    USER,
+    config_text,
+    eventually,
+    helper,
+    in_process_daemon,
+    make_config,
+    mock_now,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -496,3 +506,48 @@ class TestBounded:
         assert after.last_error is not None
         assert len(after.last_error) <= provider_input.MAX_MESSAGE
         assert "\x00" not in after.last_error
+
+
+# --- what the helper says after a failed sign-in ------------------------------------------
+
+
+class TestSignInMessages:
+    def _config(self, tmp_path: Path, provider: DevProvider) -> Path:
+        text = config_text(
+            tmp_path,
+            provider,
+            provider_keys=f'device_authorization_endpoint = "{provider.url}/device_authorization"',
+        )
+        path = tmp_path / "config.toml"
+        path.write_text(text)
+        return path
+
+    def test_failing_provider_is_not_said_to_be_retried(
+        self, provider: DevProvider, tmp_path: Path, start_daemon: Any
+    ) -> None:
+        """A failing device endpoint: exit 5, the account named, no 'keeps retrying'."""
+        d = start_daemon(self._config(tmp_path, provider))
+        provider.hostile.add("/device_authorization", HostileAnswer(status=503))
+        run = helper("authorize", "work", "--flow", "device_code", socket=d.socket)
+        assert run.returncode == 5, run.stderr
+        assert "work:" in run.stderr
+        assert "keeps retrying" not in run.stderr
+
+    def test_device_poll_stops_at_once_with_the_providers_words(
+        self, provider: DevProvider, tmp_path: Path, start_daemon: Any
+    ) -> None:
+        """Google's 403 org_internal ends the device sign-in at the first poll."""
+        provider.set_options(device_interval=1)
+        d = start_daemon(self._config(tmp_path, provider))
+        provider.hostile.add(
+            "/token",
+            answer(403, error="org_internal", error_description="Access blocked: org only"),
+            *[answer(400, error="authorization_pending") for _ in range(5)],
+        )
+        started = time.monotonic()
+        run = helper("authorize", "work", "--flow", "device_code", socket=d.socket)
+        assert run.returncode == 1, run.stderr
+        assert "Access blocked: org only" in run.stderr
+        assert "work:" in run.stderr
+        assert provider.hostile.pending("/token") == 5
+        assert time.monotonic() - started < 15
