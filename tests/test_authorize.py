@@ -1017,10 +1017,11 @@ class TestExplanations:
                 "AADSTS65001: the user or an administrator has not consented",
                 "have an administrator grant consent, then run 'mailoauth authorize work'",
             ),
+            # Google's words, from a profile not marked `testing`: no 7-day remark (issue #10).
             (
                 "Token has been expired or revoked.",
-                "Google revokes refresh tokens of apps in 'testing' status after 7 days",
-                "publish the app to avoid the 7-day limit",
+                "invalid_grant: Token has been expired or revoked.",
+                "run 'mailoauth authorize work' and sign in again",
             ),
         ],
     )
