@@ -24,6 +24,7 @@ from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
+from mailoauthd import provider_checks
 from mailoauthd.errors import ConfigError
 from mailoauthd.secret import Secret
 
@@ -635,6 +636,8 @@ def _build_provider(
         need += " device_authorization_endpoint to sign in), or issuer to discover them"
         problems.add(table, "token_endpoint", f"required key is missing; {need}")
     defaults = _preset_defaults(preset, values.get("tenant", ""), values.get("cloud", ""))
+    for key, problem in provider_checks.provider_problems(preset, secret is not None):
+        problems.add(table, key, problem, warn=True)
     if len(problems.lines) > before:
         return None
     return Provider(name=name, preset=preset, client_secret=secret, **{**defaults, **values})
@@ -684,6 +687,10 @@ def _build_account(
         app_only = flow == "client_credentials" and provider.preset == "microsoft"
         app_host = _MICROSOFT_CLOUDS[provider.cloud or "global"][2]
         values["scopes"] = (f"https://{app_host}/.default",) if app_only else provider.scopes
+    for key, problem in provider_checks.account_problems(provider.preset, flow, values["scopes"]):
+        problems.add(table, key, problem)
+    if len(problems.lines) > before:
+        return None
     if provider.preset in _MAIL_SERVERS and provider.cloud in (None, "global"):
         imap, smtp = _MAIL_SERVERS[provider.preset]
         values = {"imap_server": imap, "smtp_server": smtp, **values}

@@ -37,11 +37,12 @@ from conftest import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mailoauthd import authorize, discovery, oauth, provider_input, state
+from mailoauthd import authorize, config, discovery, oauth, provider_input, state
 from mailoauthd.devprovider import DevProvider
 from mailoauthd.devprovider_hostile import HostileAnswer
 from mailoauthd.errors import (
     AuthorizationFailed,
+    ConfigError,
     GrantError,
     Misconfigured,
     TransientGrantError,
@@ -551,3 +552,42 @@ class TestSignInMessages:
         assert "work:" in run.stderr
         assert provider.hostile.pending("/token") == 5
         assert time.monotonic() - started < 15
+
+
+# --- check-config: providers' rules a configuration can break ------------------------------
+
+
+def _parse(text: str) -> config.Config:
+    return config.parse(text, source="c.toml", base_dir=Path("/"))
+
+
+def _problems(text: str) -> str:
+    with pytest.raises(ConfigError) as caught:
+        _parse(text)
+    return str(caught.value)
+
+
+GOOGLE = '[providers.g]\npreset = "google"\nclient_id = "x.apps.googleusercontent.com"\n'
+ACCOUNT = '\n[accounts.a]\nprovider = "{p}"\nusername = "a@example.com"\n'
+
+
+class TestCheckConfig:
+    def test_google_without_client_secret(self) -> None:
+        parsed = _parse(GOOGLE + ACCOUNT.format(p="g"))
+        assert any("client_secret_file" in w and "Google" in w for w in parsed.warnings)
+        with_secret = _parse(GOOGLE + 'client_secret_file = "/s"\n' + ACCOUNT.format(p="g"))
+        assert not any("Google's token endpoint" in w for w in with_secret.warnings)
+
+    def test_google_device_flow_with_the_gmail_scope(self) -> None:
+        text = GOOGLE + 'client_secret_file = "/s"\n' + ACCOUNT.format(p="g")
+        assert "Google refuses mail scopes" in _problems(text + 'flow = "device_code"\n')
+        _parse(text + 'flow = "device_code"\nscopes = ["openid", "email"]\n')
+
+    def test_microsoft_scopes_of_two_resources(self) -> None:
+        text = '[providers.m]\npreset = "microsoft"\nclient_id = "id"\n' + ACCOUNT.format(p="m")
+        _parse(text)  # the preset's scopes: one resource
+        mixed = (
+            'scopes = ["https://outlook.office.com/IMAP.AccessAsUser.All", "Mail.Read", '
+            '"offline_access"]\n'
+        )
+        assert "span 2 resources" in _problems(text + mixed)
