@@ -384,7 +384,7 @@ def on_event(
     """The scheduler's events of note, for the person who has to act (notify_command)."""
     if event == NEEDS_AUTHORIZATION:
         reminders.raise_alert(account, event, message=message, action=action, repeat=True)
-    elif event == REFRESH_TOKEN_EXPIRING:
+    elif event in (REFRESH_TOKEN_EXPIRING, "scope_lost"):
         reminders.raise_alert(account, event, message=message, action=action, repeat=False)
     elif event in ("authorized", "imported", "refreshed", "revoked"):
         reminders.clear(account.name)

@@ -178,6 +178,8 @@ def _status(args: argparse.Namespace) -> int:
     for row in rows:
         if row.get("hint") and row.get("status") != "ok":
             print(f"{row.get('account')}: {row.get('hint')}")
+        if row.get("scope_warning"):
+            print(f"{row.get('account')}: warning: {row.get('scope_warning')}")
         if row.get("refresh_token_expiring"):
             name = row.get("account")
             issued = _short_time(row.get("refresh_token_issued_at"))

@@ -91,6 +91,7 @@ class _Slot:
     age_warned: datetime | None = None  # refresh_token_issued_at of the token warned about
     bare_refusals: int = 0  # 4xx answers without an OAuth error in a row (oauth.BareRefusal)
     last_on_demand: float | None = None  # trio time of the last refresh a request started
+    scope_warning: str | None = None  # a refresh answer dropped a mail scope (until sign-in)
 
     def bump(self) -> None:
         """A new grant (or none): drop older refreshes' results, wake who waits for it."""
@@ -105,6 +106,7 @@ class _Slot:
         self.unsaved = None
         self.retry_at = self.not_before = None
         self.last_exc = None
+        self.scope_warning = None
 
 
 # (event, account, message, action): authorized, imported, refreshed,
@@ -282,12 +284,14 @@ class Scheduler:
             return
         if slot.age_warned == st.refresh_token_issued_at:
             return
-        deadline = refresh_token_deadline(provider, st.refresh_token_issued_at, st.last_refresh)
+        deadline = _deadline(slot)
         if deadline is None or now < warning_time(provider, deadline):
             return
         slot.age_warned = st.refresh_token_issued_at
         name = slot.account.name
         why = " (Google's limit for apps in 'testing' status)" if provider.testing else ""
+        if deadline == st.refresh_token_expires_at:
+            why = " (as the provider said when it issued it)"
         message = f"the refresh token stops working around {_iso(deadline)}{why}"
         action = f"run 'mailoauth authorize {name}' before then"
         if provider.testing:
@@ -455,19 +459,32 @@ class Scheduler:
             return
         now = self.now()
         kept = dataclasses.replace(
-            slot.state, refresh_token=token, refresh_token_issued_at=now, refresh_sent=None
+            slot.state,
+            refresh_token=token,
+            refresh_token_issued_at=now,
+            refresh_token_expires_at=None,
+            refresh_sent=None,
         )
         if await self._persist(slot, kept, generation):
             log.warning("token.refresh_token_kept", reason="the rest of the answer was refused")
 
     def _note_answer(self, slot: _Slot, tokens: oauth.TokenSet) -> None:
-        """Say what a good answer lacked or narrowed (no expires_in, a lost scope)."""
+        """Say what a good answer lacked or narrowed (no expires_in, a lost mail scope)."""
         if tokens.expiry_source != "expires_in":
             log.info("token.no_expires_in", lifetime_from=tokens.expiry_source)
-        held = set(slot.state.scopes)
-        if tokens.scopes is not None and held and not held <= set(tokens.scopes):
-            lost = sorted(held - set(tokens.scopes))
-            log.warning("token.scopes_narrowed", lost=lost[:10])
+        if tokens.scopes is None:
+            return
+        lost = lost_mail_scopes(slot.account.scopes, slot.state.scopes, tokens.scopes)
+        if not lost or slot.scope_warning is not None:
+            return
+        name = slot.account.name
+        slot.scope_warning = (
+            f"the provider no longer grants {', '.join(lost[:3])}: mail programs will be "
+            "refused although tokens keep coming (consent withdrawn or narrowed by a policy)"
+        )
+        action = f"run 'mailoauth authorize {name}' and grant the mail permission again"
+        log.warning("token.scope_lost", lost=lost[:10])
+        self.on_event("scope_lost", slot.account, slot.scope_warning, action)
 
     async def _succeeded(self, slot: _Slot) -> None:
         """A token response is on disk and in use: the refresh is done."""
@@ -745,6 +762,8 @@ class Scheduler:
                     new,
                     refresh_token=slot.state.refresh_token,
                     refresh_token_issued_at=slot.state.refresh_token_issued_at,
+                    refresh_token_expires_at=new.refresh_token_expires_at
+                    or slot.state.refresh_token_expires_at,
                 )
                 log.warning("account.refresh_token_kept", reason="the sign-in issued none")
             try:
@@ -863,13 +882,7 @@ class Scheduler:
         for name, slot in self._slots.items():
             st = slot.state
             next_check = slot.retry_at or self.next_check
-            deadline = (
-                refresh_token_deadline(
-                    slot.account.provider, st.refresh_token_issued_at, st.last_refresh
-                )
-                if st.refresh_token
-                else None
-            )
+            deadline = _deadline(slot) if st.refresh_token else None
             rows.append(
                 {
                     "account": name,
@@ -892,6 +905,7 @@ class Scheduler:
                     "last_error": self.last_error(name),
                     "last_error_code": st.last_error_code,
                     "hint": self._hint(slot),
+                    "scope_warning": slot.scope_warning,
                 }
             )
         return rows
@@ -933,6 +947,45 @@ class Scheduler:
             minutes = int((when - self.now()).total_seconds() // 60)
             line += f"; next expiry {name} in {minutes}m" if minutes >= 0 else f"; {name} expired"
         return line
+
+
+_NOT_MAIL = frozenset({"openid", "profile", "email", "offline_access"})
+
+
+def _scope_key(scope: str) -> str:
+    """A scope compared by its last part: Microsoft answers with or without the resource."""
+    return scope.rstrip("/").rsplit("/", 1)[-1].lower()
+
+
+def lost_mail_scopes(
+    configured: tuple[str, ...], held: tuple[str, ...], granted: tuple[str, ...]
+) -> list[str]:
+    """
+    The mail scopes (what an account asks for, less OpenID's) that were granted before,
+    or are configured when nothing was recorded, and that the new answer no longer grants.
+    """
+    now = {_scope_key(s) for s in granted}
+    before = {_scope_key(s) for s in held} if held else None
+    lost = []
+    for scope in configured:
+        key = _scope_key(scope)
+        if scope in _NOT_MAIL or key in now:
+            continue
+        if before is None or key in before:
+            lost.append(scope)
+    return lost
+
+
+def _deadline(slot: _Slot) -> datetime | None:
+    """When the refresh token stops working: the profile's limits, or the provider's word."""
+    st = slot.state
+    known = refresh_token_deadline(
+        slot.account.provider, st.refresh_token_issued_at, st.last_refresh
+    )
+    said = st.refresh_token_expires_at
+    if said is None:
+        return known
+    return said if known is None else min(known, said)
 
 
 def _wanted(slot: _Slot, min_validity: float | None) -> float:

@@ -115,6 +115,10 @@ async def run(session: Session, channel: Channel, flow: str) -> dict[str, object
             "expires; ask for offline access (scope 'offline_access' at Microsoft and most "
             "others, access_type=offline at Google)"
         )
+    elif st.refresh_token_issued_at != st.last_refresh:
+        # RFC 6749 §6: no refresh token in the answer (consent already given): the
+        # one held still works and was kept.
+        note = "the provider issued no new refresh token; the one held is kept and still used"
     expires_at = st.expires_at
     return {
         "ok": True,

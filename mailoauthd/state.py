@@ -23,7 +23,7 @@ import os
 import stat
 import tomllib
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TypeVar
 
@@ -69,6 +69,9 @@ class AccountState:
     # start-up, it means we died waiting: the provider may have rotated the refresh
     # token we hold, and only refreshing at once, inside its reuse window, keeps it.
     refresh_sent: datetime | None = None
+    # When the provider said the refresh token stops working (Google's
+    # refresh_token_expires_in, for time-limited grants); None if it did not say.
+    refresh_token_expires_at: datetime | None = None
 
     def valid_for(self, now: datetime) -> float:
         """Seconds the access token is still valid; 0 when there is none."""
@@ -99,6 +102,9 @@ def refreshed(state: AccountState, tokens: TokenSet, now: datetime) -> AccountSt
     A provider that does not rotate refresh tokens omits one: we keep the old.
     """
     rotated = tokens.refresh_token is not None and tokens.refresh_token != state.refresh_token
+    limit = state.refresh_token_expires_at if not rotated else None
+    if tokens.refresh_token_expires_in is not None:
+        limit = now + timedelta(seconds=tokens.refresh_token_expires_in)
     return dataclasses.replace(
         state,
         status=OK,
@@ -114,6 +120,7 @@ def refreshed(state: AccountState, tokens: TokenSet, now: datetime) -> AccountSt
         error_since=None,
         failures=0,
         refresh_sent=None,
+        refresh_token_expires_at=limit,
     )
 
 
@@ -148,6 +155,7 @@ _TIME_FIELDS = (
     "last_attempt",
     "error_since",
     "refresh_sent",
+    "refresh_token_expires_at",
 )
 _TEXT_FIELDS = ("last_error", "last_error_code")
 

@@ -37,7 +37,7 @@ from conftest import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mailoauthd import authorize, config, discovery, oauth, provider_input, state
+from mailoauthd import authorize, config, discovery, oauth, provider_input, scheduler, state
 from mailoauthd.devprovider import DevProvider
 from mailoauthd.devprovider_hostile import HostileAnswer
 from mailoauthd.errors import (
@@ -591,3 +591,80 @@ class TestCheckConfig:
             '"offline_access"]\n'
         )
         assert "span 2 resources" in _problems(text + mixed)
+
+
+class TestWarnings:
+    async def test_google_refresh_token_expires_in_is_recorded_and_warned(
+        self, clock: trio.testing.MockClock, dev: DevProvider, tmp_path: Path
+    ) -> None:
+        """refresh_token_expires_in is kept; status shows it, a warning comes a day before."""
+        cfg = make_config(tmp_path, dev, daemon_keys=FAST)
+        seed(tmp_path, dev)
+        two_days = 2 * 86400
+        dev.hostile.add(
+            "/token",
+            answer(access_token="at-1", expires_in=3600, refresh_token_expires_in=two_days),
+        )
+        events: list[str] = []
+        async with in_process_daemon(cfg, now=mock_now(clock)) as d:
+            d.scheduler.on_event = lambda event, *_: events.append(event)
+            await d.scheduler.refresh("work")
+            row = d.scheduler.status()[0]
+            assert row["refresh_token_expires_at"] == (T0 + timedelta(seconds=two_days)).isoformat()
+            assert row["refresh_token_expiring"] is False
+            assert stored(tmp_path).refresh_token_expires_at == T0 + timedelta(seconds=two_days)
+            clock.jump(86400 + 60)
+            d.scheduler.check(d.scheduler.now())
+            assert "refresh_token_expiring" in events
+            assert d.scheduler.status()[0]["refresh_token_expiring"] is True
+
+    async def test_lost_mail_scope_warns(
+        self, clock: trio.testing.MockClock, dev: DevProvider, tmp_path: Path
+    ) -> None:
+        """A refresh answer without the mail scope: an event, and a warning in status."""
+        cfg = make_config(
+            tmp_path, dev, daemon_keys=FAST, account_keys='scopes = ["mail", "openid"]'
+        )
+        seed(tmp_path, dev)
+        dev.hostile.add("/token", answer(access_token="at-1", expires_in=3600, scope="mail openid"))
+        dev.hostile.add("/token", answer(access_token="at-2", expires_in=3600, scope="openid"))
+        events: list[tuple[str, str]] = []
+        async with in_process_daemon(cfg, now=mock_now(clock)) as d:
+            d.scheduler.on_event = lambda event, _account, message, _action: events.append(
+                (event, message)
+            )
+            await d.scheduler.refresh("work")
+            assert d.scheduler.status()[0]["scope_warning"] is None
+            await d.scheduler.refresh("work")
+            warning = d.scheduler.status()[0]["scope_warning"]
+        assert isinstance(warning, str)
+        assert "mail" in warning
+        assert [e for e, _ in events if e == "scope_lost"] == ["scope_lost"]
+
+    def test_lost_mail_scopes(self) -> None:
+        """Scopes compare by their last part: Microsoft answers with or without the resource."""
+        configured = ("https://outlook.office.com/IMAP.AccessAsUser.All", "offline_access")
+        assert scheduler.lost_mail_scopes(configured, (), ("IMAP.AccessAsUser.All",)) == []
+        assert scheduler.lost_mail_scopes(configured, (), ("openid",)) == [configured[0]]
+        held = ("https://mail.google.com/",)
+        assert scheduler.lost_mail_scopes(held, held, ("https://mail.google.com/",)) == []
+        assert scheduler.lost_mail_scopes(held, ("email",), ("email",)) == []
+
+
+class TestSignInKeepsTheGrant:
+    def test_device_sign_in_without_refresh_token_keeps_and_says_so(
+        self, provider: DevProvider, tmp_path: Path, start_daemon: Any
+    ) -> None:
+        """The real helper: a sign-in answered without refresh token keeps the held one."""
+        provider.set_options(device_interval=1)
+        seed(tmp_path, provider)
+        d = start_daemon(TestSignInMessages()._config(tmp_path, provider))
+        assert helper("refresh", "work", socket=d.socket).returncode == 0
+        held = stored(tmp_path).refresh_token
+        assert held is not None
+        provider.hostile.add("/token", answer(access_token="at-signed-in", expires_in=3600))
+        run = helper("authorize", "work", "--flow", "device_code", socket=d.socket)
+        assert run.returncode == 0, run.stderr
+        assert "kept" in run.stdout + run.stderr
+        assert stored(tmp_path).refresh_token == held
+        assert stored(tmp_path).access_token == Secret("at-signed-in")
