@@ -336,6 +336,8 @@ class Daemon:
                     await self.discovery.provider(provider)
                 except GrantError as exc:
                     log.error("discovery.failed", provider=name, error=exc.message, hint=exc.hint)
+                except Exception as exc:  # noqa: BLE001 - a background task's last resort
+                    log.error("discovery.internal_error", provider=name, error=type(exc).__name__)
 
     def remind_at_start(self) -> None:
         """Accounts that lost their grant before a restart are reminded of at once."""

@@ -171,6 +171,15 @@ class Reminders:
 
     async def _run_command(self, alert: _Alert) -> None:
         try:
+            await self._run_command_once(alert)
+        except Exception as exc:  # noqa: BLE001 - a background task's last resort
+            # Whatever went wrong, telling a person must not end the daemon.
+            log.error("notify.internal_error", account=alert.account.name, error=type(exc).__name__)
+        finally:
+            alert.running = False
+
+    async def _run_command_once(self, alert: _Alert) -> None:
+        try:
             argv = alert.account.notify_command
             if not argv:
                 return
