@@ -43,6 +43,8 @@ MAX_DESCRIPTION = provider_input.MAX_TEXT
 # A 4xx without an OAuth error body (an empty 400, a proxy's bare 401) is retried
 # once after this long; refused again, the grant is taken as dead.
 CONFIRM_REFUSAL_SECONDS = 30
+# Longest Retry-After we honour; a longer one is a broken header.
+MAX_RETRY_AFTER = 86400.0
 # AADSTS50196: Microsoft saw the same request in a loop and throttles it.
 THROTTLE_SECONDS = 120
 
@@ -268,14 +270,16 @@ def retry_after(response: httpx.Response, now: datetime) -> float | None:
         return None
     value = value.strip()
     if value.isascii() and value.isdigit():
-        return provider_input.seconds(value, maximum=86400.0)
+        number = provider_input.seconds(value)
+        return None if number is None else min(number, MAX_RETRY_AFTER)
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError, IndexError):
         return None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - now).total_seconds())
+    # A date in the year 9999 is no reason to stop asking for good (nor to overflow).
+    return min(MAX_RETRY_AFTER, max(0.0, (when - now).total_seconds()))
 
 
 def _one_line(text: object) -> str:

@@ -202,6 +202,18 @@ class TestParsingCannotCrash:
             assert not any(ord(c) < 32 for c in message)
             assert len(message) <= provider_input.MAX_MESSAGE
 
+    @pytest.mark.parametrize(
+        "header", ["99999999999999999999", "9" * 5000, "Fri, 31 Dec 9999 23:59:59 GMT", "-1"]
+    )
+    def test_absurd_retry_after_is_bounded(self, header: str) -> None:
+        """A Retry-After of 10**20 s or the year 9999 never overflows the scheduler's dates."""
+        response = httpx.Response(503, headers={"Retry-After": header})
+        with pytest.raises(TransientGrantError) as caught:
+            parse(response)
+        wait = caught.value.retry_after
+        assert wait is None or 0 <= wait <= oauth.MAX_RETRY_AFTER
+        T0 + timedelta(seconds=wait or 0)  # what the scheduler does with it
+
     def test_device_interval_is_bounded(self) -> None:
         """An interval of 10**400 (or 1e400) becomes a sane one, never reaches trio.sleep."""
         for interval in ("1" + "0" * 400, "1e400", "-1"):

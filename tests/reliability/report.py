@@ -295,7 +295,16 @@ def _hostile_provider(figures: Figures) -> list[str]:
         "that it still served the token it held, and that `status` was well-formed "
         f"(`{SMALL_COMMAND}`: {t.EXAMPLES_TEST} examples; `{COMMAND}`: {t.EXAMPLES_SOAK}).",
         "",
-        _table(counts),
+        _table(
+            counts,
+            first=(
+                "attacks (Hypothesis examples)",
+                "generated answers the daemon received",
+                "largest body offered to the daemon (MiB)",
+                "bytes the provider got to send (KiB)",
+                "largest resident memory of the daemon (MiB)",
+            ),
+        ),
         "",
         _held(figures, t.SECTION),
         "",

@@ -326,15 +326,10 @@ class TestHostileProvider:
         figures.add(SECTION, f"generated answers queued at the {endpoint} endpoint", len(script))
         figures.add(SECTION, "attacks (Hypothesis examples)")
         figures.add(SECTION, "generated answers the daemon received", hostile.served - served)
-        figures.peak(
-            SECTION,
-            "largest body streamed at the daemon (MiB)",
-            round(max(a.size + len(a.body) for a in script) / 2**20, 1),
-        )
+        offered = max(a.size + len(a.body) for a in script)
+        figures.peak(SECTION, "largest body offered to the daemon (MiB)", offered >> 20)
         figures.add(
-            SECTION,
-            "bytes the provider managed to send (MiB)",
-            round((hostile.bytes_sent - before) / 2**20, 2),
+            SECTION, "bytes the provider got to send (KiB)", (hostile.bytes_sent - before) >> 10
         )
         figures.held(SECTION, "the daemon never exited, whatever the provider answered")
         figures.held(SECTION, f"its resident memory stayed under {RSS_LIMIT_KIB // 1024} MiB")
