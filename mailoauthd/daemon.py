@@ -41,6 +41,7 @@ from mailoauthd.errors import (
 )
 from mailoauthd.notify import Notifier
 from mailoauthd.notify_command import NEEDS_AUTHORIZATION, REFRESH_TOKEN_EXPIRING, Reminders
+from mailoauthd.provider_input import is_b64token
 from mailoauthd.scheduler import Scheduler
 from mailoauthd.secret import Secret
 from mailoauthd.server import Channel, Peer, Server, bind, inherited, listen_fds
@@ -157,6 +158,12 @@ class Daemon:
         if op == "import":
             name = _text(request, "account")
             token = Secret(_text(request, "refresh_token"))
+            if not is_b64token(token.reveal()):
+                raise UsageError(
+                    f"{name}: that is not a refresh token: it has characters RFC 6750 does "
+                    "not allow in one, or is too long (not shown)",
+                    hint="paste only the token itself",
+                )
             st = await self._bounded(
                 name, request, partial(self.scheduler.import_token, name, token)
             )

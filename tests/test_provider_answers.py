@@ -680,3 +680,14 @@ class TestSignInKeepsTheGrant:
         assert "kept" in run.stdout + run.stderr
         assert stored(tmp_path).refresh_token == held
         assert stored(tmp_path).access_token == Secret("at-signed-in")
+
+    def test_import_refuses_what_is_no_token(
+        self, provider: DevProvider, tmp_path: Path, start_daemon: Any
+    ) -> None:
+        """`import` takes only a b64token, and never echoes what it refused."""
+        d = start_daemon(TestSignInMessages()._config(tmp_path, provider))
+        run = helper("import", "work", socket=d.socket, stdin='rt"secret-ish\\x\n')
+        assert run.returncode == 2, run.stderr
+        assert "secret-ish" not in run.stderr
+        assert "RFC 6750" in run.stderr
+        assert not (tmp_path / "state" / "work.toml").exists()
