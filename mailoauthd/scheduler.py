@@ -535,7 +535,10 @@ class Scheduler:
         name = slot.account.name
         if isinstance(exc, oauth.BareRefusal):
             slot.bare_refusals += 1
-            if slot.bare_refusals > 1:
+            if slot.bare_refusals > 1 and slot.account.flow == "client_credentials":
+                # No grant to lose: it is our client the provider refuses.
+                exc = Misconfigured(f"{exc.message}, again after a retry")
+            elif slot.bare_refusals > 1:
                 # Refused again after a pause: not a proxy's hiccup; the grant is dead.
                 exc = ReauthorizationRequired(
                     f"{exc.message}, again after a retry",

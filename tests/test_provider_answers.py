@@ -377,6 +377,23 @@ class TestDeadGrants:
                 await settle()
             assert dev.hostile.served == 2
 
+    async def test_bare_401_for_an_app_only_account_is_a_misconfiguration(
+        self, clock: trio.testing.MockClock, dev: DevProvider, tmp_path: Path
+    ) -> None:
+        """client_credentials has no grant to lose: a confirmed bare 401 is our client's fault."""
+        cfg = make_config(
+            tmp_path, dev, daemon_keys=FAST, account_keys='flow = "client_credentials"'
+        )
+        dev.hostile.add("/token", *[HostileAnswer(status=401) for _ in range(10)])
+        path = tmp_path / "state" / "work.toml"
+        async with in_process_daemon(cfg, now=mock_now(clock)):
+            await eventually(lambda: path.exists() and stored(tmp_path).status == state.FAILING)
+            for _ in range(10):
+                clock.jump(10)
+                await settle()
+            await eventually(lambda: stored(tmp_path).status == state.MISCONFIGURED)
+            assert dev.hostile.served == 2
+
     async def test_unknown_error_code_in_a_200_is_final(
         self, clock: trio.testing.MockClock, dev: DevProvider, tmp_path: Path
     ) -> None:
