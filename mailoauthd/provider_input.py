@@ -75,7 +75,7 @@ def parse_json(raw: bytes) -> object:
     back as inf and are refused wherever a number is read (`seconds`).
     """
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # RFC 8259: UTF-8; a BOM may be ignored
         return json.loads(text, parse_constant=_no_constant)
     except (ValueError, RecursionError, MemoryError):
         return None

@@ -36,7 +36,7 @@ from .support import (
     write_config,
 )
 
-EXAMPLES_TEST, EXAMPLES_SOAK = 60, 1500
+EXAMPLES_TEST, EXAMPLES_SOAK = 150, 1500
 EXAMPLES = size(EXAMPLES_TEST, EXAMPLES_SOAK)
 # Bodies streamed after the generated part: the daemon reads at most 1 MiB of them.
 STREAM_TEST, STREAM_SOAK = 8 << 20, 400 << 20
