@@ -213,25 +213,29 @@ class Scheduler:
                     await self._write_token_file(slot)
             task_status.started()
             while True:
-                now = self.now()
-                interval = self.settings.refresh_interval
-                # A wall clock that jumped backwards must not postpone the check.
-                if self.next_check is None or not (now < self.next_check <= now + interval):
-                    self.check(now)
-                    self.next_check = now + interval
-                elif self._last_call is not None and self._last_call <= now:
-                    self.check(now)  # early, so that no token outlives min_validity unrefreshed
-                wake = self.next_check
-                if self._last_call is not None:
-                    wake = min(wake, self._last_call)
-                for slot in self._slots.values():
-                    if slot.retry_at is not None:
-                        if slot.retry_at <= now:
-                            slot.retry_at = None
-                            self._start_refresh(slot)
-                        else:
-                            wake = min(wake, slot.retry_at)
-                delay = (wake - self.now()).total_seconds()
+                try:
+                    now = self.now()
+                    interval = self.settings.refresh_interval
+                    # A wall clock that jumped backwards must not postpone the check.
+                    if self.next_check is None or not (now < self.next_check <= now + interval):
+                        self.check(now)
+                        self.next_check = now + interval
+                    elif self._last_call is not None and self._last_call <= now:
+                        self.check(now)  # early, so that no token outlives min_validity unrefreshed
+                    wake = self.next_check
+                    if self._last_call is not None:
+                        wake = min(wake, self._last_call)
+                    for slot in self._slots.values():
+                        if slot.retry_at is not None:
+                            if slot.retry_at <= now:
+                                slot.retry_at = None
+                                self._start_refresh(slot)
+                            else:
+                                wake = min(wake, slot.retry_at)
+                    delay = (wake - self.now()).total_seconds()
+                except Exception as exc:  # noqa: BLE001 - the last resort: keep serving
+                    log.error("check.internal_error", error=type(exc).__name__)
+                    delay = MAX_WAIT_SECONDS
                 self._wakeup = trio.Event()
                 with trio.move_on_after(min(max(delay, 0.0), MAX_WAIT_SECONDS)):
                     await self._wakeup.wait()
@@ -982,9 +986,12 @@ def lost_mail_scopes(
 def _deadline(slot: _Slot) -> datetime | None:
     """When the refresh token stops working: the profile's limits, or the provider's word."""
     st = slot.state
-    known = refresh_token_deadline(
-        slot.account.provider, st.refresh_token_issued_at, st.last_refresh
-    )
+    try:
+        known = refresh_token_deadline(
+            slot.account.provider, st.refresh_token_issued_at, st.last_refresh
+        )
+    except OverflowError:  # dates near the end of the calendar in a damaged file
+        known = None
     said = st.refresh_token_expires_at
     if said is None:
         return known
