@@ -7,7 +7,7 @@ loaded plus two C modules (`_socket`, `_json`) and `binascii`; no argparse, no
 json, no pathlib. A test holds us to that. The other subcommands are run by
 people and may import what they like.
 
-Exit status (CONTRACT.md): 0 success, 1 error reported by the daemon, 2 usage,
+Exit status: 0 success, 1 error reported by the daemon, 2 usage,
 3 daemon unreachable, 4 needs authorization, 5 provider temporarily failing.
 """
 
@@ -51,6 +51,10 @@ options for token and sasl:
 """
 
 
+class _Help(Exception):
+    """`token --help`: the usage on stdout, exit 0."""
+
+
 class _Fail(Exception):
     """Ends the helper with one line on stderr and an exit status."""
 
@@ -64,7 +68,11 @@ def main(argv: list[str]) -> int:
     try:
         socket_path, rest = _leading_socket(argv)
         if rest and rest[0] in ("token", "sasl"):
-            return _hot(rest[0], rest[1:], socket_path)
+            try:
+                return _hot(rest[0], rest[1:], socket_path)
+            except _Help:
+                sys.stdout.write(USAGE)
+                return 0
         from mailoauthd import manage
 
         return manage.main(argv)
@@ -109,7 +117,7 @@ def _parse_hot(args: list[str]) -> tuple[str, dict[str, str]]:
     while i < len(args):
         arg = args[i]
         if arg in ("-h", "--help"):
-            raise _Fail(USAGE.rstrip("\n"), 0)
+            raise _Help()
         if arg.startswith("--"):
             name, eq, value = arg.partition("=")
             if name == "--wait":  # its value is optional, so only in the --wait=S form
@@ -214,7 +222,7 @@ def connect(socket_path: str | None, timeout: float | None) -> _socket.socket:
         _Fail: none answered; the message names every path tried.
     """
     tried = candidate_sockets(socket_path)
-    last_error = ""
+    failures: list[str] = []
     for path in tried:
         candidate = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         candidate.settimeout(timeout)
@@ -222,13 +230,24 @@ def connect(socket_path: str | None, timeout: float | None) -> _socket.socket:
             _connect(candidate, path, timeout)
         except OSError as exc:
             candidate.close()
-            last_error = exc.strerror or str(exc)
+            failures.append(f"{path}: {exc.strerror or exc}")
             continue
         return candidate
     raise _Fail(
-        f"cannot reach mailoauthd at {' or '.join(tried)}: {last_error} "
-        f"({errors.DaemonUnreachable.hint})",
+        f"cannot reach mailoauthd: {'; '.join(failures)} ({unreachable_hint(socket_path)})",
         errors.EXIT_UNREACHABLE,
+    )
+
+
+def unreachable_hint(socket_path: str | None) -> str:
+    """How to start the daemon the helper looked for: per-user, system, or a named socket."""
+    if socket_path or os.environ.get("MAILOAUTHD_SOCKET"):
+        return "start the mailoauthd that listens there, or check --socket and $MAILOAUTHD_SOCKET"
+    if os.getuid() == 0 or os.path.exists(paths.SYSTEM_SOCKET):
+        return "start it with 'systemctl start mailoauthd.socket mailoauthd', or pass --socket"
+    return (
+        "start your own with 'systemctl --user start mailoauthd' (or run 'mailoauthd'), "
+        "or pass --socket"
     )
 
 
@@ -302,5 +321,14 @@ def request_reply(request: bytes, socket_path: str | None, timeout: float) -> di
     code = str(reply.get("error", "error"))
     message = str(reply.get("message", "the daemon reported an error"))
     hint = reply.get("hint")
+    names = reply.get("accounts")
+    if code == "unknown-account" and isinstance(names, list):
+        # Only on this failure path: difflib is not worth importing for every token.
+        import difflib
+
+        wanted = str(reply.get("account", ""))
+        close = difflib.get_close_matches(wanted, [str(n) for n in names], 1)
+        if close:
+            hint = f"did you mean '{close[0]}'?"
     text = f"{message} ({hint})" if hint else message
     raise _Fail(text, errors.exit_code_for(code))

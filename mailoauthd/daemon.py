@@ -26,7 +26,7 @@ import httpx
 import structlog
 import trio
 
-from mailoauthd import __version__, config, oauth, paths, signin
+from mailoauthd import __version__, config, oauth, paths, protocol, signin
 from mailoauthd.access import Policy
 from mailoauthd.discovery import Discovery
 from mailoauthd.errors import (
@@ -37,6 +37,7 @@ from mailoauthd.errors import (
     ProtocolError,
     ReauthorizationRequired,
     TimedOut,
+    UnknownAccount,
     UsageError,
 )
 from mailoauthd.notify import Notifier
@@ -63,13 +64,15 @@ SIGN_IN_FLOWS = ("authorization_code", "device_code")
 STATUS_INTERVAL = 5.0
 
 
-def read_secrets(cfg: config.Config) -> dict[str, Secret | None]:
-    """Every provider's client secret, read now (files, commands)."""
+def read_secrets(
+    cfg: config.Config, env: Mapping[str, str] | None = None
+) -> dict[str, Secret | None]:
+    """Every provider's client secret, read now (files, commands); `env` for $VAR in paths."""
     secrets: dict[str, Secret | None] = {}
     for name, provider in cfg.providers.items():
         source = provider.client_secret
         secrets[name] = (
-            source.read(where=f"{cfg.source}: [providers.{name}] client_secret")
+            source.read(where=f"{cfg.source}: [providers.{name}] {source.key}", env=env)
             if source is not None
             else None
         )
@@ -136,6 +139,18 @@ class Daemon:
 
     async def handle(self, request: dict[str, object], peer: Peer) -> dict[str, object]:
         """Answer one request; errors propagate to the server as MailoauthdError."""
+        try:
+            return await self._handle(request, peer)
+        except UnknownAccount as exc:
+            # The names this caller may use, for the helper's "did you mean".
+            names = [name for name in self.config.accounts if self.policy.visible(peer, name)]
+            return {
+                **protocol.error_reply(exc.code, exc.message, exc.hint),
+                "account": str(request.get("account", "")),
+                "accounts": names,
+            }
+
+    async def _handle(self, request: dict[str, object], peer: Peer) -> dict[str, object]:
         if request.get("v") != 1:
             raise ProtocolError(f"unsupported protocol version {request.get('v')!r}; expected 1")
         op = request.get("op")

@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 
-from mailoauthd import client, errors, protocol
+from mailoauthd import __version__, client, errors, protocol
 
 # Manual operations may wait for a slow provider; a person is watching.
 ADMIN_TIMEOUT = 60.0
@@ -24,6 +24,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog="exit status: 0 ok, 1 error, 2 usage, 3 daemon unreachable, "
         "4 needs authorization, 5 provider temporarily failing",
     )
+    parser.add_argument("--version", action="version", version=f"mailoauth {__version__}")
     parser.add_argument("--socket", metavar="PATH", help="the daemon's socket")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, text in (
@@ -32,12 +33,35 @@ def _parser() -> argparse.ArgumentParser:
     ):
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("account")
-        cmd.add_argument("--timeout", type=float, default=client.DEFAULT_TIMEOUT)
-        cmd.add_argument("--min-validity", type=float)
+        cmd.add_argument(
+            "--timeout",
+            type=float,
+            default=client.DEFAULT_TIMEOUT,
+            metavar="SECONDS",
+            help="wait at most this long for a due refresh (default %(default)g)",
+        )
+        cmd.add_argument(
+            "--min-validity",
+            type=float,
+            metavar="SECONDS",
+            help="only hand out a token valid at least this long",
+        )
+        cmd.add_argument(
+            "--wait",
+            nargs="?",
+            type=float,
+            const=client.DEFAULT_WAIT,
+            metavar="SECONDS",
+            help="if the account needs signing in, wait for that (default %(const)g)",
+        )
         if name == "sasl":
-            cmd.add_argument("--mechanism", choices=("xoauth2", "oauthbearer"))
-            cmd.add_argument("--host")
-            cmd.add_argument("--port")
+            cmd.add_argument(
+                "--mechanism",
+                choices=("xoauth2", "oauthbearer"),
+                help="the SASL mechanism (default xoauth2)",
+            )
+            cmd.add_argument("--host", help="(OAUTHBEARER) the server's name")
+            cmd.add_argument("--port", help="(OAUTHBEARER) the server's port")
     status = sub.add_parser("status", help="show every account's state")
     status.add_argument("account", nargs="?")
     status.add_argument("--json", action="store_true", help="stable, machine-readable output")
@@ -59,7 +83,13 @@ def _parser() -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("account")
         if name in ("refresh", "import"):
-            cmd.add_argument("--timeout", type=float, default=ADMIN_TIMEOUT)
+            cmd.add_argument(
+                "--timeout",
+                type=float,
+                default=ADMIN_TIMEOUT,
+                metavar="SECONDS",
+                help="wait at most this long for the provider's answer (default %(default)g)",
+            )
         if name == "authorize":
             cmd.add_argument(
                 "--no-browser",
@@ -75,7 +105,11 @@ def _parser() -> argparse.ArgumentParser:
             cmd.add_argument("--mechanism", choices=("xoauth2", "oauthbearer"), default="xoauth2")
             cmd.add_argument("--only", choices=("imap", "smtp"), help="check one protocol")
             cmd.add_argument(
-                "--timeout", type=float, default=30.0, help="seconds for each step (default 30)"
+                "--timeout",
+                type=float,
+                default=30.0,
+                metavar="SECONDS",
+                help="seconds for each step (default 30)",
             )
     return parser
 
@@ -106,7 +140,8 @@ def main(argv: list[str]) -> int:
     if command == "reload":
         line = protocol.encode({"v": protocol.VERSION, "op": "reload"})
         reply = client.request_reply(line, args.socket, ADMIN_TIMEOUT)
-        sys.stderr.write(f"mailoauth: configuration reloaded: {reply.get('accounts')} accounts\n")
+        count = reply.get("accounts")
+        sys.stderr.write(f"mailoauth: configuration reloaded: {plural(count, 'account')}\n")
         return 0
     if command == "test":
         from mailoauthd import logincheck
@@ -209,19 +244,24 @@ def _check(rows: list[dict[str, object]], *, as_json: bool) -> int:
         sys.stdout.write("\n")
         return status
     if not sick:
-        print(f"OK: {len(rows)} accounts healthy")
+        print(f"OK: {plural(len(rows), 'account')} healthy")
         return status
     names = ", ".join(f"{row.get('account')} {row.get('status')}" for row in sick)
-    print(f"UNHEALTHY: {len(sick)} of {len(rows)} accounts: {names}")
+    print(f"UNHEALTHY: {len(sick)} of {plural(len(rows), 'account')}: {names}")
     for row in sick:
         since = f" since {_short_time(row['error_since'])}" if row.get("error_since") else ""
         why = f": {row['last_error']}" if row.get("last_error") else ""
         hint = row.get("hint")
         if not hint and row.get("status") == "needs_authorization":
             hint = f"run 'mailoauth authorize {row.get('account')}'"
-        hint = f" ({hint})" if hint else ""
+        hint = f"; {hint}" if hint else ""
         print(f"{row.get('account')}: {row.get('status')}{since}{why}{hint}")
     return status
+
+
+def plural(count: object, noun: str) -> str:
+    """ "1 account", "3 accounts"."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 def _duration(seconds: object) -> str:
