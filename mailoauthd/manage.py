@@ -66,6 +66,11 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("account", nargs="?")
     status.add_argument("--json", action="store_true", help="stable, machine-readable output")
     status.add_argument(
+        "--names",
+        action="store_true",
+        help="print only the account names, one a line (for shell completion)",
+    )
+    status.add_argument(
         "--check",
         action="store_true",
         help="for monitoring: exit 0 when every account is healthy, else 1 (misconfigured or "
@@ -102,7 +107,12 @@ def _parser() -> argparse.ArgumentParser:
                 help="sign in this way instead of the account's configured flow",
             )
         if name == "test":
-            cmd.add_argument("--mechanism", choices=("xoauth2", "oauthbearer"), default="xoauth2")
+            cmd.add_argument(
+                "--mechanism",
+                choices=("xoauth2", "oauthbearer"),
+                default="xoauth2",
+                help="the SASL mechanism (default xoauth2)",
+            )
             cmd.add_argument("--only", choices=("imap", "smtp"), help="check one protocol")
             cmd.add_argument(
                 "--timeout",
@@ -188,6 +198,9 @@ def _status(args: argparse.Namespace) -> int:
         rows = [row for row in rows if row.get("account") == args.account]
         if not rows:
             raise client._Fail(f"{args.account}: no such account", errors.EXIT_ERROR)
+    if args.names:
+        sys.stdout.write("".join(f"{row.get('account')}\n" for row in rows))
+        return 0
     if args.check:
         return _check(rows, as_json=args.json)
     if args.json:
