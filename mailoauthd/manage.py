@@ -78,6 +78,12 @@ def _parser() -> argparse.ArgumentParser:
         "unhealthy_after), with one line per problem",
     )
     sub.add_parser("reload", help="re-read the daemon's configuration (as SIGHUP does)")
+    recipe = sub.add_parser(
+        "recipe",
+        help="print a mail program's configuration for an account, from the tested recipes",
+    )
+    recipe.add_argument("client", help="msmtp, mbsync, neomutt, offlineimap, getmail, curl, ...")
+    recipe.add_argument("account")
     for name, text in (
         ("refresh", "refresh an account's token now and print the new expiry"),
         ("import", "read a refresh token on stdin and store it (migration from other tools)"),
@@ -147,6 +153,10 @@ def main(argv: list[str]) -> int:
         )
     if command == "status":
         return _status(args)
+    if command == "recipe":
+        from mailoauthd import recipes
+
+        return recipes.main(args.client, args.account, socket_path=args.socket)
     if command == "reload":
         line = protocol.encode({"v": protocol.VERSION, "op": "reload"})
         reply = client.request_reply(line, args.socket, ADMIN_TIMEOUT)

@@ -458,7 +458,8 @@ def zsh_completion(program: str, parser: argparse.ArgumentParser) -> str:
     for command in commands:
         specs = [s for o in command.options for s in _zsh_spec(o)]
         if command.takes_account:
-            specs.append(f"'1:account:_{program}_accounts'")
+            position = 1 + [d for d, _ in command.positionals].index("account")
+            specs.append(f"'{position}:account:_{program}_accounts'")
         lines.append(f"                {command.name}) _arguments {' '.join(specs)} && ret=0 ;;")
     lines += ["            esac ;;", "    esac", "    return ret", "}", "", f'_{program} "$@"']
     return "\n".join(lines) + "\n"

@@ -106,7 +106,7 @@ class TestBash:
         return sorted(line for line in done.stdout.splitlines() if line)
 
     def test_commands_and_options(self) -> None:
-        assert self.complete("mailoauth", "re") == ["refresh", "reload", "revoke"]
+        assert self.complete("mailoauth", "re") == ["recipe", "refresh", "reload", "revoke"]
         assert self.complete("mailoauth", "sasl", "--mech") == ["--mechanism"]
         assert self.complete("mailoauth", "sasl", "--mechanism", "o") == ["oauthbearer"]
 
@@ -166,7 +166,7 @@ class TestFish:
         return sorted(line.split("\t")[0] for line in done.stdout.splitlines())
 
     def test_commands(self, tmp_path: Path) -> None:
-        assert self.complete("mailoauth re", tmp_path) == ["refresh", "reload", "revoke"]
+        assert self.complete("mailoauth re", tmp_path) == ["recipe", "refresh", "reload", "revoke"]
         assert "example-config" in self.complete("mailoauthd ", tmp_path)
 
     @pytest.mark.slow
