@@ -90,6 +90,7 @@ def _parser() -> argparse.ArgumentParser:
         ("revoke", "revoke at the provider where supported, then forget the tokens"),
         ("authorize", "sign in: in a browser, by pasting its address back, or by code"),
         ("test", "log in to the account's IMAP and SMTP servers with its token"),
+        ("inspect", "show what the current access token says (audience, scopes, user, expiry)"),
     ):
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("account")
@@ -153,6 +154,10 @@ def main(argv: list[str]) -> int:
         )
     if command == "status":
         return _status(args)
+    if command == "inspect":
+        from mailoauthd import tokeninfo
+
+        return tokeninfo.main(args.account, socket_path=args.socket)
     if command == "recipe":
         from mailoauthd import recipes
 
