@@ -172,6 +172,8 @@ class Daemon:
         if op == "import":
             name = _text(request, "account")
             token = Secret(_text(request, "refresh_token"))
+            if "client_id" in request:  # `import --from`: the client the other tool used
+                self._same_client(name, _text(request, "client_id"))
             st = await self._bounded(
                 name, request, partial(self.scheduler.import_token, name, token)
             )
@@ -184,6 +186,18 @@ class Daemon:
         if op == "servers":
             return _servers(self.scheduler.account(_text(request, "account")))
         raise ProtocolError(f"unknown operation {op!r}")
+
+    def _same_client(self, name: str, client_id: str) -> None:
+        """A refresh token works only with the client that got it: refuse another's."""
+        provider = self.scheduler.account(name).provider
+        if client_id != provider.client_id:
+            raise UsageError(
+                f"{name}: the refresh token was issued to client {client_id!r}, but "
+                f"[providers.{provider.name}] has client_id {provider.client_id!r}; a refresh "
+                "token works only with the client that got it",
+                hint=f"set client_id = {client_id!r} and that client's secret in a provider "
+                f"for {name}, or sign in afresh with 'mailoauth authorize {name}'",
+            )
 
     async def _bounded(
         self,

@@ -94,6 +94,20 @@ def _parser() -> argparse.ArgumentParser:
     ):
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("account")
+        if name == "import":
+            cmd.add_argument(
+                "--from",
+                dest="from_tool",
+                nargs="+",
+                metavar=("TOOL", "SOURCE"),
+                help="take the refresh token from another tool instead of stdin: mutt_oauth2 "
+                "FILE, oama [EMAIL|FILE], email-oauth2-proxy CONFIG or getmail FILE",
+            )
+            cmd.add_argument(
+                "--decrypt-command",
+                metavar="COMMAND",
+                help="decrypt mutt_oauth2's or oama's file with this instead of 'gpg --decrypt'",
+            )
         if name in ("refresh", "import"):
             cmd.add_argument(
                 "--timeout",
@@ -181,7 +195,31 @@ def main(argv: list[str]) -> int:
     request: dict[str, object] = {"v": protocol.VERSION, "op": command, "account": args.account}
     timeout = getattr(args, "timeout", ADMIN_TIMEOUT)
     request["timeout"] = timeout
-    if command == "import":
+    if command == "import" and args.from_tool:
+        from mailoauthd import migrate
+
+        tool, *sources = args.from_tool
+        if tool not in migrate.SOURCES or len(sources) > 1:
+            raise client._Fail(
+                f"--from takes one of {', '.join(migrate.SOURCES)} and at most one file",
+                errors.EXIT_USAGE,
+            )
+
+        asked = {"v": protocol.VERSION, "op": "servers", "account": args.account}
+        servers = client.request_reply(protocol.encode(asked), args.socket, ADMIN_TIMEOUT)
+        found = migrate.read(
+            tool,
+            sources[0] if sources else None,
+            username=str(servers.get("username") or ""),
+            decrypt=args.decrypt_command,
+        )
+        sys.stderr.write(f"mailoauth: {args.account}: {migrate.describe(found)}\n")
+        for note in found.notes:
+            sys.stderr.write(f"mailoauth: note: {note}\n")
+        request["refresh_token"] = found.refresh_token
+        if found.client_id:
+            request["client_id"] = found.client_id
+    elif command == "import":
         token = sys.stdin.readline().strip()
         if not token:
             raise client._Fail(

@@ -23,6 +23,8 @@ complete -c mailoauth -n 'not __fish_seen_subcommand_from token sasl status relo
 complete -c mailoauth -n 'not __fish_seen_subcommand_from token sasl status reload recipe refresh import revoke authorize test inspect' -a refresh -d 'refresh an account\'s token now and print the new expiry'
 complete -c mailoauth -n '__fish_seen_subcommand_from refresh' -l timeout -x -d 'wait at most this long for the provider\'s answer (default 60)'
 complete -c mailoauth -n 'not __fish_seen_subcommand_from token sasl status reload recipe refresh import revoke authorize test inspect' -a import -d 'read a refresh token on stdin and store it (migration from other tools)'
+complete -c mailoauth -n '__fish_seen_subcommand_from import' -l from -x -d 'take the refresh token from another tool instead of stdin: mutt_oauth2 FILE, oama [EMAIL|FILE], email-oauth2-proxy CONFIG or getmail FILE'
+complete -c mailoauth -n '__fish_seen_subcommand_from import' -l decrypt-command -x -d 'decrypt mutt_oauth2\'s or oama\'s file with this instead of \'gpg --decrypt\''
 complete -c mailoauth -n '__fish_seen_subcommand_from import' -l timeout -x -d 'wait at most this long for the provider\'s answer (default 60)'
 complete -c mailoauth -n 'not __fish_seen_subcommand_from token sasl status reload recipe refresh import revoke authorize test inspect' -a revoke -d 'revoke at the provider where supported, then forget the tokens'
 complete -c mailoauth -n 'not __fish_seen_subcommand_from token sasl status reload recipe refresh import revoke authorize test inspect' -a authorize -d 'sign in: in a browser, by pasting its address back, or by code'
