@@ -37,10 +37,14 @@ commands:
   reload                        re-read the daemon's configuration
   refresh ACCOUNT               refresh now, print the new expiry
   import ACCOUNT                read a refresh token on stdin and store it
+  import ACCOUNT --from TOOL [SOURCE]
+                                take it from mutt_oauth2, oama, email-oauth2-proxy or getmail
   revoke ACCOUNT                forget the account's tokens
   authorize ACCOUNT [--no-browser] [--flow authorization_code|device_code]
                                 sign in: in a browser, by pasting its address back, or by code
   test ACCOUNT                  log in to the account's IMAP and SMTP servers with its token
+  inspect ACCOUNT               what the access token says: audience, scopes, user, expiry
+  recipe CLIENT ACCOUNT         a mail program's tested configuration, filled in for ACCOUNT
 
 options for token and sasl:
   --timeout SECONDS             wait at most this long for a due refresh (default 15)
