@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 from collections.abc import Callable
@@ -157,6 +158,13 @@ class TestCheckConfig:
         assert "--credentials-directory DIR" in done.stderr
         assert "run 'mailoauthd check-config'" not in done.stderr
         assert done.stderr.splitlines()[-1] == "mailoauthd: fix the configuration file"
+
+    def test_missing_config_points_at_what_an_installation_has(self, tmp_path: Path) -> None:
+        """No config file: the hint is a command every installation has, not a checkout's file."""
+        done = run(MAILOAUTHD, "check-config", "--config", tmp_path / "nope.toml")
+        assert done.returncode == 1
+        assert "'mailoauthd example-config' prints an annotated example" in done.stderr
+        assert "etc/mailoauthd.toml" not in done.stderr
 
     def test_missing_secret_file_named_by_its_key(self, tmp_path: Path) -> None:
         """The error names client_secret_file, the key that is set."""
@@ -340,3 +348,19 @@ class TestDocs:
         readme = (ROOT / "README.md").read_text()
         assert "as root" in readme
         assert "useradd" in readme
+
+
+@pytest.mark.skipif(not shutil.which("make"), reason="needs make")
+def test_make_demo_installs_only_the_program(tmp_path: Path) -> None:
+    """`make demo` on a fresh machine installs mailoauthd alone: no pytest, ruff or mypy."""
+    plan = subprocess.run(
+        ["make", "-n", "-C", str(ROOT), "demo", f"VENV={tmp_path / 'venv'}"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    installs = [line for line in plan.splitlines() if " install " in line]
+    assert any(line.endswith("install --quiet -e .") for line in installs), plan
+    assert not any("[" in line for line in installs), plan
+    assert "mailoauthd demo" in plan
