@@ -36,7 +36,10 @@ def _prefixes() -> list[Path]:
 
 def find(installed: str, checkout: str) -> Path:
     """
-    A shipped file: under an installation prefix, else in the checkout this runs from.
+    A shipped file: in the checkout this runs from, else under an installation prefix.
+
+    The checkout comes first: an editable install also copies the files under its
+    prefix, and those copies go stale as the checkout changes.
 
     Args:
         installed: its path below the prefix, e.g. "share/mailoauthd/mailoauthd.toml".
@@ -45,7 +48,7 @@ def find(installed: str, checkout: str) -> Path:
     Raises:
         MailoauthdError: neither is there.
     """
-    places = [prefix / installed for prefix in _prefixes()] + [CHECKOUT / checkout]
+    places = [CHECKOUT / checkout] + [prefix / installed for prefix in _prefixes()]
     for place in places:
         if place.is_file():
             return place
