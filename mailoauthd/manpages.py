@@ -132,7 +132,7 @@ def _readme_meanings() -> dict[str, dict[str, str]]:
         keys = re.findall(r"`(\w+)`", cells[0])
         meaning = cells[-1]
         if len(cells) == 3:  # key | default | meaning
-            meaning = f"{meaning} (default: {cells[1]})"
+            meaning = f"{meaning}; default: {cells[1]}"
         for key in keys:
             meanings[table][key] = meaning
     return meanings
@@ -301,7 +301,7 @@ def config_page() -> str:
         ),
     ]
     for _name, heading, rows in config_keys():
-        lines += [".SH " + _roff(heading.upper() if heading.startswith("[") else heading)]
+        lines += [".SH " + _roff(heading.upper())]
         for key, meaning in rows:
             lines += [".TP", f"\\fB{_roff(key)}\\fR", _roff(meaning) if meaning else ""]
     lines += [
