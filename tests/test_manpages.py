@@ -109,6 +109,7 @@ class TestBash:
         assert self.complete("mailoauth", "re") == ["recipe", "refresh", "reload", "revoke"]
         assert self.complete("mailoauth", "sasl", "--mech") == ["--mechanism"]
         assert self.complete("mailoauth", "sasl", "--mechanism", "o") == ["oauthbearer"]
+        assert self.complete("mailoauth", "recipe", "ms") == ["msmtp"]
 
     @pytest.mark.slow
     def test_account_names_from_the_daemon(self, daemon_socket: Path) -> None:
@@ -173,3 +174,7 @@ class TestFish:
     def test_account_names_from_the_daemon(self, tmp_path: Path, daemon_socket: Path) -> None:
         names = self.complete("mailoauth token ", tmp_path, daemon_socket)
         assert names == ["home", "work"]
+        clients = self.complete("mailoauth recipe ", tmp_path, daemon_socket)
+        assert "msmtp" in clients
+        assert "work" not in clients
+        assert self.complete("mailoauth recipe msmtp ", tmp_path, daemon_socket) == names
