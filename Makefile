@@ -2,18 +2,30 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# Two stamps: the demo needs only the program; the tests and lint also pytest, ruff, mypy.
+RUN_STAMP := $(VENV)/.installed-run
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test check lint clean bench soak
+.PHONY: demo test check lint clean bench soak man
 
-$(STAMP): pyproject.toml
+$(RUN_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e .
+	touch $(RUN_STAMP)
+
+$(STAMP): $(RUN_STAMP)
 	$(BIN)/pip install --quiet -e '.[test,dev]'
 	touch $(STAMP)
 
-demo: $(STAMP)
+# Per-user mode in a temporary directory, also as root: never the system's paths.
+demo: $(RUN_STAMP)
 	$(BIN)/mailoauthd demo
+
+# Regenerates the man pages and shell completions in share/ from the argument parsers
+# and the config key table; tests/test_manpages.py fails when they are out of date.
+man: $(RUN_STAMP)
+	$(BIN)/python -m mailoauthd.manpages share
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -W error -q

@@ -11,6 +11,7 @@ import argparse
 import os
 import sys
 import tempfile
+from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -19,7 +20,7 @@ import trio
 
 from mailoauthd import __version__, config, daemon, logs, paths, state
 from mailoauthd.access import Policy
-from mailoauthd.errors import MailoauthdError
+from mailoauthd.errors import ConfigError, MailoauthdError
 from mailoauthd.secret import Secret
 
 
@@ -38,8 +39,24 @@ def _parser() -> argparse.ArgumentParser:
         "(the default when run as root)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.add_parser("run", help="run the daemon in the foreground (the default)")
-    sub.add_parser("check-config", help="validate the configuration and exit 0 or 1")
+    run = sub.add_parser("run", help="run the daemon in the foreground (the default)")
+    check = sub.add_parser("check-config", help="validate the configuration and exit 0 or 1")
+    for command in (run, check):
+        # Also after the command: `mailoauthd check-config --config PATH`.
+        command.add_argument(
+            "--config", metavar="PATH", default=argparse.SUPPRESS, help="the configuration file"
+        )
+    check.add_argument(
+        "--credentials-directory",
+        metavar="DIR",
+        help="read ${CREDENTIALS_DIRECTORY} in client_secret_file paths as DIR: the directory "
+        "holding the files the unit's LoadCredential= names (systemd sets the variable only "
+        "for the service)",
+    )
+    sub.add_parser(
+        "example-config",
+        help="print an annotated example configuration (valid as it is, given its secret files)",
+    )
     demo = sub.add_parser(
         "demo", help="run the daemon against a built-in development provider, with a demo account"
     )
@@ -54,11 +71,18 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _fail(exc: MailoauthdError) -> int:
+def _fail(exc: MailoauthdError, *, checking: bool = False) -> int:
     sys.stderr.write(f"mailoauthd: {exc.message}\n")
-    if exc.hint:
-        sys.stderr.write(f"mailoauthd: {exc.hint}\n")
+    hint = exc.hint
+    if checking and isinstance(exc, ConfigError) and hint == ConfigError.hint:
+        hint = "fix the configuration file"  # not "run check-config": that is what just ran
+    if hint:
+        sys.stderr.write(f"mailoauthd: {hint}\n")
     return 1
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,22 +92,48 @@ def main(argv: list[str] | None = None) -> int:
     system = args.system or os.geteuid() == 0
     try:
         if args.command == "demo":
-            return _demo(args, env, system)
+            return _demo(args, env)
+        if args.command == "example-config":
+            from mailoauthd import shared_files
+
+            sys.stdout.write(shared_files.example_config())
+            return 0
         path = Path(args.config or paths.config_path(env, system=system))
         cfg = config.load(path)
         if args.command == "check-config":
-            daemon.read_secrets(cfg)
-            _, access_warnings = Policy.build(cfg, system=system, own_uid=os.geteuid())
-            for warning in (*cfg.warnings, *access_warnings):
-                sys.stderr.write(f"mailoauthd: warning: {warning}\n")
-            print(f"{path}: OK ({len(cfg.providers)} providers, {len(cfg.accounts)} accounts)")
-            return 0
+            return _check_config(cfg, path, args, env, system)
         return _run(cfg, path, env, system)
     except MailoauthdError as exc:
-        return _fail(exc)
+        return _fail(exc, checking=args.command == "check-config")
 
 
-def _run(cfg: config.Config, path: Path | None, env: dict[str, str], system: bool) -> int:
+def _check_config(
+    cfg: config.Config, path: Path, args: argparse.Namespace, env: dict[str, str], system: bool
+) -> int:
+    if args.credentials_directory:
+        env = {**env, "CREDENTIALS_DIRECTORY": str(Path(args.credentials_directory).absolute())}
+    daemon.read_secrets(cfg, env)
+    _, access_warnings = Policy.build(cfg, system=system, own_uid=os.geteuid())
+    warnings = [*cfg.warnings, *access_warnings]
+    if not cfg.accounts:
+        warnings.append(
+            "there are no [accounts.NAME] tables: the daemon would serve no account "
+            "('mailoauthd example-config' prints an annotated example)"
+        )
+    for warning in warnings:
+        sys.stderr.write(f"mailoauthd: warning: {warning}\n")
+    counts = f"{_plural(len(cfg.providers), 'provider')}, {_plural(len(cfg.accounts), 'account')}"
+    print(f"{path}: OK ({counts})")
+    return 0
+
+
+def _run(
+    cfg: config.Config,
+    path: Path | None,
+    env: dict[str, str],
+    system: bool,
+    on_ready: Callable[[], None] | None = None,
+) -> int:
     journal = logs.JOURNAL_SOCKET if logs.stderr_is_journal(env) else None
     logs.configure(level=cfg.daemon.log_level, fmt=cfg.daemon.log_format, journal=journal)
     # Socket activation's variables are ours alone (daemon.run reads them from `env`):
@@ -91,8 +141,16 @@ def _run(cfg: config.Config, path: Path | None, env: dict[str, str], system: boo
     for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
         os.environ.pop(name, None)
     failures: list[MailoauthdError] = []
+    run = partial(daemon.run, cfg, config_path=path, env=env, system=system)
+
+    async def run_then_tell() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(run)
+            if on_ready is not None:
+                on_ready()
+
     try:
-        trio.run(partial(daemon.run, cfg, config_path=path, env=env, system=system))
+        trio.run(run_then_tell)
     except* MailoauthdError as group:
         failures.extend(_leaves(group))
     for failure in failures:
@@ -134,16 +192,29 @@ username = "demo@example.com"
 """
 
 
-def _demo(args: argparse.Namespace, env: dict[str, str], system: bool) -> int:
+def _demo(args: argparse.Namespace, env: dict[str, str]) -> int:
+    """
+    The demo: always per-user mode, also as root, and never the system's paths.
+
+    Its socket is the per-user one when there is a runtime directory to put it in
+    (so that a plain `mailoauth token demo` finds it), else one in its own
+    temporary directory; its banner comes once the daemon listens.
+    """
     from mailoauthd.devprovider import DevProvider
 
-    socket = Path(args.socket or paths.daemon_socket(env, os.getuid(), system=system))
     lifetime = max(30.0, args.token_lifetime)
     with (
         tempfile.TemporaryDirectory(prefix="mailoauthd-demo-") as tmp,
         DevProvider(access_token_lifetime=lifetime) as provider,
     ):
         base = Path(tmp)
+        runtime = env.get("XDG_RUNTIME_DIR", "")
+        if args.socket:
+            socket = Path(args.socket)
+        elif os.geteuid() != 0 and runtime and os.path.isdir(runtime):
+            socket = Path(paths.user_socket(env, os.getuid()))
+        else:
+            socket = base / "socket"
         secret_file = base / "client-secret"
         secret_file.write_text("demo-secret\n")
         secret_file.chmod(0o600)
@@ -169,13 +240,17 @@ def _demo(args: argparse.Namespace, env: dict[str, str], system: bool) -> int:
         store.close()
         helper = Path(sys.executable).with_name("mailoauth")
         command = str(helper) if helper.exists() else "mailoauth"
-        flag = "" if args.socket is None else f" --socket {socket}"
-        sys.stderr.write(
-            f"mailoauthd demo: development provider at {provider.url}, "
-            f"access tokens live {lifetime:g} s\n"
-            f"mailoauthd demo: in another terminal, try:\n"
-            f"    {command}{flag} token demo\n"
-            f"    {command}{flag} status\n"
-            f"mailoauthd demo: Ctrl-C stops the demo.\n"
-        )
-        return _run(cfg, config_file, env, system)
+        default = paths.helper_sockets(env, os.getuid())[0]
+        flag = "" if str(socket) == default else f" --socket {socket}"
+
+        def banner() -> None:
+            sys.stderr.write(
+                f"mailoauthd demo: development provider at {provider.url}, "
+                f"access tokens live {lifetime:g} s\n"
+                f"mailoauthd demo: in another terminal, try:\n"
+                f"    {command}{flag} token demo\n"
+                f"    {command}{flag} status\n"
+                f"mailoauthd demo: Ctrl-C stops the demo.\n"
+            )
+
+        return _run(cfg, config_file, env, False, on_ready=banner)

@@ -7,7 +7,7 @@ loaded plus two C modules (`_socket`, `_json`) and `binascii`; no argparse, no
 json, no pathlib. A test holds us to that. The other subcommands are run by
 people and may import what they like.
 
-Exit status (CONTRACT.md): 0 success, 1 error reported by the daemon, 2 usage,
+Exit status: 0 success, 1 error reported by the daemon, 2 usage,
 3 daemon unreachable, 4 needs authorization, 5 provider temporarily failing.
 """
 
@@ -37,10 +37,14 @@ commands:
   reload                        re-read the daemon's configuration
   refresh ACCOUNT               refresh now, print the new expiry
   import ACCOUNT                read a refresh token on stdin and store it
+  import ACCOUNT --from TOOL [SOURCE]
+                                take it from mutt_oauth2, oama, email-oauth2-proxy or getmail
   revoke ACCOUNT                forget the account's tokens
   authorize ACCOUNT [--no-browser] [--flow authorization_code|device_code]
                                 sign in: in a browser, by pasting its address back, or by code
   test ACCOUNT                  log in to the account's IMAP and SMTP servers with its token
+  inspect ACCOUNT               what the access token says: audience, scopes, user, expiry
+  recipe CLIENT ACCOUNT         a mail program's tested configuration, filled in for ACCOUNT
 
 options for token and sasl:
   --timeout SECONDS             wait at most this long for a due refresh (default 15)
@@ -49,6 +53,10 @@ options for token and sasl:
   --mechanism xoauth2|oauthbearer   (sasl; default xoauth2)
   --host HOST --port PORT       (sasl, OAUTHBEARER) the server's name and port
 """
+
+
+class _Help(Exception):
+    """`token --help`: the usage on stdout, exit 0."""
 
 
 class _Fail(Exception):
@@ -64,7 +72,11 @@ def main(argv: list[str]) -> int:
     try:
         socket_path, rest = _leading_socket(argv)
         if rest and rest[0] in ("token", "sasl"):
-            return _hot(rest[0], rest[1:], socket_path)
+            try:
+                return _hot(rest[0], rest[1:], socket_path)
+            except _Help:
+                sys.stdout.write(USAGE)
+                return 0
         from mailoauthd import manage
 
         return manage.main(argv)
@@ -109,7 +121,7 @@ def _parse_hot(args: list[str]) -> tuple[str, dict[str, str]]:
     while i < len(args):
         arg = args[i]
         if arg in ("-h", "--help"):
-            raise _Fail(USAGE.rstrip("\n"), 0)
+            raise _Help()
         if arg.startswith("--"):
             name, eq, value = arg.partition("=")
             if name == "--wait":  # its value is optional, so only in the --wait=S form
@@ -214,7 +226,7 @@ def connect(socket_path: str | None, timeout: float | None) -> _socket.socket:
         _Fail: none answered; the message names every path tried.
     """
     tried = candidate_sockets(socket_path)
-    last_error = ""
+    failures: list[str] = []
     for path in tried:
         candidate = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         candidate.settimeout(timeout)
@@ -222,13 +234,24 @@ def connect(socket_path: str | None, timeout: float | None) -> _socket.socket:
             _connect(candidate, path, timeout)
         except OSError as exc:
             candidate.close()
-            last_error = exc.strerror or str(exc)
+            failures.append(f"{path}: {exc.strerror or exc}")
             continue
         return candidate
     raise _Fail(
-        f"cannot reach mailoauthd at {' or '.join(tried)}: {last_error} "
-        f"({errors.DaemonUnreachable.hint})",
+        f"cannot reach mailoauthd: {'; '.join(failures)} ({unreachable_hint(socket_path)})",
         errors.EXIT_UNREACHABLE,
+    )
+
+
+def unreachable_hint(socket_path: str | None) -> str:
+    """How to start the daemon the helper looked for: per-user, system, or a named socket."""
+    if socket_path or os.environ.get("MAILOAUTHD_SOCKET"):
+        return "start the mailoauthd that listens there, or check --socket and $MAILOAUTHD_SOCKET"
+    if os.getuid() == 0 or os.path.exists(paths.SYSTEM_SOCKET):
+        return "start it with 'systemctl start mailoauthd.socket mailoauthd', or pass --socket"
+    return (
+        "start your own with 'systemctl --user start mailoauthd' (or run 'mailoauthd'), "
+        "or pass --socket"
     )
 
 
@@ -302,5 +325,14 @@ def request_reply(request: bytes, socket_path: str | None, timeout: float) -> di
     code = str(reply.get("error", "error"))
     message = str(reply.get("message", "the daemon reported an error"))
     hint = reply.get("hint")
+    names = reply.get("accounts")
+    if code == "unknown-account" and isinstance(names, list):
+        # Only on this failure path: difflib is not worth importing for every token.
+        import difflib
+
+        wanted = str(reply.get("account", ""))
+        close = difflib.get_close_matches(wanted, [str(n) for n in names], 1)
+        if close:
+            hint = f"did you mean '{close[0]}'?"
     text = f"{message} ({hint})" if hint else message
     raise _Fail(text, errors.exit_code_for(code))

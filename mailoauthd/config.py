@@ -797,7 +797,9 @@ def load(path: Path) -> Config:
     except (OSError, UnicodeDecodeError) as exc:
         decoding = isinstance(exc, UnicodeDecodeError)
         why = f"not UTF-8 text ({exc})" if decoding else getattr(exc, "strerror", None) or exc
-        hint = "create it (etc/mailoauthd.toml is an annotated example) or pass --config"
+        hint = (
+            "create it ('mailoauthd example-config' prints an annotated example) or pass --config"
+        )
         missing = isinstance(exc, FileNotFoundError)
         message = f"{path}: cannot read the configuration: {why}"
         raise _config_error([message], hint=hint if missing else None) from exc
@@ -858,7 +860,12 @@ def _read_secret_file(path: Path, where: str, env: Mapping[str, str]) -> Secret:
     def expand(match: re.Match[str]) -> str:
         if (variable := match.group(1) or match.group(2)) in env:
             return env[variable]
-        why = "; systemd sets it for LoadCredential=" if variable == "CREDENTIALS_DIRECTORY" else ""
+        why = (
+            "; systemd sets it for the service's LoadCredential= (to check the configuration "
+            "outside the service: 'mailoauthd check-config --credentials-directory DIR')"
+            if variable == "CREDENTIALS_DIRECTORY"
+            else ""
+        )
         raise _config_error([f"{where}: {path} needs ${variable}, which is not set{why}"])
 
     expanded = _VARIABLE.sub(expand, str(path))

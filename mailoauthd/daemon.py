@@ -26,7 +26,7 @@ import httpx
 import structlog
 import trio
 
-from mailoauthd import __version__, config, oauth, paths, signin
+from mailoauthd import __version__, config, oauth, paths, protocol, signin
 from mailoauthd.access import Policy
 from mailoauthd.discovery import Discovery
 from mailoauthd.errors import (
@@ -37,6 +37,7 @@ from mailoauthd.errors import (
     ProtocolError,
     ReauthorizationRequired,
     TimedOut,
+    UnknownAccount,
     UsageError,
 )
 from mailoauthd.notify import Notifier
@@ -64,13 +65,15 @@ SIGN_IN_FLOWS = ("authorization_code", "device_code")
 STATUS_INTERVAL = 5.0
 
 
-def read_secrets(cfg: config.Config) -> dict[str, Secret | None]:
-    """Every provider's client secret, read now (files, commands)."""
+def read_secrets(
+    cfg: config.Config, env: Mapping[str, str] | None = None
+) -> dict[str, Secret | None]:
+    """Every provider's client secret, read now (files, commands); `env` for $VAR in paths."""
     secrets: dict[str, Secret | None] = {}
     for name, provider in cfg.providers.items():
         source = provider.client_secret
         secrets[name] = (
-            source.read(where=f"{cfg.source}: [providers.{name}] client_secret")
+            source.read(where=f"{cfg.source}: [providers.{name}] {source.key}", env=env)
             if source is not None
             else None
         )
@@ -137,6 +140,18 @@ class Daemon:
 
     async def handle(self, request: dict[str, object], peer: Peer) -> dict[str, object]:
         """Answer one request; errors propagate to the server as MailoauthdError."""
+        try:
+            return await self._handle(request, peer)
+        except UnknownAccount as exc:
+            # The names this caller may use, for the helper's "did you mean".
+            names = [name for name in self.config.accounts if self.policy.visible(peer, name)]
+            return {
+                **protocol.error_reply(exc.code, exc.message, exc.hint),
+                "account": str(request.get("account", "")),
+                "accounts": names,
+            }
+
+    async def _handle(self, request: dict[str, object], peer: Peer) -> dict[str, object]:
         if request.get("v") != 1:
             raise ProtocolError(f"unsupported protocol version {request.get('v')!r}; expected 1")
         op = request.get("op")
@@ -164,6 +179,8 @@ class Daemon:
                     "not allow in one, or is too long (not shown)",
                     hint="paste only the token itself",
                 )
+            if "client_id" in request:  # `import --from`: the client the other tool used
+                self._same_client(name, _text(request, "client_id"))
             st = await self._bounded(
                 name, request, partial(self.scheduler.import_token, name, token)
             )
@@ -176,6 +193,18 @@ class Daemon:
         if op == "servers":
             return _servers(self.scheduler.account(_text(request, "account")))
         raise ProtocolError(f"unknown operation {op!r}")
+
+    def _same_client(self, name: str, client_id: str) -> None:
+        """A refresh token works only with the client that got it: refuse another's."""
+        provider = self.scheduler.account(name).provider
+        if client_id != provider.client_id:
+            raise UsageError(
+                f"{name}: the refresh token was issued to client {client_id!r}, but "
+                f"[providers.{provider.name}] has client_id {provider.client_id!r}; a refresh "
+                "token works only with the client that got it",
+                hint=f"set client_id = {client_id!r} and that client's secret in a provider "
+                f"for {name}, or sign in afresh with 'mailoauth authorize {name}'",
+            )
 
     async def _bounded(
         self,

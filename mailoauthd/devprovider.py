@@ -111,6 +111,9 @@ class _Options:
     device_expires_in: int = 600
     # "strict" only: how long a retired refresh token still works (0: not at all).
     refresh_token_reuse_interval: float = 0.0
+    # None: opaque access tokens. Else JWTs (unsigned) with these claims, plus scp, upn,
+    # iat and exp unless given: what Microsoft's look like to `mailoauth inspect`.
+    access_token_claims: dict[str, Any] | None = None
 
     def check(self) -> None:
         if self.refresh_token_rotation not in ROTATIONS:
@@ -124,6 +127,8 @@ class _Options:
             raise ValueError("device_interval must be >= 0 and device_expires_in > 0")
         if not self.refresh_token_reuse_interval >= 0:
             raise ValueError("refresh_token_reuse_interval must be >= 0")
+        if self.access_token_claims is not None and not isinstance(self.access_token_claims, dict):
+            raise ValueError("access_token_claims must be an object, or null")
 
 
 @dataclass(eq=False)
@@ -616,10 +621,16 @@ class DevProvider:
         self, grant: _Grant, scopes: tuple[str, ...], *, refresh: bool, nonce: str | None = None
     ) -> dict[str, Any]:
         now, options = self._clock(), self._options
-        # Opaque like Microsoft's tokens, and exactly as long as asked.
+        # Opaque and exactly as long as asked, or (access_token_claims) a JWT like Microsoft's.
         length = options.access_token_length
         access = secrets.token_urlsafe(length)[:length]
         lifetime = options.access_token_lifetime
+        if options.access_token_claims is not None:
+            payload = {"scp": " ".join(scopes), "upn": grant.user, **options.access_token_claims}
+            payload.update(iat=int(now), exp=int(now + lifetime))
+            header = {"typ": "JWT", "alg": "none"}
+            parts = (_b64url(json.dumps(p).encode()) for p in (header, payload))
+            access = ".".join(parts) + "." + access
         self._access[access] = _AccessToken(grant, scopes, now, now + lifetime)
         self._issued.append(access)
         body: dict[str, Any] = {

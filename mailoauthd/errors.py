@@ -25,7 +25,7 @@ things with them: retry later, or stop and tell someone.
 
 from __future__ import annotations
 
-# Exit codes of the `mailoauth` helper, by wire code (CONTRACT.md).
+# Exit codes of the `mailoauth` helper, by wire code.
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2

@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TextIO
 
-from mailoauthd import client, errors, protocol
+from mailoauthd import client, errors, protocol, tokeninfo
 
 # RFC 5321's limit for a command line before any extension raises it: an AUTH
 # line up to this long is accepted by every server.
@@ -166,7 +166,8 @@ def check_imap(
             say(f"rejected: {refusal}")
             raise LoginFailed(
                 f"{server.label}: the server rejected the token: {refusal}",
-                REJECTED_HINT.format(protocol="IMAP"),
+                tokeninfo.advice("IMAP", refusal, token, user)
+                or REJECTED_HINT.format(protocol="IMAP"),
             ) from None
         say(f"authenticated: {answer[0]} {_words(answer[1])}")
         bye = imap.logout()
@@ -234,7 +235,8 @@ def check_smtp(
             say(f"rejected: {answer}")
             raise LoginFailed(
                 f"{server.label}: the server rejected the token: {answer}",
-                REJECTED_HINT.format(protocol="SMTP"),
+                tokeninfo.advice("SMTP", answer, token, user)
+                or REJECTED_HINT.format(protocol="SMTP"),
             ) from None
         say(f"authenticated: {code} {_text(message)}")
         code, message = smtp.quit()

@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 
-from mailoauthd import client, errors, protocol
+from mailoauthd import __version__, client, errors, protocol
 
 # Manual operations may wait for a slow provider; a person is watching.
 ADMIN_TIMEOUT = 60.0
@@ -24,6 +24,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog="exit status: 0 ok, 1 error, 2 usage, 3 daemon unreachable, "
         "4 needs authorization, 5 provider temporarily failing",
     )
+    parser.add_argument("--version", action="version", version=f"mailoauth {__version__}")
     parser.add_argument("--socket", metavar="PATH", help="the daemon's socket")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, text in (
@@ -32,15 +33,43 @@ def _parser() -> argparse.ArgumentParser:
     ):
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("account")
-        cmd.add_argument("--timeout", type=float, default=client.DEFAULT_TIMEOUT)
-        cmd.add_argument("--min-validity", type=float)
+        cmd.add_argument(
+            "--timeout",
+            type=float,
+            default=client.DEFAULT_TIMEOUT,
+            metavar="SECONDS",
+            help="wait at most this long for a due refresh (default %(default)g)",
+        )
+        cmd.add_argument(
+            "--min-validity",
+            type=float,
+            metavar="SECONDS",
+            help="only hand out a token valid at least this long",
+        )
+        cmd.add_argument(
+            "--wait",
+            nargs="?",
+            type=float,
+            const=client.DEFAULT_WAIT,
+            metavar="SECONDS",
+            help="if the account needs signing in, wait for that (default %(const)g)",
+        )
         if name == "sasl":
-            cmd.add_argument("--mechanism", choices=("xoauth2", "oauthbearer"))
-            cmd.add_argument("--host")
-            cmd.add_argument("--port")
+            cmd.add_argument(
+                "--mechanism",
+                choices=("xoauth2", "oauthbearer"),
+                help="the SASL mechanism (default xoauth2)",
+            )
+            cmd.add_argument("--host", help="(OAUTHBEARER) the server's name")
+            cmd.add_argument("--port", help="(OAUTHBEARER) the server's port")
     status = sub.add_parser("status", help="show every account's state")
     status.add_argument("account", nargs="?")
     status.add_argument("--json", action="store_true", help="stable, machine-readable output")
+    status.add_argument(
+        "--names",
+        action="store_true",
+        help="print only the account names, one a line (for shell completion)",
+    )
     status.add_argument(
         "--check",
         action="store_true",
@@ -49,17 +78,44 @@ def _parser() -> argparse.ArgumentParser:
         "unhealthy_after), with one line per problem",
     )
     sub.add_parser("reload", help="re-read the daemon's configuration (as SIGHUP does)")
+    recipe = sub.add_parser(
+        "recipe",
+        help="print a mail program's configuration for an account, from the tested recipes",
+    )
+    recipe.add_argument("client", help="msmtp, mbsync, neomutt, offlineimap, getmail, curl, ...")
+    recipe.add_argument("account")
     for name, text in (
         ("refresh", "refresh an account's token now and print the new expiry"),
         ("import", "read a refresh token on stdin and store it (migration from other tools)"),
         ("revoke", "revoke at the provider where supported, then forget the tokens"),
         ("authorize", "sign in: in a browser, by pasting its address back, or by code"),
         ("test", "log in to the account's IMAP and SMTP servers with its token"),
+        ("inspect", "show what the current access token says (audience, scopes, user, expiry)"),
     ):
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("account")
+        if name == "import":
+            cmd.add_argument(
+                "--from",
+                dest="from_tool",
+                nargs="+",
+                metavar=("TOOL", "SOURCE"),
+                help="take the refresh token from another tool instead of stdin: mutt_oauth2 "
+                "FILE, oama [EMAIL|FILE], email-oauth2-proxy CONFIG or getmail FILE",
+            )
+            cmd.add_argument(
+                "--decrypt-command",
+                metavar="COMMAND",
+                help="decrypt mutt_oauth2's or oama's file with this instead of 'gpg --decrypt'",
+            )
         if name in ("refresh", "import"):
-            cmd.add_argument("--timeout", type=float, default=ADMIN_TIMEOUT)
+            cmd.add_argument(
+                "--timeout",
+                type=float,
+                default=ADMIN_TIMEOUT,
+                metavar="SECONDS",
+                help="wait at most this long for the provider's answer (default %(default)g)",
+            )
         if name == "authorize":
             cmd.add_argument(
                 "--no-browser",
@@ -72,10 +128,19 @@ def _parser() -> argparse.ArgumentParser:
                 help="sign in this way instead of the account's configured flow",
             )
         if name == "test":
-            cmd.add_argument("--mechanism", choices=("xoauth2", "oauthbearer"), default="xoauth2")
+            cmd.add_argument(
+                "--mechanism",
+                choices=("xoauth2", "oauthbearer"),
+                default="xoauth2",
+                help="the SASL mechanism (default xoauth2)",
+            )
             cmd.add_argument("--only", choices=("imap", "smtp"), help="check one protocol")
             cmd.add_argument(
-                "--timeout", type=float, default=30.0, help="seconds for each step (default 30)"
+                "--timeout",
+                type=float,
+                default=30.0,
+                metavar="SECONDS",
+                help="seconds for each step (default 30)",
             )
     return parser
 
@@ -103,10 +168,19 @@ def main(argv: list[str]) -> int:
         )
     if command == "status":
         return _status(args)
+    if command == "inspect":
+        from mailoauthd import tokeninfo
+
+        return tokeninfo.main(args.account, socket_path=args.socket)
+    if command == "recipe":
+        from mailoauthd import recipes
+
+        return recipes.main(args.client, args.account, socket_path=args.socket)
     if command == "reload":
         line = protocol.encode({"v": protocol.VERSION, "op": "reload"})
         reply = client.request_reply(line, args.socket, ADMIN_TIMEOUT)
-        sys.stderr.write(f"mailoauth: configuration reloaded: {reply.get('accounts')} accounts\n")
+        count = reply.get("accounts")
+        sys.stderr.write(f"mailoauth: configuration reloaded: {plural(count, 'account')}\n")
         return 0
     if command == "test":
         from mailoauthd import logincheck
@@ -121,7 +195,31 @@ def main(argv: list[str]) -> int:
     request: dict[str, object] = {"v": protocol.VERSION, "op": command, "account": args.account}
     timeout = getattr(args, "timeout", ADMIN_TIMEOUT)
     request["timeout"] = timeout
-    if command == "import":
+    if command == "import" and args.from_tool:
+        from mailoauthd import migrate
+
+        tool, *sources = args.from_tool
+        if tool not in migrate.SOURCES or len(sources) > 1:
+            raise client._Fail(
+                f"--from takes one of {', '.join(migrate.SOURCES)} and at most one file",
+                errors.EXIT_USAGE,
+            )
+
+        asked = {"v": protocol.VERSION, "op": "servers", "account": args.account}
+        servers = client.request_reply(protocol.encode(asked), args.socket, ADMIN_TIMEOUT)
+        found = migrate.read(
+            tool,
+            sources[0] if sources else None,
+            username=str(servers.get("username") or ""),
+            decrypt=args.decrypt_command,
+        )
+        sys.stderr.write(f"mailoauth: {args.account}: {migrate.describe(found)}\n")
+        for note in found.notes:
+            sys.stderr.write(f"mailoauth: note: {note}\n")
+        request["refresh_token"] = found.refresh_token
+        if found.client_id:
+            request["client_id"] = found.client_id
+    elif command == "import":
         token = sys.stdin.readline().strip()
         if not token:
             raise client._Fail(
@@ -153,6 +251,9 @@ def _status(args: argparse.Namespace) -> int:
         rows = [row for row in rows if row.get("account") == args.account]
         if not rows:
             raise client._Fail(f"{args.account}: no such account", errors.EXIT_ERROR)
+    if args.names:
+        sys.stdout.write("".join(f"{row.get('account')}\n" for row in rows))
+        return 0
     if args.check:
         return _check(rows, as_json=args.json)
     if args.json:
@@ -211,19 +312,24 @@ def _check(rows: list[dict[str, object]], *, as_json: bool) -> int:
         sys.stdout.write("\n")
         return status
     if not sick:
-        print(f"OK: {len(rows)} accounts healthy")
+        print(f"OK: {plural(len(rows), 'account')} healthy")
         return status
     names = ", ".join(f"{row.get('account')} {row.get('status')}" for row in sick)
-    print(f"UNHEALTHY: {len(sick)} of {len(rows)} accounts: {names}")
+    print(f"UNHEALTHY: {len(sick)} of {plural(len(rows), 'account')}: {names}")
     for row in sick:
         since = f" since {_short_time(row['error_since'])}" if row.get("error_since") else ""
         why = f": {row['last_error']}" if row.get("last_error") else ""
         hint = row.get("hint")
         if not hint and row.get("status") == "needs_authorization":
             hint = f"run 'mailoauth authorize {row.get('account')}'"
-        hint = f" ({hint})" if hint else ""
+        hint = f"; {hint}" if hint else ""
         print(f"{row.get('account')}: {row.get('status')}{since}{why}{hint}")
     return status
+
+
+def plural(count: object, noun: str) -> str:
+    """ "1 account", "3 accounts"."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 def _duration(seconds: object) -> str:

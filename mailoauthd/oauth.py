@@ -83,7 +83,7 @@ AADSTS_EXPLANATIONS = {
         "run 'mailoauth authorize {account}' to sign in again",
     ),
     "700082": (
-        "the refresh token expired after a long time unused (inactivity limit)",
+        "the refresh token expired after a long time unused, past the inactivity limit",
         "run 'mailoauth authorize {account}' to sign in again",
     ),
     "50076": (
@@ -311,8 +311,8 @@ def explain(
     ):
         # Google's wording; apps in "testing" publishing status get 7-day refresh tokens.
         return (
-            f"invalid_grant: {description} (Google revokes refresh tokens of apps in "
-            "'testing' status after 7 days)",
+            f"invalid_grant: {description}; Google revokes refresh tokens of apps in "
+            "'testing' status after 7 days",
             f"run 'mailoauth authorize {account}'; publish the app to avoid the 7-day limit",
         )
     text = f"{oauth_error}: {description}" if description else oauth_error

@@ -70,7 +70,7 @@ def daemon_socket(env: Env, uid: int, *, system: bool) -> str:
 
 def helper_sockets(env: Env, uid: int) -> list[str]:
     """
-    The sockets the helper tries, in order (CONTRACT.md).
+    The sockets the helper tries, in order.
 
     Args:
         env: the environment.

@@ -748,7 +748,14 @@ class Scheduler:
             slot.replace_grant(new)
         log.info("account.imported", account=name)
         self.on_event("imported", slot.account, "", "")
-        return await self.refresh(name)
+        if slot.in_flight is not None:
+            await slot.in_flight.wait()  # a refresh that started with the old grant
+        await self._start_refresh(slot).wait()
+        if slot.last_exc is not None:
+            # Said, so that nobody imports again what is already kept.
+            why = "the refresh token is stored, but the first refresh with it failed: "
+            raise self._last_failure(slot, why)
+        return slot.state
 
     async def authorized(self, name: str, tokens: oauth.TokenSet) -> AccountState:
         """
@@ -921,9 +928,11 @@ class Scheduler:
         """
         What `mailoauth status --check` reports: usable without a person's help.
 
-        A transient failure is healthy until it has lasted `unhealthy_after`:
-        the last access token bridges a short outage. Needing authorization,
-        a misconfiguration and an unreadable state file need a person at once.
+        A transient failure is healthy until it has lasted `unhealthy_after`,
+        and only while the last access token is valid: it bridges a short
+        outage. Without one (a first refresh that failed) mail programs fail
+        now. Needing authorization, a misconfiguration and an unreadable state
+        file need a person at once.
         """
         if slot.broken is not None:
             return False
@@ -931,6 +940,8 @@ class Scheduler:
         if st.status == state.OK:
             return True
         if st.status == state.FAILING:
+            if st.access_token is None or st.valid_for(now) <= 0:
+                return False
             since = st.error_since
             return since is None or now - since < self.settings.unhealthy_after
         return False

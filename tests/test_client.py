@@ -61,7 +61,7 @@ class TestImports:
         # install's finder) is not the helper's doing.
         code = (
             "import sys; before = set(sys.modules); import mailoauthd.client, mailoauthd.manage, "
-            "mailoauthd.logincheck; "
+            "mailoauthd.logincheck, mailoauthd.tokeninfo, mailoauthd.recipes; "
             "print(sorted(n for n in set(sys.modules) - before"
             " if n.split('.')[0] not in sys.stdlib_module_names"
             " and not n.startswith('mailoauthd')))"

@@ -652,7 +652,9 @@ class TestSecretSource:
             source.read(where="providers.o.client_secret_file", env={})
         assert info.value.message == (
             "providers.o.client_secret_file: ${CREDENTIALS_DIRECTORY}/office365 needs "
-            "$CREDENTIALS_DIRECTORY, which is not set; systemd sets it for LoadCredential="
+            "$CREDENTIALS_DIRECTORY, which is not set; systemd sets it for the service's "
+            "LoadCredential= (to check the configuration outside the service: "
+            "'mailoauthd check-config --credentials-directory DIR')"
         )
 
     def test_missing_file(self, tmp_path: Path) -> None:

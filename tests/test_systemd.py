@@ -148,7 +148,7 @@ class TestUnits:
         assert exposure(bare) > 5.0
 
     def test_system_units_match_the_contract(self) -> None:
-        """The system units use CONTRACT.md's paths, systemd's notify/watchdog/reload protocol."""
+        """The system units use the documented paths, systemd's notify/watchdog/reload protocol."""
         service = unit_settings(UNITS / "mailoauthd.service")
         socket_unit = unit_settings(UNITS / "mailoauthd.socket")
         assert service["ExecStart"] == [f"{INSTALLED} --system --config {paths.SYSTEM_CONFIG}"]
@@ -646,6 +646,10 @@ username = "b@example.com"
 [accounts.failing-old]
 provider = "down"
 username = "c@example.com"
+
+[accounts.failing-new]
+provider = "down"
+username = "d@example.com"
 """
 
 
@@ -656,6 +660,9 @@ def seed_state(directory: Path, now: datetime) -> None:
         account="failing-recent",
         status=state.FAILING,
         refresh_token=Secret("refresh-1"),
+        # The last access token still bridges the outage.
+        access_token=Secret("access-1"),
+        expires_at=now + timedelta(minutes=40),
         last_attempt=now - timedelta(minutes=1),
         last_error="token endpoint unreachable",
         last_error_code="provider-unavailable",
@@ -670,6 +677,10 @@ def seed_state(directory: Path, now: datetime) -> None:
             dataclasses.replace(
                 failing, account="failing-old", error_since=now - timedelta(hours=2)
             )
+        )
+        # Imported, and the first refresh failed: no access token to bridge anything.
+        store.save(
+            dataclasses.replace(failing, account="failing-new", access_token=None, expires_at=None)
         )
         store.save(
             dataclasses.replace(
@@ -712,9 +723,10 @@ class TestHealthCheck:
     @pytest.mark.parametrize(
         ("account", "exit_status", "shown"),
         [
-            ("ok", 0, "OK: 1 accounts healthy"),
-            ("failing-recent", 0, "OK: 1 accounts healthy"),
-            ("fresh", 4, "fresh: needs_authorization (run 'mailoauth authorize fresh')"),
+            ("ok", 0, "OK: 1 account healthy"),
+            ("failing-recent", 0, "OK: 1 account healthy"),
+            ("failing-new", 5, "failing-new: failing since "),
+            ("fresh", 4, "fresh: needs_authorization; run 'mailoauth authorize fresh'"),
             ("failing-old", 5, "failing-old: failing since "),
             ("misconf", 1, "misconf: misconfigured"),
             ("broken", 1, "broken: state_error"),
@@ -726,16 +738,17 @@ class TestHealthCheck:
         assert run.returncode == exit_status, run.stdout + run.stderr
         assert shown in run.stdout
         if exit_status:
-            assert run.stdout.startswith(f"UNHEALTHY: 1 of 1 accounts: {account} ")
+            assert run.stdout.startswith(f"UNHEALTHY: 1 of 1 account: {account} ")
 
     def test_all_accounts_most_urgent_first(self, running: Path) -> None:
         """Over every account the most urgent problem decides: a broken config or state is 1."""
         run = helper("status", "--check", socket=running)
         assert run.returncode == 1
         first, *rest = run.stdout.splitlines()
-        assert first.startswith("UNHEALTHY: 4 of 6 accounts: ")
+        assert first.startswith("UNHEALTHY: 5 of 7 accounts: ")
         assert sorted(line.split(":")[0] for line in rest) == [
             "broken",
+            "failing-new",
             "failing-old",
             "fresh",
             "misconf",
@@ -755,6 +768,7 @@ class TestHealthCheck:
             "broken": False,
             "failing-recent": True,
             "failing-old": False,
+            "failing-new": False,
         }
 
     def test_unreachable_daemon(self, tmp_path: Path) -> None:

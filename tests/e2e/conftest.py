@@ -115,6 +115,8 @@ class Stack:
             PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '/usr/bin:/bin')}",
             MAILOAUTHD_SOCKET=str(self.socket),
             HOME=str(home),
+            # Temporary files (NeoMutt's drafts) go into the test's own directory, not /tmp.
+            TMPDIR=str(home),
             TERM="xterm",
             LC_ALL="C.UTF-8",
         )
