@@ -98,19 +98,23 @@ def reference(install: Install, config_path: Path, state_dir: Path) -> dict[str,
         check_cpu_ms: CPU of one pass comparing every expiry with the clock (median).
     """
     started = time.perf_counter()
-    proc = subprocess.Popen(
+    with subprocess.Popen(
         [str(install.python), "-I", "-c", REFERENCE_SCRIPT, str(config_path), str(state_dir), "21"],
         stdout=subprocess.PIPE,
         text=True,
-    )
-    assert proc.stdout is not None
-    first = proc.stdout.readline()
-    ready = time.perf_counter() - started
-    rest = proc.stdout.read()
-    if proc.wait() != 0 or first != "parsed\n":
+    ) as proc:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        ready = time.perf_counter() - started
+        rest = proc.stdout.read()
+    if proc.returncode != 0 or first != "parsed\n":
         raise RuntimeError("the scale reference failed")
     figures = json.loads(rest)
-    return {"ready_s": ready, "check_cpu_ms": float(figures["check_cpu_ms"])}
+    return {
+        "ready_s": ready,
+        "check_cpu_ms": float(figures["check_cpu_ms"]),
+        "accounts": float(figures["accounts"]),
+    }
 
 
 def main_thread_cpu_ns(pid: int) -> int:
