@@ -525,52 +525,72 @@ def _per_answer_us(x: dict[str, Any]) -> float:
 def _tail(s: dict[str, Any]) -> str:
     """Where the slowest answers at the offered rate come from."""
     key = _open_key(s)
+    rate = float(key.partition("-")[2])
     x, ref = s["runs"][key], s["reference"][key]
     gc = s.get("gc")
     gc_text = ""
     if gc:
+        during = f"{gc['seconds']:g} s at the same load"
+        if "others_cores" in gc:
+            during += f", other processes taking {gc['others_cores']:.2f} cores"
+        if gc["collections"]:
+            ran = (
+                f"ran {gc['collections']:,} times, {gc['total_ms']:.1f} ms in all, "
+                f"{gc['over_1ms']:,} of them over 1 ms, the longest {gc['max_ms']:.1f} ms "
+                f"(generation {gc['max_generation']})"
+            )
+        else:
+            ran = "did not run once"
         gc_text = (
-            f" In a further run of {gc['seconds']:g} s at the same load, against a daemon "
-            "started with its collector watched (`bench/gcwatch.py`, from READY=1 to its "
-            f"exit), the collector ran {gc['collections']:,} times, {gc['total_ms']:.1f} ms "
-            f"in all, {gc['over_1ms']:,} of them over 1 ms, the longest {gc['max_ms']:.1f} ms "
-            f"(generation {gc['max_generation']}); that run's p99 was {_us(gc['p99_us'])} "
-            f"and its max {_us(gc['max_us'])}."
+            f" In a further run of {during}, against a daemon started with its collector "
+            f"watched (`bench/gcwatch.py`, from READY=1 to its exit), the collector {ran}; "
+            f"that run's p99 was {_us(gc['p99_us'])} and its max {_us(gc['max_us'])}."
         )
     need = x["daemon_cpu_s"] / x["seconds"]
+    ref_need = ref["daemon_cpu_s"] / ref["seconds"]
     generator = x["cpu_s"] / x["seconds"]
-    busy = need + generator + x["others_cores"]
-    if busy >= 1.8:
-        verdict = (
-            f"At this load the daemon needed {need:.2f} of a core, the generator "
-            f"{generator:.2f} and other processes took {x['others_cores']:.2f}: "
-            f"{busy:.2f} of the machine's 2 cores. With no core to spare, requests "
-            "queue behind the daemon's own work: its slowest answers come from that "
-            "queue, not from a pause, and the reference, which needed "
-            f"{ref['daemon_cpu_s'] / ref['seconds']:.2f} of a core for the same load, "
-            "stays clear of it."
+    full = s["runs"]["closed-100"]
+
+    def stretch(rho: float) -> str:
+        return f"{1 / (1 - rho):.1f}×" if rho < 1 else "without end"
+
+    starved = [
+        (i, p["daemon"])
+        for i, p in enumerate(s["rounds"][key], 1)
+        if p["daemon"]["others_cores"] + need + generator >= 1.9
+    ]
+    starved_text = ""
+    if starved:
+        which = ", ".join(str(i) for i, _ in starved)
+        worst = max(d["p99_us"] for _, d in starved)
+        took = ", ".join(f"{d['others_cores']:.2f}" for _, d in starved)
+        starved_text = (
+            f" In round{'s' if len(starved) > 1 else ''} {which}, other processes took "
+            f"{took} cores, which "
+            f"with the generator's left the daemon less than the {need:.2f} it needs at "
+            f"this rate: its queue grew for the whole run (p99 up to {_us(worst)})."
         )
-    else:
-        verdict = (
-            f"At this load the daemon needed {need:.2f} of a core, the generator "
-            f"{generator:.2f} and other processes took {x['others_cores']:.2f}: the "
-            "machine had a core to spare, and the daemon's tail beyond the "
-            "reference's is its own: answers that wait behind the others taken in the "
-            "same wake-up (up to 64, answered in turn), and the collections above."
-        )
-    return f"""Where the tail at {_n(float(key.partition("-")[2]))}/s comes from. In these
-runs nothing but answers happens on the daemon's thread: the 10 tokens are
-valid for an hour, so no refresh and no state or token-file write runs, and
-`refresh_interval` is the default 3 minutes, so a scheduled check runs at most
-once in a run and walks 10 accounts. The start-up heap is frozen out of the
-cyclic collector's sight at READY=1 (`gc.freeze()` in `daemon.run`), so a
-collection traverses only what the answers leave behind.{gc_text} What
-remains is CPU: an answer costs the daemon {_per_answer_us(x):.0f} µs of CPU
-and the reference {_per_answer_us(ref):.0f} µs (at this load, in this run; on
-a busy machine both cost more than on a quiet one, and most of either is the
-same system calls: accept, getsockopt, recv, send, close). {verdict} The
-reference's own p99 and max are the machine's scheduling delays, which the
-daemon suffers too; the ratio of the p99s is the part that is the daemon's."""
+    return f"""Where the tail at {_n(rate)}/s comes from. In these runs nothing but
+answers happens on the daemon's thread: the 10 tokens are valid for an hour, so
+no refresh and no state or token-file write runs, and `refresh_interval` is the
+default 3 minutes, so a scheduled check runs at most once in a run and walks 10
+accounts. The start-up heap is frozen out of the cyclic collector's sight at
+READY=1 (`gc.freeze()` in `daemon.run`), so a collection traverses only what
+the answers leave behind.{gc_text} What remains is the CPU an answer costs: at
+this rate the daemon needed {need:.2f} of a core ({_per_answer_us(x):.0f} µs per
+answer) and the reference {ref_need:.2f} ({_per_answer_us(ref):.0f} µs). At full
+speed, with up to 64 connections taken per wake-up, an answer costs the daemon
+{_per_answer_us(full):.0f} µs; at {_n(rate)}/s most wake-ups find one
+connection, and the difference is mostly what a round of the event loop costs (the
+epoll wait, re-arming the listener, resuming the accept loop). Whenever the
+machine takes the core away for a moment (another process, the generator), the
+requests due meanwhile queue up, and a server busy a fraction ρ of the time
+clears them at only 1 − ρ of its speed: a hiccup of the machine stretches into
+a wait about 1/(1 − ρ) as long, {stretch(need)} for the daemon and
+{stretch(ref_need)} for the reference. That is the daemon's tail over the
+reference's: the machine's own hiccups, which are the reference's p99 and max,
+lengthened by the daemon's cost per answer, not a pause of the daemon's
+own.{starved_text}"""
 
 
 def _who_limits(s: dict[str, Any]) -> str:

@@ -190,6 +190,7 @@ def _round_figures(run_: dict[str, Any]) -> dict[str, float]:
     """What the report needs of each round: the figures that are judged, and the load."""
     figures = {k: float(run_[k]) for k in ROUND_FIGURES}
     figures["cpu_cores"] = run_["daemon_cpu_s"] / run_["seconds"]
+    figures["generator_cores"] = run_["cpu_s"] / run_["seconds"]
     return figures
 
 
@@ -275,7 +276,12 @@ def gc_watch(
     finally:
         daemon.stop()
     figures: dict[str, Any] = json.loads(out.read_text())
-    figures.update(seconds=seconds, max_us=run_["max_us"], p99_us=run_["p99_us"])
+    figures.update(
+        seconds=seconds,
+        max_us=run_["max_us"],
+        p99_us=run_["p99_us"],
+        others_cores=run_["others_cores"],
+    )
     return figures
 
 
