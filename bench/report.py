@@ -554,21 +554,23 @@ def _tail(s: dict[str, Any]) -> str:
     def stretch(rho: float) -> str:
         return f"{1 / (1 - rho):.1f}×" if rho < 1 else "without end"
 
+    # Rounds in which the neighbours left the daemon too little, and it showed.
     starved = [
         (i, p["daemon"])
         for i, p in enumerate(s["rounds"][key], 1)
         if p["daemon"]["others_cores"] + need + generator >= 1.9
+        and p["daemon"]["p99_us"] >= 5 * p["reference"]["p99_us"]
     ]
     starved_text = ""
     if starved:
+        plural = len(starved) > 1
         which = ", ".join(str(i) for i, _ in starved)
-        worst = max(d["p99_us"] for _, d in starved)
         took = ", ".join(f"{d['others_cores']:.2f}" for _, d in starved)
+        p99s = ", ".join(_us(d["p99_us"]) for _, d in starved)
         starved_text = (
-            f" In round{'s' if len(starved) > 1 else ''} {which}, other processes took "
-            f"{took} cores, which "
-            f"with the generator's left the daemon less than the {need:.2f} it needs at "
-            f"this rate: its queue grew for the whole run (p99 up to {_us(worst)})."
+            f" In round{'s' if plural else ''} {which}, other processes took {took} "
+            f"cores, which with the generator's left the daemon less than the {need:.2f} "
+            f"it needs at this rate: a queue built up (p99 {p99s})."
         )
     return f"""Where the tail at {_n(rate)}/s comes from. In these runs nothing but
 answers happens on the daemon's thread: the 10 tokens are valid for an hour, so
