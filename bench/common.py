@@ -304,6 +304,8 @@ class Daemon:
     _log_offset: int = 0
     _partial: bytes = b""
     env: dict[str, str] = field(default_factory=dict)
+    # What to run instead of the installed `mailoauthd` (it gets `--config PATH`).
+    program: list[str] | None = None
 
     def start(self, *, timeout: float = 120.0) -> None:
         notify_path = self.config.parent / "notify"
@@ -317,7 +319,7 @@ class Daemon:
         log = self.log_path.open("ab")
         started = time.perf_counter()
         self.proc = subprocess.Popen(
-            [str(self.install.mailoauthd), "--config", str(self.config)],
+            [*(self.program or [str(self.install.mailoauthd)]), "--config", str(self.config)],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,

@@ -6,14 +6,21 @@ import textwrap
 from collections.abc import Callable
 from typing import Any
 
-# The targets of issue #7, each with how to read it off the figures.
+from judge import SPREAD_BOUND_STEADY, SPREAD_BOUND_TAIL, Judgement, judge
+
+# The targets, each a ratio to a figure measured in the same run (issues #7, #16).
 HELPER_FLOOR_RATIO = 1.5
 MUTT_SPEEDUP = 3.0
-SOCKET_RATE = 10_000
-SOCKET_P99_MS = 5.0
-READY_S = 2.0
-RSS_MB = 150.0
-IDLE_CHECK_MS = 50.0
+# Socket: against bench/refserver.c in the same rounds.
+SOCKET_RATE_RATIO = 0.5  # requests/s at 100 clients, as fast as answered: ≥ this × the reference
+SOCKET_P99_RATIO = 3.0  # p99 at OPEN_RATE/s offered: ≤ this × the reference's p99
+# Scale: against a bare Python loop doing the unavoidable work, in the same run.
+# The bounds keep about the room the former absolute targets (2 s, 50 ms CPU with
+# 10,000 accounts) had over the daemon's figures: while these references were
+# written the daemon measured about 2.2× and 10× them on a busy machine.
+READY_RATIO = 3.0  # start to READY=1 ≤ this × spawn-and-parse every file with tomllib
+IDLE_CHECK_RATIO = 20.0  # a check with nothing due ≤ this × a bare loop over the expiries
+RSS_MB = 150.0  # memory is not slowed by the neighbours: absolute
 
 
 def _ms(value: float) -> str:
@@ -43,6 +50,7 @@ def render(r: dict[str, Any]) -> str:
     helper, sock, scale = r["helper"], r["socket"], r["scale"]
     parts = [_header(r), _targets(helper, sock, scale), _machine(r)]
     parts += [_helper(helper), _socket(sock), _scale(scale), _correctness(sock, scale)]
+    parts.append(_proxy(r.get("proxy")))
     parts.append(_method(r))
     return _reflow("\n\n".join(parts)) + "\n"
 
@@ -84,10 +92,12 @@ missing, and installs mailoauthd from a wheel into `bench/.venv`) and then
 `bench/.venv/bin/python bench/run.py`, which writes this file.
 
 Every figure is a median: over {r["sizes"]["rounds"]} interleaved rounds for the
-helper, over {r["sizes"]["repeats"]} runs for the socket and over
-{r["sizes"]["scale_repeats"]} runs for each account count. Every comparison is a
-ratio of figures measured in the same run; absolute times depend on the
-machine and are reported, not targeted."""
+helper, over {r["sizes"]["repeats"]} rounds for the socket and over
+{r["sizes"]["scale_repeats"]} runs for each account count. Every target is a
+ratio to a reference measured in the same run (the Python floor for the helper,
+a C server for the socket, a bare Python loop for the scale figures); absolute
+times depend on the machine and on its other load, and are reported beside
+them, not targeted."""
 
 
 def _targets(helper: dict[str, Any], sock: dict[str, Any], scale: dict[str, Any]) -> str:
@@ -112,31 +122,34 @@ def _targets(helper: dict[str, Any], sock: dict[str, Any], scale: dict[str, Any]
         )
     else:
         rows.append([f"≥ {MUTT_SPEEDUP:g}× faster than `mutt_oauth2.py`", "not measured", "—"])
-    closed = sock["runs"]["closed-100"]
+    rate, p99 = socket_judgements(sock)
+    closed, ref_closed = sock["runs"]["closed-100"], sock["reference"]["closed-100"]
     rows.append(
         [
-            f"≥ {SOCKET_RATE:,} requests/s at 100 clients",
-            f"{_n(closed['rate'])} requests/s",
-            _verdict(closed["rate"] >= SOCKET_RATE, f"by {1 - closed['rate'] / SOCKET_RATE:.0%}"),
+            f"requests/s at 100 clients ≥ {SOCKET_RATE_RATIO:g}× the reference",
+            f"{rate.ratio:.2f}× ({_n(closed['rate'])} vs {_n(ref_closed['rate'])} requests/s)",
+            rate.verdict(),
         ]
     )
-    p99 = closed["p99_us"] / 1000
-    open_key = next(k for k in sock["runs"] if k.startswith("open-"))
-    open_p99 = sock["runs"][open_key]["p99_us"] / 1000
+    open_key = _open_key(sock)
+    opened, ref_open = sock["runs"][open_key], sock["reference"][open_key]
     rows.append(
         [
-            f"p99 ≤ {SOCKET_P99_MS:g} ms at 100 clients",
-            f"{_ms(p99)} at full speed; {_ms(open_p99)} at {_n(sock['runs'][open_key]['rate'])}/s",
-            _verdict(p99 <= SOCKET_P99_MS, f"by {p99 / SOCKET_P99_MS - 1:.0%} at full speed"),
+            f"p99 at {_n(float(open_key.partition('-')[2]))}/s offered ≤ "
+            f"{SOCKET_P99_RATIO:g}× the reference's",
+            f"{p99.ratio:.2f}× ({_us(opened['p99_us'])} vs {_us(ref_open['p99_us'])})",
+            p99.verdict(),
         ]
     )
+    ready, check = scale_judgements(scale)
     big = scale["rows"][-1]
     n = _n(big["accounts"])
     rows.append(
         [
-            f"ready ≤ {READY_S:g} s with {n} accounts",
-            f"{big['ready_s']:.2f} s",
-            _verdict(big["ready_s"] <= READY_S, f"by {big['ready_s'] / READY_S - 1:.0%}"),
+            f"ready with {n} accounts ≤ {READY_RATIO:g}× reading and parsing its files "
+            "in a bare Python loop",
+            f"{ready.ratio:.2f}× ({big['ready_s']:.2f} s vs {big['ref_ready_s']:.2f} s)",
+            ready.verdict(),
         ]
     )
     rows.append(
@@ -148,12 +161,11 @@ def _targets(helper: dict[str, Any], sock: dict[str, Any], scale: dict[str, Any]
     )
     rows.append(
         [
-            f"idle scheduled check ≤ {IDLE_CHECK_MS:g} ms CPU with {n} accounts",
-            _ms(big["idle_check_cpu_ms"]),
-            _verdict(
-                big["idle_check_cpu_ms"] <= IDLE_CHECK_MS,
-                f"by {big['idle_check_cpu_ms'] / IDLE_CHECK_MS - 1:.0%}",
-            ),
+            f"idle scheduled check with {n} accounts ≤ {IDLE_CHECK_RATIO:g}× a bare loop "
+            "over the expiries",
+            f"{check.ratio:.1f}× ({_ms(big['idle_check_cpu_ms'])} vs "
+            f"{_ms(big['ref_check_cpu_ms'])} CPU)",
+            check.verdict(),
         ]
     )
     per_refresh = [row["state_bytes_per_refresh"] for row in scale["rows"]]
@@ -176,7 +188,76 @@ def _targets(helper: dict[str, Any], sock: dict[str, Any], scale: dict[str, Any]
             _verdict(violations == 0),
         ]
     )
-    return "## Targets\n\n" + _table(["target", "measured", ""], rows)
+    rows.append(
+        ["proxy: login and throughput as ratios to a direct connection", "—", "not built yet"]
+    )
+    judged = [rate, p99, ready, check]
+    note = ""
+    if any(j.disturbed for j in judged):
+        note = (
+            "\n\nA target marked **not judged** was neither met nor missed: its reference, "
+            "measured in the same rounds, itself moved beyond the stated bound across "
+            "rounds, so the machine's other load was changing faster than a round and a "
+            "ratio of this run would not tell a regression from a neighbour. Run again on a "
+            "quieter machine."
+        )
+    return (
+        "## Targets\n\n"
+        + _table(["target", "measured", ""], rows)
+        + f"""
+
+Each ratio is the median over the rounds of the ratio within a round (the
+daemon and its reference back to back, in alternating order). A target is
+judged only when the reference itself was steady: its largest figure across
+the rounds at most {SPREAD_BOUND_STEADY:g}× its smallest for throughputs and
+times, {SPREAD_BOUND_TAIL:g}× for a p99, which is one request in a hundred and
+moves more by nature.{note}"""
+    )
+
+
+def _open_key(sock: dict[str, Any]) -> str:
+    return next(k for k in sock["runs"] if k.startswith("open-"))
+
+
+def socket_judgements(sock: dict[str, Any]) -> tuple[Judgement, Judgement]:
+    """Throughput at 100 clients and p99 at the offered rate, each against the reference."""
+    closed = sock["rounds"]["closed-100"]
+    rate = judge(
+        [x["daemon"]["rate"] for x in closed],
+        [x["reference"]["rate"] for x in closed],
+        bound=SOCKET_RATE_RATIO,
+        at_least=True,
+        spread_bound=SPREAD_BOUND_STEADY,
+    )
+    opened = sock["rounds"][_open_key(sock)]
+    p99 = judge(
+        [x["daemon"]["p99_us"] for x in opened],
+        [x["reference"]["p99_us"] for x in opened],
+        bound=SOCKET_P99_RATIO,
+        at_least=False,
+        spread_bound=SPREAD_BOUND_TAIL,
+    )
+    return rate, p99
+
+
+def scale_judgements(scale: dict[str, Any]) -> tuple[Judgement, Judgement]:
+    """READY=1 and the idle check with the most accounts, each against its bare loop."""
+    pairs = scale["pairs"][-1]
+    ready = judge(
+        [x["ready_s"] for x in pairs],
+        [x["ref_ready_s"] for x in pairs],
+        bound=READY_RATIO,
+        at_least=False,
+        spread_bound=SPREAD_BOUND_STEADY,
+    )
+    check = judge(
+        [x["idle_check_cpu_ms"] for x in pairs],
+        [x["ref_check_cpu_ms"] for x in pairs],
+        bound=IDLE_CHECK_RATIO,
+        at_least=False,
+        spread_bound=SPREAD_BOUND_STEADY,
+    )
+    return ready, check
 
 
 def _violations(sock: dict[str, Any], scale: dict[str, Any]) -> tuple[int, int]:
@@ -199,6 +280,14 @@ def _machine(r: dict[str, Any]) -> str:
         ["state files on", m["filesystem"]],
         ["load average (1/5/15 min) before / after", f"{m['load']} / {r['load_after']}"],
         [
+            "load average (1/5/15 min) as each part ended",
+            ", ".join(f"{k} {v}" for k, v in r.get("load_during", {}).items()),
+        ],
+        [
+            "1-min load average over the socket rounds (lowest–highest)",
+            _load_range(r["socket"]),
+        ],
+        [
             "CPU taken by other processes meanwhile (cores, average)",
             ", ".join(f"{k} {v:.2f}" for k, v in r["others_cores"].items()),
         ],
@@ -207,7 +296,29 @@ def _machine(r: dict[str, Any]) -> str:
             ", ".join(f"{k} {val}" for k, val in v.items()),
         ],
     ]
-    return "## Machine\n\n" + _table(["", ""], rows)
+    return (
+        "## Machine\n\n"
+        + _table(["", ""], rows)
+        + """
+
+The machine has 2 cores. "CPU taken by other processes" is the machine's busy
+time (/proc/stat) less the bench's own processes': work that competed with what
+was measured. Every target above is a ratio to a reference measured in the same
+rounds for this reason."""
+    )
+
+
+def _load_range(sock: dict[str, Any]) -> str:
+    loads = [x[who]["loadavg"] for pairs in sock["rounds"].values() for x in pairs for who in x]
+    others = [
+        x[who]["others_cores"] for pairs in sock["rounds"].values() for x in pairs for who in x
+    ]
+    if not loads:
+        return "—"
+    return (
+        f"{min(loads):.2f}–{max(loads):.2f}; other processes took "
+        f"{min(others):.2f}–{max(others):.2f} cores per run"
+    )
 
 
 def _helper(h: dict[str, Any]) -> str:
@@ -275,36 +386,60 @@ SOCKET_COLUMNS = [
     "clients",
     "load",
     "requests/s",
+    "vs ref",
     "p50",
-    "p90",
     "p99",
+    "vs ref",
     "max",
-    "daemon CPU (cores)",
-    "generator CPU (cores)",
+    "CPU (cores)",
+    "generator CPU",
     "others (cores)",
 ]
+
+
+def _pair(x: dict[str, Any], ref: dict[str, Any], key: str, fmt: Callable[[float], str]) -> str:
+    return f"{fmt(x[key])} / {fmt(ref[key])}"
 
 
 def _socket(s: dict[str, Any]) -> str:
     rows = []
     for key, x in s["runs"].items():
+        ref = s["reference"][key]
         kind, _, arg = key.partition("-")
         clients = "1" if key == "closed-1" else ("10" if key == "closed-10" else "100")
         mode = "as fast as answered" if kind == "closed" else f"{_n(float(arg))}/s offered"
+        pairs = s["rounds"][key]
+        rate_ratio = judge(
+            [p["daemon"]["rate"] for p in pairs],
+            [p["reference"]["rate"] for p in pairs],
+            bound=1,
+            at_least=True,
+            spread_bound=SPREAD_BOUND_STEADY,
+        ).ratio
+        p99_ratio = judge(
+            [p["daemon"]["p99_us"] for p in pairs],
+            [p["reference"]["p99_us"] for p in pairs],
+            bound=1,
+            at_least=False,
+            spread_bound=SPREAD_BOUND_TAIL,
+        ).ratio
         rows.append(
             [
                 clients,
                 mode,
-                _n(x["rate"]),
-                _us(x["p50_us"]),
-                _us(x["p90_us"]),
-                _us(x["p99_us"]),
-                _us(x["max_us"]),
-                f"{x['daemon_cpu_s'] / x['seconds']:.2f}",
-                f"{x['cpu_s'] / x['seconds']:.2f}",
-                f"{x['others_cores']:.2f}",
+                _pair(x, ref, "rate", _n),
+                f"{rate_ratio:.2f}×",
+                _pair(x, ref, "p50_us", _us),
+                _pair(x, ref, "p99_us", _us),
+                f"{p99_ratio:.2f}×",
+                _pair(x, ref, "max_us", _us),
+                f"{x['daemon_cpu_s'] / x['seconds']:.2f} / "
+                f"{ref['daemon_cpu_s'] / ref['seconds']:.2f}",
+                f"{x['cpu_s'] / x['seconds']:.2f} / {ref['cpu_s'] / ref['seconds']:.2f}",
+                f"{x['others_cores']:.2f} / {ref['others_cores']:.2f}",
             ]
         )
+    open_key = _open_key(s)
     return f"""## 2. Socket service
 
 Token requests for {s["accounts"]} accounts with valid tokens, each on its own
@@ -313,15 +448,34 @@ connection as the helper makes them (connect, one line, the answer, close), from
 measured. "As fast as answered": each client sends its next request when it has
 its answer (closed loop). "Offered": requests are due at a fixed rate whatever
 the daemon does, and latency counts from when a request was due (open loop, no
-coordinated omission). {s["seconds"]:g} s per run, medians of the runs.
+coordinated omission). {s["seconds"]:g} s per run, {s["runs"]["closed-100"]["repeats"]:g}
+rounds.
+
+The reference, `bench/refserver.c`, is the least a Unix-socket token service
+can cost on this machine: one epoll loop in C that accepts, asks the kernel who
+the peer is (SO_PEERCRED), reads the request line and writes a canned answer:
+a real answer of the daemon, {s["answer_bytes"]} bytes, so that both write the
+same. In every round the same generator, with the same clients and the same
+offered load, runs against the daemon and against the reference, back to back,
+in alternating order. Each cell is daemon / reference (medians over the
+rounds); "vs ref" is the median of the rounds' ratios.
 
 {_table(SOCKET_COLUMNS, rows)}
 
 {_who_limits(s)} With 100 clients always waiting, latency is set by the
 queue: 100 requests in flight at R requests/s wait 100/R s on average
-(Little's law), so the p99 at full speed falls as throughput rises, and is
-under 5 ms only beyond about 20,000 requests/s. The open loop shows the
-latency a mail gateway sees at a given load.
+(Little's law), so the p99 at full speed follows from the throughput and is
+not a target of its own. The open loop shows the latency a mail gateway sees
+at a given load.
+
+The judged figures, round by round (daemon / reference; others: cores taken
+by other processes during the daemon's run / the reference's):
+
+{_rounds_table(s, "closed-100", "rate", _n)}
+
+{_rounds_table(s, open_key, "p99_us", _us)}
+
+{_tail(s)}
 
 What made this fast: a token request that can be answered from memory (the
 token is valid for min_validity) is answered in the accept loop itself, without
@@ -333,8 +487,112 @@ requests/s at 100 clients with a p99 near 50 ms. Then py-spy showed the rest:
 the Python socket class around each accepted connection, `json.dumps` building
 an encoder per answer, and the log level looked up through structlog's proxy
 per answer; without them an answer costs the daemon about 16 µs of CPU instead
-of 21, and what remains is mostly the system calls (accept, getsockopt, recv,
-send, close) and epoll."""
+of 21 on a quiet machine, and what remains is mostly the system calls (accept,
+getsockopt, recv, send, close) and epoll, the same the reference makes."""
+
+
+def _rounds_table(s: dict[str, Any], key: str, figure: str, fmt: Callable[[float], str]) -> str:
+    kind, _, arg = key.partition("-")
+    label = (
+        "100 clients, as fast as answered" if kind == "closed" else f"{_n(float(arg))}/s offered"
+    )
+    name = {"rate": "requests/s", "p99_us": "p99"}[figure]
+    rows = []
+    for i, p in enumerate(s["rounds"][key], 1):
+        d, ref = p["daemon"], p["reference"]
+        ratio = d[figure] / ref[figure] if ref[figure] else float("inf")
+        rows.append(
+            [
+                str(i),
+                f"{fmt(d[figure])} / {fmt(ref[figure])}",
+                f"{ratio:.2f}×",
+                f"{_us(d['max_us'])} / {_us(ref['max_us'])}",
+                f"{d['others_cores']:.2f} / {ref['others_cores']:.2f}",
+                f"{d['loadavg']:.2f}",
+            ]
+        )
+    return _table(
+        [f"round ({label})", name, "ratio", "max", "others (cores)", "load (1 min)"], rows
+    )
+
+
+def _per_answer_us(x: dict[str, Any]) -> float:
+    """CPU per answer of the server measured (medians of the runs)."""
+    answers = x["rate"] * x["seconds"]
+    return float(x["daemon_cpu_s"] / answers * 1e6) if answers else float("nan")
+
+
+def _tail(s: dict[str, Any]) -> str:
+    """Where the slowest answers at the offered rate come from."""
+    key = _open_key(s)
+    rate = float(key.partition("-")[2])
+    x, ref = s["runs"][key], s["reference"][key]
+    gc = s.get("gc")
+    gc_text = ""
+    if gc:
+        during = f"{gc['seconds']:g} s at the same load"
+        if "others_cores" in gc:
+            during += f", other processes taking {gc['others_cores']:.2f} cores"
+        if gc["collections"]:
+            ran = (
+                f"ran {gc['collections']:,} times, {gc['total_ms']:.1f} ms in all, "
+                f"{gc['over_1ms']:,} of them over 1 ms, the longest {gc['max_ms']:.1f} ms "
+                f"(generation {gc['max_generation']})"
+            )
+        else:
+            ran = "did not run once"
+        gc_text = (
+            f" In a further run of {during}, against a daemon started with its collector "
+            f"watched (`bench/gcwatch.py`, from READY=1 to its exit), the collector {ran}; "
+            f"that run's p99 was {_us(gc['p99_us'])} and its max {_us(gc['max_us'])}."
+        )
+    need = x["daemon_cpu_s"] / x["seconds"]
+    ref_need = ref["daemon_cpu_s"] / ref["seconds"]
+    generator = x["cpu_s"] / x["seconds"]
+    full = s["runs"]["closed-100"]
+
+    def stretch(rho: float) -> str:
+        return f"{1 / (1 - rho):.1f}×" if rho < 1 else "without end"
+
+    # Rounds in which the neighbours left the daemon too little, and it showed.
+    starved = [
+        (i, p["daemon"])
+        for i, p in enumerate(s["rounds"][key], 1)
+        if p["daemon"]["others_cores"] + need + generator >= 1.9
+        and p["daemon"]["p99_us"] >= 5 * p["reference"]["p99_us"]
+    ]
+    starved_text = ""
+    if starved:
+        plural = len(starved) > 1
+        which = ", ".join(str(i) for i, _ in starved)
+        took = ", ".join(f"{d['others_cores']:.2f}" for _, d in starved)
+        p99s = ", ".join(_us(d["p99_us"]) for _, d in starved)
+        starved_text = (
+            f" In round{'s' if plural else ''} {which}, other processes took {took} "
+            f"cores, which with the generator's left the daemon less than the {need:.2f} "
+            f"it needs at this rate: a queue built up (p99 {p99s})."
+        )
+    return f"""Where the tail at {_n(rate)}/s comes from. In these runs nothing but
+answers happens on the daemon's thread: the 10 tokens are valid for an hour, so
+no refresh and no state or token-file write runs, and `refresh_interval` is the
+default 3 minutes, so a scheduled check runs at most once in a run and walks 10
+accounts. The start-up heap is frozen out of the cyclic collector's sight at
+READY=1 (`gc.freeze()` in `daemon.run`), so a collection traverses only what
+the answers leave behind.{gc_text} What remains is the CPU an answer costs: at
+this rate the daemon needed {need:.2f} of a core ({_per_answer_us(x):.0f} µs per
+answer) and the reference {ref_need:.2f} ({_per_answer_us(ref):.0f} µs). At full
+speed, with up to 64 connections taken per wake-up, an answer costs the daemon
+{_per_answer_us(full):.0f} µs; at {_n(rate)}/s most wake-ups find one
+connection, and the difference is mostly what a round of the event loop costs (the
+epoll wait, re-arming the listener, resuming the accept loop). Whenever the
+machine takes the core away for a moment (another process, the generator), the
+requests due meanwhile queue up, and a server busy a fraction ρ of the time
+clears them at only 1 − ρ of its speed: a hiccup of the machine stretches into
+a wait about 1/(1 − ρ) as long, {stretch(need)} for the daemon and
+{stretch(ref_need)} for the reference. That is the daemon's tail over the
+reference's: the machine's own hiccups, which are the reference's p99 and max,
+lengthened by the daemon's cost per answer, not a pause of the daemon's
+own.{starved_text}"""
 
 
 def _who_limits(s: dict[str, Any]) -> str:
@@ -370,6 +628,18 @@ def _scale(s: dict[str, Any]) -> str:
 
     table = [
         line("start to READY=1", "ready_s", lambda v: f"{v:.2f} s"),
+        line(
+            "… reference: spawn, parse config and state files (bare `tomllib` loop)",
+            "ref_ready_s",
+            lambda v: f"{v:.2f} s",
+        ),
+        [
+            "… the daemon's overhead over the reference",
+            *(
+                f"{r['ready_s'] - r['ref_ready_s']:+.2f} s ({r['ready_s'] / r['ref_ready_s']:.2f}×)"
+                for r in rows
+            ),
+        ],
         line("… parsing the config (in-process)", "config_s", lambda v: f"{v:.2f} s"),
         line("… loading every state file (in-process)", "state_load_s", lambda v: f"{v:.2f} s"),
         line(
@@ -391,6 +661,19 @@ def _scale(s: dict[str, Any]) -> str:
         ),
         line("log bytes per refresh (stderr)", "log_bytes_per_refresh", lambda v: f"{v:,.0f} B"),
         line("CPU of a check with nothing due", "idle_check_cpu_ms", _ms),
+        line(
+            "… reference: a bare loop comparing every expiry with the clock",
+            "ref_check_cpu_ms",
+            _ms,
+        ),
+        [
+            "… the daemon's overhead over the reference",
+            *(
+                f"{r['idle_check_cpu_ms'] - r['ref_check_cpu_ms']:+.1f} ms "
+                f"({r['idle_check_cpu_ms'] / r['ref_check_cpu_ms']:.1f}×)"
+                for r in rows
+            ),
+        ],
     ]
     per_refresh_cpu = [r["daemon_cpu_s"] / r["accounts"] * 1000 for r in rows]
     writes = round(rows[-1]["state_bytes_per_refresh"] / rows[-1]["state_file_bytes"])
@@ -431,7 +714,21 @@ mostly per-account work: parsing the account's table in the config and its
 state file (`TokenStore.load`, TOML); the interpreter and imports are a fixed
 cost. The full refresh is limited by {who}; both share the machine's 2 cores.
 The CPU of an idle check is that of the daemon's main thread over
-{s["idle_seconds"]:g} s of checks every second, divided by their number."""
+{s["idle_seconds"]:g} s of checks every second, divided by their number.
+
+The references are measured in the same run, just before each daemon starts,
+on the same files (as warm in the page cache): a fresh interpreter of the same
+installation that parses the config and every state file with `tomllib` in a
+bare loop (the least READY=1 must wait for: the daemon also validates them and
+imports trio and httpx), and, in that interpreter, the CPU of a bare loop that
+compares every account's expiry with the clock and keeps the earliest moment to
+look again (the least a check that finds nothing due must do; the daemon's
+check also looks at each account's refresh-token age and its state). The
+targets judge the daemon's ratio to them, so that a slow hour of the machine,
+which slows both, does not read as a regression. The bounds ({READY_RATIO:g}× and
+{IDLE_CHECK_RATIO:g}×) keep about the room the former absolute targets (2 s and
+50 ms of CPU with 10,000 accounts) had over the daemon's figures on a quiet
+machine: the daemon's own work is what moves these ratios."""
 
 
 def _correctness(s: dict[str, Any], scale: dict[str, Any]) -> str:
@@ -500,12 +797,29 @@ all {_n(load["accounts"])} accounts (the idle check's CPU above). The worst
 latency in each second of that run, in ms, from READY=1 on: {per_second}.{why}"""
 
 
+def _proxy(proxy: dict[str, Any] | None) -> str:
+    """The proxy's figures (issue #12), once it exists: ratios to a direct connection."""
+    if not proxy:
+        return """## 5. Proxy
+
+Not measured: the proxy does not exist yet. When it does, its figures go here
+in the same shape as the socket's: login and throughput through the proxy as
+ratios to a direct connection to the same server, measured in the same rounds
+(back to back, in alternating order), the targets judged on the median ratio
+and not judged when the direct connection's own figures moved across rounds
+beyond the bounds above (`bench/judge.py`)."""
+    return "## 5. Proxy\n\n" + str(proxy.get("text", ""))
+
+
 def _method(r: dict[str, Any]) -> str:
     return """## How it is measured
 
 - `bench/setup.sh`: system packages and the non-editable install.
 - `bench/helper_latency.py`: benchmark 1 (posix_spawn, wait4; interleaved rounds).
-- `bench/socket_load.py` and `bench/loadgen.c`: benchmark 2 and the churn run.
+- `bench/socket_load.py` and `bench/loadgen.c`: benchmark 2 and the churn run;
+  `bench/refserver.c`: the socket's reference; `bench/gcwatch.py`: the daemon
+  with its garbage collector watched, for the tail diagnosis only.
+- `bench/judge.py`: the ratios, the reference's spread, and the verdicts.
 - `bench/scale.py`: benchmark 3 and the refresh under load. Ready is the time
   from spawning `mailoauthd` to its `READY=1` on `NOTIFY_SOCKET`; memory is
   VmRSS/VmHWM from /proc; CPU is from /proc (the idle check from the main

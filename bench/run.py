@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             "rounds": 3,
             "warmup": 1,
             "seconds": 0.3,
-            "repeats": 1,
+            "repeats": 2,
             "churn_seconds": 1.0,
             "open_rate": 1000.0,
             "counts": [10, 20],
@@ -86,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         sizes = {
             "rounds": 200,
             "warmup": 10,
-            "seconds": 5.0,
-            "repeats": 3,
+            "seconds": 3.0,
+            "repeats": 5,
             "churn_seconds": 20.0,
             "open_rate": 10000.0,
             "counts": [100, 1000, 10000],
@@ -111,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     busy: dict[str, float] = {}
     results["others_cores"] = busy
+    # The 1-minute load average as each part ends: how busy the machine was meanwhile.
+    load_during: dict[str, str] = {}
+    results["load_during"] = load_during
     base = Path(tempfile.mkdtemp(prefix="mob-", dir="/tmp"))  # short: socket paths max 107
     try:
         log(f"working in {base}")
@@ -123,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             with_mutt=with_mutt,
         )
         busy["helper"] = others.cores()
+        load_during["helper"] = load()
         others = OtherWork()
         results["socket"] = socket_load.run(
             install,
@@ -133,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             open_rate=float(sizes["open_rate"]),
         )
         busy["socket"] = others.cores()
+        load_during["socket"] = load()
         others = OtherWork()
         results["scale"] = scale.run(
             install,
@@ -145,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             min_load_seconds=float(sizes["min_load_seconds"]),
         )
         busy["scale"] = others.cores()
+        load_during["scale"] = load()
     finally:
         shutil.rmtree(base, ignore_errors=True)
     results["load_after"] = load()
