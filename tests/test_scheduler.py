@@ -81,7 +81,10 @@ class TestScheduledCheck:
         seed(tmp_path, dev, "later", expires_in=660)  # due after the next check (3 min)
         seed(tmp_path, dev, "far", expires_in=3600)
         async with in_process_daemon(cfg, now=mock_now(clock)):
-            await eventually(lambda: refreshes(dev) == 1)
+            # The provider counts the request before the answer is saved: wait for both.
+            await eventually(
+                lambda: refreshes(dev) == 1 and stored(tmp_path, "soon").last_refresh is not None
+            )
             await settle()
             assert stored(tmp_path, "soon").last_refresh == T0
             assert stored(tmp_path, "later").last_refresh is None
@@ -89,7 +92,9 @@ class TestScheduledCheck:
             await settle()
             assert refreshes(dev) == 1
             clock.jump(1)  # the second check: "later" now expires in 8 min
-            await eventually(lambda: refreshes(dev) == 2)
+            await eventually(
+                lambda: refreshes(dev) == 2 and stored(tmp_path, "later").last_refresh is not None
+            )
             await settle()
             assert stored(tmp_path, "later").last_refresh == T0 + timedelta(seconds=180)
             assert stored(tmp_path, "far").last_refresh is None
