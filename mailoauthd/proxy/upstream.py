@@ -159,6 +159,13 @@ def _why(exc: BaseException) -> str:
     return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
 
 
+def _without_code(text: str) -> str:
+    """An IMAP or POP3 answer's text without its [RESPONSE-CODE]: the proxy sets its own."""
+    if text.startswith("[") and "]" in text:
+        return text.split("]", 1)[1].strip() or text
+    return text
+
+
 def _mechanism(offered: set[str]) -> str:
     """XOAUTH2 where offered (Microsoft, Google), else OAUTHBEARER (RFC 7628)."""
     if "XOAUTH2" in offered or "OAUTHBEARER" not in offered:
@@ -233,7 +240,7 @@ async def _imap(conn: Connection, user: str, token: str) -> Session:
             status = line[3:].split(" ", 1)[0].upper()
             if status == "OK":
                 return conn.session(line[3:])
-            raise Refused(line[3:])
+            raise Refused(_without_code(line[3:].split(" ", 1)[-1]))
 
 
 async def pop3(server: Server, user: str, token: str, *, wait: float) -> Session:
@@ -270,7 +277,7 @@ async def _pop3(conn: Connection, user: str, token: str) -> Session:
             await conn.send("" if sent else _response(mechanism, user, token, conn.server))
             sent = True
         else:
-            raise Refused(line)
+            raise Refused(_without_code(line.removeprefix("-ERR").strip()))
 
 
 async def _smtp_reply(conn: Connection) -> tuple[int, list[str]]:

@@ -328,6 +328,9 @@ service pop3-login {{
     address = 127.0.0.1
     port = {self.pop3_port}
   }}
+  inet_listener pop3s {{
+    port = 0
+  }}
   chroot =
 }}
 submission_relay_host = 127.0.0.1

@@ -12,6 +12,7 @@ import json
 import poplib
 import smtplib
 import ssl
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -21,8 +22,10 @@ from pathlib import Path
 import pytest
 from conftest import USER, DaemonProcess, config_text, helper
 
-from .conftest import ACCOUNT_TIMING, DAEMON_KEYS, REALISTIC_TOKEN_LENGTH, Stack
+from .conftest import ACCOUNT_TIMING, DAEMON_KEYS, REALISTIC_TOKEN_LENGTH, Stack, run_client
 from .mailservers import free_port, make_certificate
+from .postfix import Postfix
+from .recipes import adapt, recipe
 
 pytestmark = pytest.mark.slow
 
@@ -82,15 +85,20 @@ def proxied(stack: Stack) -> Iterator[Proxied]:
             'proxy_password_file = "work.proxy"',
         )
     )
-    servers = "\n".join(
-        (
-            f'imap_server = "127.0.0.1:{d.imaps_port}"',
-            'imap_security = "tls"',
-            f'smtp_server = "127.0.0.1:{d.submission_port}"',
-            'smtp_security = "starttls"',
-            f'pop3_server = "127.0.0.1:{d.pop3_port}"',
-            'pop3_security = "starttls"',
+    # The account whose token is refused uses the suite's second Dovecot: Dovecot slows
+    # down every login from an address after a failed one (2 s, 4 s, ... 15 s).
+    servers, refusing = (
+        "\n".join(
+            (
+                f'imap_server = "127.0.0.1:{dovecot.imaps_port}"',
+                'imap_security = "tls"',
+                f'smtp_server = "127.0.0.1:{dovecot.submission_port}"',
+                'smtp_security = "starttls"',
+                f'pop3_server = "127.0.0.1:{dovecot.pop3_port}"',
+                'pop3_security = "starttls"',
+            )
         )
+        for dovecot in (d, stack.xoauth2_only())
     )
     text = config_text(
         root,
@@ -115,8 +123,8 @@ pop3_server = "127.0.0.1:{dead}"
 [accounts.refused]
 provider = "dev"
 username = "nobody-here@example.com"
-{common}
-{servers}
+{common.replace(str(d.cert), str(stack.xoauth2_only().cert))}
+{refusing}
 
 [proxy]
 imap = "127.0.0.1:{imap}"
@@ -236,8 +244,305 @@ def test_poplib_user_pass_and_auth_plain(proxied: Proxied) -> None:
         client.quit()
 
 
+def test_msmtp_auth_plain_with_starttls(proxied: Proxied, tmp_path: Path) -> None:
+    """msmtp with `auth plain` and the local password, STARTTLS to the proxy."""
+    subject = f"msmtp via proxy {uuid.uuid4()}"
+    rc = tmp_path / "msmtprc"
+    rc.write_text(
+        "defaults\ntls on\ntls_starttls on\n"
+        f"tls_trust_file {proxied.cert}\n\naccount work\nhost 127.0.0.1\n"
+        f"port {proxied.smtp}\nauth plain\nuser work\nfrom {USER}\n"
+        f"password {PASSWORD}\n"
+    )
+    rc.chmod(0o600)
+    run = run_client(
+        ["msmtp", "-C", str(rc), "-a", "work", RECIPIENT],
+        env=proxied.stack.env(tmp_path),
+        input=f"From: {USER}\nTo: {RECIPIENT}\nSubject: {subject}\n\nbody\n",
+    )
+    assert run.returncode == 0, run.stderr
+    _wait_for_sink(proxied, subject)
+
+
+def _seeded_file(proxied: Proxied) -> bytes:
+    """The seeded message as Dovecot keeps it."""
+    maildir = proxied.stack.dovecot.homes / USER / "Maildir"
+    for path in [*maildir.glob("cur/*"), *maildir.glob("new/*")]:
+        if ".seed." in path.name:
+            return path.read_bytes()
+    raise AssertionError("the seeded message is gone")
+
+
+@pytest.mark.parametrize("protocol", ["imap", "pop3"])
+def test_fetchmail_retrieves_through_the_proxy(
+    proxied: Proxied, tmp_path: Path, protocol: str
+) -> None:
+    """Debian's fetchmail 6.4 with the recipe: the seeded message, through the MDA, intact."""
+    out = tmp_path / "delivered"
+    out.mkdir()
+    port = proxied.imap if protocol == "imap" else proxied.pop3
+    rc = adapt(
+        recipe("proxy-fetchmail", f"fetchmailrc-{protocol}"),
+        (f"service {1143 if protocol == 'imap' else 1110}", f"service {port}"),
+        ('"the local proxy password"', f'"{PASSWORD}"'),
+        # The test's certificate names localhost; fetchmail does not check IP addresses.
+        ('"/etc/mailoauthd/proxy.crt"', f'"{proxied.cert}" sslcommonname "localhost"')
+        if protocol == "pop3"
+        else ("", ""),
+        ('mda "/usr/bin/procmail -d %T"', f"mda \"/bin/sh -c 'cat > {out}/$$$$'\"\n    fetchall"),
+    )
+    path = tmp_path / "fetchmailrc"
+    path.write_text(rc)
+    path.chmod(0o600)
+    run = run_client(
+        [
+            "fetchmail",
+            "--nodetach",
+            "--invisible",
+            "-v",
+            "-f",
+            str(path),
+            "-i",
+            str(tmp_path / "ids"),
+        ],
+        env=proxied.stack.env(tmp_path),
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    if protocol == "pop3":
+        assert "STARTTLS" in run.stdout + run.stderr or "STLS" in run.stdout + run.stderr
+    seeded = _seeded_file(proxied)
+    delivered = [p.read_bytes() for p in out.iterdir()]
+    assert seeded in delivered, (seeded, delivered)
+
+
 def _wait_for_sink(proxied: Proxied, subject: str, seconds: float = 20) -> None:
     deadline = time.monotonic() + seconds
     while subject not in proxied.stack.sink.subjects():
         assert time.monotonic() < deadline, f"{subject!r} did not reach the sink"
         time.sleep(0.05)
+
+
+# --- failures speak each protocol, and the next good login works -------------------------
+
+
+def imap_login(proxied: Proxied, user: str = "work", password: str = PASSWORD) -> str:
+    """'OK', or the proxy's answer to the login."""
+    with imaplib.IMAP4("127.0.0.1", proxied.imap, timeout=30) as client:
+        try:
+            client.login(user, password)
+        except imaplib.IMAP4.error as exc:
+            return str(exc)
+        assert client.select("INBOX", readonly=True)[0] == "OK"
+        return "OK"
+
+
+def pop3_login(proxied: Proxied, user: str = "work", password: str = PASSWORD) -> str:
+    client = poplib.POP3("127.0.0.1", proxied.pop3, timeout=30)
+    try:
+        client.user(user)
+        client.pass_(password)
+        client.stat()
+        return "OK"
+    except poplib.error_proto as exc:
+        return str(exc.args[0].decode() if isinstance(exc.args[0], bytes) else exc)
+    finally:
+        client.close()
+
+
+def smtp_login(proxied: Proxied, user: str = "work", password: str = PASSWORD) -> str:
+    with smtplib.SMTP("127.0.0.1", proxied.smtp, timeout=30) as client:
+        client.ehlo("client.example")
+        client.user, client.password = user, password
+        try:
+            code, _ = client.auth("PLAIN", client.auth_plain)
+        except smtplib.SMTPAuthenticationError as exc:
+            return f"{exc.smtp_code} {exc.smtp_error.decode()}"
+        return "OK" if code == 235 else str(code)
+
+
+LOGINS = {"imap": imap_login, "pop3": pop3_login, "smtp": smtp_login}
+
+
+def test_wrong_password_is_refused_locally_with_a_growing_delay(proxied: Proxied) -> None:
+    """No upstream login, no provider call; the delay grows; a good login still works."""
+    before = proxied.stack.provider.introspections()
+    started = time.monotonic()
+    assert "[AUTHENTICATIONFAILED]" in imap_login(proxied, password="wrong")
+    first = time.monotonic() - started
+    assert pop3_login(proxied, password="wrong").startswith("-ERR [AUTH]")
+    started = time.monotonic()
+    assert smtp_login(proxied, password="wrong").startswith("535 5.7.8")
+    third = time.monotonic() - started
+    assert third > first + 0.5, (first, third)
+    assert proxied.stack.provider.introspections() == before, "the upstream was asked"
+    refused = proxied.events("proxy.login_refused")
+    assert len(refused) >= 3
+    assert "wrong" not in proxied.daemon.log()
+    for protocol, login in LOGINS.items():
+        assert login(proxied) == "OK", protocol
+
+
+def test_revoked_grant(proxied: Proxied) -> None:
+    """A grant that needs a sign-in: each protocol's answer says what to run."""
+    proxied.stack.provider.revoke_user(USER)
+    try:
+        run = helper("refresh", "work", socket=proxied.socket)
+        assert run.returncode != 0
+        # The last access token is served until it expires (as `mailoauth token` does).
+        deadline = time.monotonic() + 20
+        while helper("token", "work", socket=proxied.socket).returncode != 4:
+            assert time.monotonic() < deadline, "the daemon never said: needs authorization"
+            time.sleep(0.2)
+        imap = imap_login(proxied)
+        assert "[AUTHENTICATIONFAILED]" in imap
+        assert "run 'mailoauth authorize work'" in imap
+        pop3 = pop3_login(proxied)
+        assert pop3.startswith("-ERR [AUTH]")
+        assert "run 'mailoauth authorize work'" in pop3
+        smtp = smtp_login(proxied)
+        assert smtp.startswith("535 5.7.8")
+        assert "run 'mailoauth authorize work'" in smtp
+    finally:
+        for account in ("work", "down", "refused"):
+            proxied.grant(account)
+    for protocol, login in LOGINS.items():
+        assert login(proxied) == "OK", protocol
+
+
+def test_unreachable_upstream(proxied: Proxied) -> None:
+    """Nothing listens where the account's servers are: a temporary failure, said so."""
+    assert "[UNAVAILABLE]" in imap_login(proxied, "down")
+    assert pop3_login(proxied, "down").startswith("-ERR [SYS/TEMP]")
+    assert smtp_login(proxied, "down").startswith("454 4.7.0")
+    for protocol, login in LOGINS.items():
+        assert login(proxied) == "OK", protocol
+
+
+def test_upstream_refuses_the_token(proxied: Proxied) -> None:
+    """The server's own refusal is passed on, with a hint."""
+    imap = imap_login(proxied, "refused")
+    assert "[AUTHENTICATIONFAILED]" in imap
+    assert "mail server refused a current token" in imap
+    pop3 = pop3_login(proxied, "refused")
+    assert pop3.startswith("-ERR [AUTH]")
+    smtp = smtp_login(proxied, "refused")
+    assert smtp.startswith("535 ")
+    assert "mail server refused a current token" in smtp
+    assert proxied.events("proxy.upstream_refused")
+    for protocol, login in LOGINS.items():
+        assert login(proxied) == "OK", protocol
+
+
+def test_idle_sees_a_new_message(proxied: Proxied) -> None:
+    """IMAP IDLE through the proxy: a message delivered meanwhile is announced."""
+    with imaplib.IMAP4("127.0.0.1", proxied.imap, timeout=30) as client:
+        client.login("work", PASSWORD)
+        client.select("INBOX")
+        client.send(b"i1 IDLE\r\n")
+        assert client.readline().startswith(b"+")
+        proxied.stack.dovecot.seed(USER, f"during IDLE {uuid.uuid4()}")
+        line = client.readline()
+        assert line.startswith(b"* ") and b"EXISTS" in line, line
+        client.send(b"DONE\r\n")
+        while not (line := client.readline()).startswith(b"i1 "):
+            pass
+        assert line.startswith(b"i1 OK"), line
+
+
+def test_status_shows_listeners_and_sessions(proxied: Proxied) -> None:
+    """`mailoauth status`: listeners, and each account's proxied sessions."""
+    imap_login(proxied)
+    status = proxied.status()
+    assert status["listeners"] == {
+        "imap": f"127.0.0.1:{proxied.imap}",
+        "pop3": f"127.0.0.1:{proxied.pop3}",
+        "smtp": f"127.0.0.1:{proxied.smtp}",
+        "socketmap": str(proxied.socketmap),
+    }
+    rows = {r["account"]: r for r in status["accounts"]}  # type: ignore[attr-defined]
+    assert rows["work"]["proxy_sessions_total"] >= 1
+    assert rows["work"]["proxy_sessions_open"] == 0
+    text = helper("status", socket=proxied.socket)
+    assert f"imap 127.0.0.1:{proxied.imap}" in text.stdout
+    assert "work: proxied sessions" in text.stdout
+
+
+# --- Postfix: the SMTP proxy and the socketmap --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def postfix(proxied: Proxied) -> Iterator[Postfix]:
+    """Postfix relaying through the SMTP proxy, with the local password (recipe)."""
+    passwords = proxied.root / "sasl_passwd"
+    passwords.write_text(f"[127.0.0.1]:{proxied.smtp} work:{PASSWORD}\n")
+    passwords.chmod(0o600)
+    main = adapt(
+        recipe("proxy-postfix", "main.cf-smtp-proxy"),
+        ("[127.0.0.1]:1587", f"[127.0.0.1]:{proxied.smtp}"),
+        ("hash:/etc/postfix/sasl_passwd", f"texthash:{passwords}"),
+    )
+    main += f"proxy_read_maps = proxy:socketmap:unix:{proxied.socketmap}:sasl\n"
+    instance = Postfix(proxied.root / "postfix", main=main)
+    try:
+        instance.start()
+        yield instance
+    finally:
+        instance.stop()
+
+
+def test_postfix_relays_through_the_smtp_proxy(proxied: Proxied, postfix: Postfix) -> None:
+    """Debian's Postfix, AUTH PLAIN with the local password, to Dovecot, to the sink."""
+    subject = f"postfix relay {uuid.uuid4()}"
+    with smtplib.SMTP("127.0.0.1", postfix.port, timeout=20) as client:
+        body = f"From: {USER}\r\nSubject: {subject}\r\n\r\nbody\r\n"
+        client.sendmail(USER, [RECIPIENT], body)
+    try:
+        _wait_for_sink(proxied, subject, seconds=30)
+    except AssertionError:
+        raise AssertionError(postfix.log()) from None
+
+
+def postmap(
+    postfix: Postfix, key: str, table: str, *, prefix: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
+    """Postfix's own lookup client, with the test's Postfix configuration."""
+    return subprocess.run(
+        [*prefix, "/usr/sbin/postmap", "-c", str(postfix.root), "-q", key, table],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("via", ["socketmap", "proxy:socketmap"])
+@pytest.mark.parametrize("key", [USER, "smtp.example.net", "[127.0.0.1]:{smtp}"])
+def test_postmap_gets_a_token(proxied: Proxied, postfix: Postfix, key: str, via: str) -> None:
+    """By sender, host name and next hop: `user:TOKEN`, directly and through proxymap."""
+    table = f"{via}:unix:{proxied.socketmap}:sasl"
+    run = postmap(postfix, key.format(smtp=proxied.smtp), table)
+    assert run.returncode == 0, run.stderr
+    user, _, token = run.stdout.strip().partition(":")
+    assert user == USER
+    assert proxied.stack.provider.active(token)
+
+
+def test_postmap_unknown_key_and_refused_uid(proxied: Proxied, postfix: Postfix) -> None:
+    """NOTFOUND for a key nobody has; nothing for a uid the daemon does not serve."""
+    table = f"socketmap:unix:{proxied.socketmap}:sasl"
+    run = postmap(postfix, "stranger@example.org", table)
+    assert (run.returncode, run.stdout) == (1, ""), run.stderr
+    # Open the socket's directory, so that only the peer-credential check stands between.
+    directory = proxied.socketmap.parent
+    mode = directory.stat().st_mode & 0o777
+    directory.chmod(0o755)
+    proxied.socketmap.chmod(0o666)
+    try:
+        nobody = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
+        run = postmap(postfix, USER, table, prefix=nobody)
+    finally:
+        directory.chmod(mode)
+    assert run.stdout == ""
+    assert run.returncode == 1, run.stderr
+    assert proxied.events("socketmap.refused")
