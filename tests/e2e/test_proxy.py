@@ -443,7 +443,8 @@ def test_idle_sees_a_new_message(proxied: Proxied) -> None:
         assert client.readline().startswith(b"+")
         proxied.stack.dovecot.seed(USER, f"during IDLE {uuid.uuid4()}")
         line = client.readline()
-        assert line.startswith(b"* ") and b"EXISTS" in line, line
+        assert line.startswith(b"* "), line
+        assert b"EXISTS" in line, line
         client.send(b"DONE\r\n")
         while not (line := client.readline()).startswith(b"i1 "):
             pass
