@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hmac
 import ssl
+import traceback
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -29,8 +30,10 @@ from mailoauthd.proxy import upstream
 from mailoauthd.proxy.common import (
     LOGIN_DEADLINE,
     READ_TIMEOUT,
+    Closed,
     Denied,
     Limits,
+    LineTooLong,
     Outcome,
     Penalties,
     source_of,
@@ -166,12 +169,18 @@ class Proxy:
             return
         try:
             await handler(client)
+        except (Closed, LineTooLong, trio.TooSlowError):
+            pass  # the client hung up, sent too long a line, or went quiet
         except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError):
             pass
-        except trio.TooSlowError:
-            pass
-        except Exception:  # a bug must end one connection, never the daemon
-            log.exception("proxy.connection_failed", protocol=kind, source=source)
+        except Exception as exc:  # a bug must end one connection, never the daemon
+            log.error(
+                "proxy.connection_failed",
+                protocol=kind,
+                source=source,
+                error=f"{type(exc).__name__}: {exc}"[:500],
+                where=traceback.format_tb(exc.__traceback__)[-1].strip()[:500],
+            )
         finally:
             limits.release(source)
             with trio.move_on_after(1) as scope:

@@ -7,10 +7,12 @@ is a second `mailoauthd` with a [proxy] table, sharing the suite's provider and 
 from __future__ import annotations
 
 import base64
+import contextlib
 import imaplib
 import json
 import poplib
 import smtplib
+import socket
 import ssl
 import subprocess
 import time
@@ -24,6 +26,9 @@ from conftest import USER, DaemonProcess, config_text, helper
 
 from .conftest import ACCOUNT_TIMING, DAEMON_KEYS, REALISTIC_TOKEN_LENGTH, Stack, run_client
 from .mailservers import free_port, make_certificate
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from .postfix import Postfix
 from .recipes import adapt, recipe
 
@@ -547,3 +552,63 @@ def test_postmap_unknown_key_and_refused_uid(proxied: Proxied, postfix: Postfix)
     assert run.stdout == ""
     assert run.returncode == 1, run.stderr
     assert proxied.events("socketmap.refused")
+
+
+# --- hostile clients -------------------------------------------------------------------------
+
+VERBS = {
+    "imap": ["a LOGIN", "a AUTHENTICATE PLAIN", "a AUTHENTICATE", "a CAPABILITY", "a NOOP",
+             "a ID", "a SELECT", "a STARTTLS", "a LOGIN {5}", "a LOGIN {99999}", "*", ""],
+    "pop3": ["USER", "PASS", "AUTH PLAIN", "AUTH", "CAPA", "STLS", "RETR 1", "NOOP", ""],
+    "smtp": ["EHLO", "HELO", "AUTH PLAIN", "AUTH LOGIN", "AUTH XOAUTH2", "MAIL FROM:<a@b>",
+             "STARTTLS", "BDAT 10 LAST", "RSET", ""],
+}  # fmt: skip
+words = st.text(st.characters(blacklist_characters="\r\n"), max_size=40)
+lines = st.one_of(
+    words,
+    st.binary(max_size=60).map(lambda b: b.decode("latin-1").replace("\n", " ")),
+    st.just("x" * 9000),  # over the line limit
+)
+
+
+def command_lines(protocol: str) -> st.SearchStrategy[list[str]]:
+    command = st.builds(lambda v, a: f"{v} {a}".strip(), st.sampled_from(VERBS[protocol]), lines)
+    return st.lists(command, max_size=12)
+
+
+@pytest.mark.parametrize("protocol", ["imap", "pop3", "smtp"])
+def test_hostile_commands_before_login(proxied: Proxied, protocol: str) -> None:
+    """Random command sequences before the login: no crash, the daemon serves on."""
+    port = {"imap": proxied.imap, "pop3": proxied.pop3, "smtp": proxied.smtp}[protocol]
+    counter = iter(range(1, 1_000_000))
+
+    @settings(
+        max_examples=40,
+        deadline=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    )
+    @given(command_lines(protocol))
+    def drive(commands: list[str]) -> None:
+        # A source address of its own for each example: wrong passwords slow down
+        # their own address only (127.0.0.0/8 is all loopback).
+        n = next(counter)
+        source = f"127.{100 + n // 65536 % 100}.{n // 256 % 256}.{n % 256 or 1}"
+        with socket.create_connection(("127.0.0.1", port), 10, (source, 0)) as conn:
+            conn.settimeout(10)
+            # The proxy may hang up early (an over-long line): then sending fails.
+            with contextlib.suppress(OSError):
+                conn.sendall("".join(f"{c}\r\n" for c in commands).encode("utf-8", "replace"))
+                conn.shutdown(socket.SHUT_WR)
+            received = b""
+            with contextlib.suppress(OSError):
+                while chunk := conn.recv(65536):
+                    received += chunk
+                    assert len(received) < 1_000_000
+        assert received, "no greeting"
+        assert proxied.daemon.proc.poll() is None, proxied.daemon.log()
+
+    drive()
+    failed = [line for line in proxied.daemon.log().splitlines() if "connection_failed" in line]
+    assert not failed, failed[:1]
+    assert LOGINS[protocol](proxied) == "OK"
+    assert proxied.token()
