@@ -23,12 +23,11 @@ from pathlib import Path
 
 import pytest
 from conftest import USER, DaemonProcess, config_text, helper
-
-from .conftest import ACCOUNT_TIMING, DAEMON_KEYS, REALISTIC_TOKEN_LENGTH, Stack, run_client
-from .mailservers import free_port, make_certificate
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from .conftest import ACCOUNT_TIMING, DAEMON_KEYS, REALISTIC_TOKEN_LENGTH, Stack, run_client
+from .mailservers import free_port, make_certificate
 from .postfix import Postfix
 from .recipes import adapt, recipe
 
