@@ -17,7 +17,7 @@ from pathlib import Path
 
 import trio
 
-from mailoauthd import __version__, config, daemon, logs, paths, state
+from mailoauthd import __version__, config, daemon, logs, paths, proxy, state
 from mailoauthd.access import Policy
 from mailoauthd.errors import MailoauthdError
 from mailoauthd.secret import Secret
@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config.load(path)
         if args.command == "check-config":
             daemon.read_secrets(cfg)
+            proxy.read_passwords(cfg.accounts, cfg.source)
             _, access_warnings = Policy.build(cfg, system=system, own_uid=os.geteuid())
             for warning in (*cfg.warnings, *access_warnings):
                 sys.stderr.write(f"mailoauthd: warning: {warning}\n")

@@ -107,6 +107,21 @@ class TestConfig:
             assert not is_loopback(where)
 
 
+def test_check_config_refuses_a_remote_listener_without_certificate(tmp_path: Path) -> None:
+    """`mailoauthd check-config` names the file, the table and the key, and exits 1."""
+    import sys
+
+    path = tmp_path / "config.toml"
+    path.write_text(proxy_config('smtp = "0.0.0.0:1587"\n'))
+    mailoauthd = Path(sys.executable).parent / "mailoauthd"
+    run = subprocess.run(
+        [str(mailoauthd), "--config", str(path), "check-config"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert run.returncode == 1
+    assert f"{path}: [proxy] smtp: '0.0.0.0:1587' is not a loopback address" in run.stderr
+
+
 class NoAccounts:
     """A token service without accounts: every login is a wrong password."""
 

@@ -25,7 +25,7 @@ import structlog
 import trio
 
 from mailoauthd.config import Account, ProxySettings, is_loopback, listener_host
-from mailoauthd.errors import MailoauthdError, ReauthorizationRequired
+from mailoauthd.errors import ConfigError, MailoauthdError, ReauthorizationRequired
 from mailoauthd.proxy import upstream
 from mailoauthd.proxy.common import (
     LOGIN_DEADLINE,
@@ -140,7 +140,14 @@ class Proxy:
                     continue
                 host = listener_host(where)
                 port = int(where.rpartition(":")[2])
-                listeners = await trio.open_tcp_listeners(port, host=host)
+                try:
+                    listeners = await trio.open_tcp_listeners(port, host=host)
+                except OSError as exc:
+                    why = exc.strerror or str(exc)
+                    raise ConfigError(
+                        f"[proxy] {kind}: cannot listen on {where}: {why}",
+                        hint="choose a free port, or stop what listens there",
+                    ) from None
                 bound = listeners[0].socket.getsockname()
                 shown = f"[{bound[0]}]:{bound[1]}" if ":" in bound[0] else f"{bound[0]}:{bound[1]}"
                 self.listening[kind] = shown
