@@ -14,9 +14,9 @@ from pathlib import Path
 
 from .mailservers import free_port, wait_for_port
 
-# Every service the tests use; proxymap runs as root (unprivileged "n"), so that the
-# daemon under test, a per-user one run by root, serves it (in production it runs as
-# postfix, and the account has allow_users = ["postfix"]).
+# Every service the tests use; proxymap runs as root (unprivileged "n"), whom the daemon
+# under test serves (in production it runs as postfix, and the account has
+# allow_users = ["postfix"]).
 MASTER_CF = """\
 127.0.0.1:{port} inet n - n - - smtpd
 cleanup unix n - n - 0 cleanup
