@@ -309,3 +309,19 @@ def test_netstrings(data: bytes) -> None:
             pass
 
     trio.run(main)
+
+
+async def test_a_silent_client_is_dropped(
+    certificate: tuple[Path, Path], autojump_clock: trio.testing.MockClock
+) -> None:
+    """Every read before the login is bounded: a client that says nothing is let go."""
+    from mailoauthd.config import ProxySettings
+
+    proxy = Proxy(ProxySettings(), NoAccounts(), {}, read_timeout=60)
+    ours, theirs = trio.testing.memory_stream_pair()
+    client = Client(proxy, "imap", ours, "192.0.2.1", None, False)
+    started = trio.current_time()
+    with pytest.raises(trio.TooSlowError):
+        await imap.handle(client)
+    assert trio.current_time() - started == pytest.approx(60)
+    assert (await theirs.receive_some(1000)).startswith(b"* OK")

@@ -611,3 +611,61 @@ def test_hostile_commands_before_login(proxied: Proxied, protocol: str) -> None:
     assert not failed, failed[:1]
     assert LOGINS[protocol](proxied) == "OK"
     assert proxied.token()
+
+
+def test_connections_are_capped_per_source(proxied: Proxied) -> None:
+    """One address gets at most 64 connections at once; others are still served."""
+    from mailoauthd.proxy.common import MAX_PER_SOURCE
+
+    with contextlib.ExitStack() as held:
+        for _ in range(MAX_PER_SOURCE):
+            conn = held.enter_context(
+                socket.create_connection(("127.0.0.1", proxied.imap), 10, ("127.9.9.9", 0))
+            )
+            assert conn.recv(1000).startswith(b"* OK")
+        extra = held.enter_context(
+            socket.create_connection(("127.0.0.1", proxied.imap), 10, ("127.9.9.9", 0))
+        )
+        extra.settimeout(10)
+        assert extra.recv(1000).startswith(b"* BYE [UNAVAILABLE]")
+        assert imap_login(proxied) == "OK"
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(st.binary(max_size=300), max_size=6))
+def test_hostile_socketmap_requests(proxied: Proxied, chunks: list[bytes]) -> None:
+    """Random bytes on the socketmap: answered or hung up on; the daemon serves on."""
+    with socket.socket(socket.AF_UNIX) as conn:
+        conn.settimeout(10)
+        conn.connect(str(proxied.socketmap))
+        with contextlib.suppress(OSError):
+            for chunk in chunks:
+                conn.sendall(chunk)
+            conn.shutdown(socket.SHUT_WR)
+            while conn.recv(65536):
+                pass
+    assert proxied.daemon.proc.poll() is None
+
+
+def test_socketmap_still_answers_after_hostile_requests(proxied: Proxied) -> None:
+    with socket.socket(socket.AF_UNIX) as conn:
+        conn.settimeout(10)
+        conn.connect(str(proxied.socketmap))
+        request = f"sasl {USER}".encode()
+        conn.sendall(b"%d:%s," % (len(request), request))
+        assert conn.recv(65536).split(b":", 1)[1].startswith(f"OK {USER}:".encode())
+    assert not proxied.events("socketmap.connection_failed")
+
+
+def test_reload_reads_new_passwords(proxied: Proxied) -> None:
+    """`mailoauth reload` re-reads proxy_password_file: the new one works, the old not."""
+    path = proxied.root / "work.proxy"
+    path.write_text("a new local password\n")
+    try:
+        assert helper("reload", socket=proxied.socket).returncode == 0
+        assert imap_login(proxied, password="a new local password") == "OK"
+        assert "[AUTHENTICATIONFAILED]" in imap_login(proxied)
+    finally:
+        path.write_text(PASSWORD + "\n")
+        assert helper("reload", socket=proxied.socket).returncode == 0
+    assert imap_login(proxied) == "OK"
