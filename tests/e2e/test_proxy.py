@@ -10,6 +10,7 @@ import base64
 import contextlib
 import imaplib
 import json
+import os
 import poplib
 import smtplib
 import socket
@@ -606,11 +607,22 @@ def test_hostile_commands_before_login(proxied: Proxied, protocol: str) -> None:
         assert received, "no greeting"
         assert proxied.daemon.proc.poll() is None, proxied.daemon.log()
 
+    fds = _open_files(proxied)
     drive()
+    # No leak: every connection's socket is closed again (a little slack for the
+    # daemon's own sockets to the provider, which come and go).
+    deadline = time.monotonic() + 10
+    while _open_files(proxied) > fds + 5:
+        assert time.monotonic() < deadline, (fds, _open_files(proxied))
+        time.sleep(0.1)
     failed = [line for line in proxied.daemon.log().splitlines() if "connection_failed" in line]
     assert not failed, failed[:1]
     assert LOGINS[protocol](proxied) == "OK"
     assert proxied.token()
+
+
+def _open_files(proxied: Proxied) -> int:
+    return len(os.listdir(f"/proc/{proxied.daemon.proc.pid}/fd"))
 
 
 def test_connections_are_capped_per_source(proxied: Proxied) -> None:
