@@ -7,7 +7,7 @@ Runs the end-to-end suite's stack (tests/e2e: the development provider, Dovecot,
 sink) and a mailoauthd with a [proxy] table; needs the same Debian packages, and root
 (Dovecot). Prints Markdown; figures depend on the machine, so it says which.
 
-    .venv/bin/python bench/proxy.py [--logins 30] [--fetch-mb 100] [--submit-mb 25] [--idle 90]
+    .venv/bin/python bench/proxy.py [--logins 30] [--fetch-mb 100] [--submit-mb 9] [--idle 9]
 """
 
 from __future__ import annotations
@@ -112,8 +112,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--logins", type=int, default=30)
     parser.add_argument("--fetch-mb", type=int, default=100)
-    parser.add_argument("--submit-mb", type=int, default=25)
-    parser.add_argument("--idle", type=int, default=90, help="Dovecot's test setup allows ~100")
+    # The e2e sink advertises SIZE 10485760, and Dovecot passes that limit on.
+    parser.add_argument("--submit-mb", type=int, default=9)
+    # The e2e Dovecot allows 10 connections per user and address (mail_max_userip_connections).
+    parser.add_argument("--idle", type=int, default=9)
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="mailoauthd-bench-proxy-"))
     root.chmod(0o755)
