@@ -18,7 +18,7 @@ from pathlib import Path
 
 import trio
 
-from mailoauthd import __version__, config, daemon, logs, paths, state
+from mailoauthd import __version__, config, daemon, logs, paths, proxy, state
 from mailoauthd.access import Policy
 from mailoauthd.errors import ConfigError, MailoauthdError
 from mailoauthd.secret import Secret
@@ -113,6 +113,7 @@ def _check_config(
     if args.credentials_directory:
         env = {**env, "CREDENTIALS_DIRECTORY": str(Path(args.credentials_directory).absolute())}
     daemon.read_secrets(cfg, env)
+    proxy.read_passwords(cfg.accounts, cfg.source, env)
     _, access_warnings = Policy.build(cfg, system=system, own_uid=os.geteuid())
     warnings = [*cfg.warnings, *access_warnings]
     if not cfg.accounts:

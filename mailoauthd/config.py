@@ -11,6 +11,7 @@ entry there plus a dataclass field of the same name.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import math
 import os
 import re
@@ -40,6 +41,7 @@ _MAIL_SERVERS = {
     "microsoft": ("outlook.office365.com:993", "smtp.office365.com:587"),
     "google": ("imap.gmail.com:993", "smtp.gmail.com:587"),
 }
+_POP3_SERVERS = {"microsoft": "outlook.office365.com:995", "google": "pop.gmail.com:995"}
 # 30 s: a password manager may wait for a GPG agent or a hardware key's touch;
 # beyond that nobody is coming, and the daemon must not hang.
 SECRET_COMMAND_TIMEOUT_SECONDS = 30
@@ -208,12 +210,32 @@ class Account:
     token_file_mode: int = 0o600
     notify_command: tuple[str, ...] | None = None  # the [daemon] value unless set here
     notify_interval: timedelta = timedelta(hours=6)
+    # The proxy (mailoauthd/proxy): the local password its clients log in with
+    # (proxy_password_file or proxy_password_command), POP3's upstream, and the
+    # extra keys the Postfix socketmap answers for this account.
+    proxy_password: SecretSource | None = None
+    pop3_server: str | None = None
+    pop3_security: str | None = None
+    socketmap_keys: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProxySettings:
+    """[proxy]: local IMAP/POP3/SMTP listeners ("host:port") and the Postfix socketmap."""
+
+    imap: str | None = None
+    pop3: str | None = None
+    smtp: str | None = None
+    socketmap: Path | None = None
+    tls_certificate_file: Path | None = None
+    tls_key_file: Path | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     source: str
     daemon: DaemonSettings = field(default_factory=DaemonSettings)
+    proxy: ProxySettings = field(default_factory=ProxySettings)
     providers: Mapping[str, Provider] = field(default_factory=_empty, hash=False)
     accounts: Mapping[str, Account] = field(default_factory=_empty, hash=False)
     # Advice about the configuration, not part of it.
@@ -444,6 +466,45 @@ def _file_mode(value: object) -> int:
     raise _Invalid(f"must be permission bits such as '0600' or '0640' (or 0o640) {_got(value)}")
 
 
+def _listener(value: object) -> str:
+    """A proxy listener: "host:port" with an IP address or localhost, "[::1]:1143" for IPv6."""
+    text = _server(value)
+    host = listener_host(text)
+    if host != "localhost":
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise _Invalid(f"must name an IP address to listen on {_got(value)}") from None
+    if ":" in host and not text.startswith("["):
+        raise _Invalid(f"must write an IPv6 address in brackets, e.g. '[::1]:1143' {_got(value)}")
+    return text
+
+
+def listener_host(text: str) -> str:
+    """The host of a "host:port" without IPv6 brackets."""
+    return text.rpartition(":")[0].removeprefix("[").removesuffix("]")
+
+
+def is_loopback(text: str) -> bool:
+    """Whether a listener "host:port" is on a loopback address."""
+    host = listener_host(text)
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _socketmap_keys(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(
+        isinstance(key, str) and key and not any(c.isspace() for c in key) for key in value
+    ):
+        example = "['[smtp.office365.com]:587', 'smtp.office365.com']"
+        raise _Invalid(f"must be a list of strings without spaces, e.g. {example} {_got(value)}")
+    return tuple(value)
+
+
 def _same(value: Any) -> Any:
     return value
 
@@ -523,9 +584,23 @@ _ACCOUNT_KEYS = {
     "token_file_mode": _Key(_file_mode, lambda mode: f"{mode:04o}"),
     "notify_command": _Key(_argv, list),
     "notify_interval": _Key(_positive_duration, _dump_duration),
+    "proxy_password_file": _Key(_secret_file, None),
+    "proxy_password_command": _Key(_argv, None),
+    "pop3_server": _Key(_server),
+    "pop3_security": _Key(_one_of(*MAIL_SECURITY)),
+    "socketmap_keys": _Key(_socketmap_keys, list),
+}
+_PROXY_KEYS = {
+    "imap": _Key(_listener),
+    "pop3": _Key(_listener),
+    "smtp": _Key(_listener),
+    "socketmap": _Key(_socket_path, str),
+    "tls_certificate_file": _Key(_absolute_path, str),
+    "tls_key_file": _Key(_absolute_path, str),
 }
 _TABLES = {
     "daemon": ("[daemon]", _DAEMON_KEYS),
+    "proxy": ("[proxy]", _PROXY_KEYS),
     "providers": ("a [providers.NAME] table", _PROVIDER_KEYS),
     "accounts": ("an [accounts.NAME] table", _ACCOUNT_KEYS),
 }
@@ -649,6 +724,7 @@ def _build_account(
     raw: Mapping[str, object],
     daemon: DaemonSettings,
     providers: Mapping[str, Provider | None],
+    base_dir: Path = Path("/"),
 ) -> Account | None:
     table, before = f"accounts.{name}", len(problems.lines)
     ref = raw["provider"] if isinstance(raw.get("provider"), str) else ""
@@ -656,6 +732,16 @@ def _build_account(
     homes = {"providers": there if ref in providers else "a [providers.NAME] table"}
     defined = f"defined: {', '.join(providers)}" if providers else "none is defined yet"
     values = _read(problems, table, raw, _ACCOUNT_KEYS, homes, defined)
+    if "proxy_password_file" in raw and "proxy_password_command" in raw:
+        both = "set only one of proxy_password_file and proxy_password_command"
+        problems.add(table, "proxy_password_command", both)
+    if path := values.pop("proxy_password_file", ""):
+        # Read like client_secret_file: relative to the file, or from $CREDENTIALS_DIRECTORY.
+        values["proxy_password"] = SecretSource(
+            file=Path(path) if path.startswith("$") else base_dir / path
+        )
+    elif command := values.pop("proxy_password_command", None):
+        values["proxy_password"] = SecretSource(command=command)
     if values.pop("provider", None) is not None and ref not in providers:
         close = difflib.get_close_matches(str(ref), providers, 1)
         maybe = f"did you mean '{close[0]}'? " if close else ""
@@ -693,8 +779,9 @@ def _build_account(
         return None
     if provider.preset in _MAIL_SERVERS and provider.cloud in (None, "global"):
         imap, smtp = _MAIL_SERVERS[provider.preset]
-        values = {"imap_server": imap, "smtp_server": smtp, **values}
-    for kind in ("imap", "smtp"):
+        pop3 = _POP3_SERVERS[provider.preset]
+        values = {"imap_server": imap, "smtp_server": smtp, "pop3_server": pop3, **values}
+    for kind in ("imap", "smtp", "pop3"):
         host = str(values.get(f"{kind}_server", "")).rpartition(":")[0].strip("[]")
         if values.get(f"{kind}_security") == "none" and host not in _LOOPBACK_HOSTS:
             why = f"a token in the clear is allowed only to {', '.join(_LOOPBACK_HOSTS)}"
@@ -710,6 +797,23 @@ def _build_account(
         why = "mail programs would wait for refreshes; make refresh_before longer"
         problems.add(table, "min_validity", f"is not shorter than refresh_before: {why}", warn=True)
     return Account(name=name, provider=provider, **{**values, "flow": flow})
+
+
+def _build_proxy(problems: _Problems, raw: Mapping[str, object]) -> ProxySettings:
+    values = _read(problems, "proxy", raw, _PROXY_KEYS)
+    cert, key = values.get("tls_certificate_file"), values.get("tls_key_file")
+    if (cert is None) != (key is None):
+        missing = "tls_key_file" if key is None else "tls_certificate_file"
+        problems.add(
+            "proxy", missing, "required with the other of tls_certificate_file and tls_key_file"
+        )
+    for kind in ("imap", "pop3", "smtp"):
+        if (where := values.get(kind)) and not is_loopback(where) and cert is None:
+            why = "a listener others can reach must offer STARTTLS: set tls_certificate_file"
+            problems.add(
+                "proxy", kind, f"{where!r} is not a loopback address; {why} and tls_key_file"
+            )
+    return ProxySettings(**values)
 
 
 def _table(document: Mapping[str, Any], name: str) -> dict[str, Any]:
@@ -768,14 +872,16 @@ def parse(text: str, *, source: str, base_dir: Path | None = None) -> Config:
         for name, raw in _entries(problems, document, "providers").items()
     }
     accounts = {
-        name: None if raw is None else _build_account(problems, name, raw, daemon, providers)
+        name: None if raw is None else _build_account(problems, name, raw, daemon, providers, base)
         for name, raw in _entries(problems, document, "accounts").items()
     }
+    proxy = _build_proxy(problems, _table(document, "proxy"))
     if problems.lines:
         raise _config_error(problems.lines)
     return Config(
         source=source,
         daemon=daemon,
+        proxy=proxy,
         providers=MappingProxyType({name: p for name, p in providers.items() if p}),
         accounts=MappingProxyType({name: a for name, a in accounts.items() if a}),
         warnings=tuple(problems.warnings),
@@ -831,10 +937,17 @@ def to_mapping(config: Config) -> dict[str, Any]:
             providers[name]["client_secret"] = secret.inline.reveal()
         elif secret:
             providers[name][secret.key] = str(secret.file or "") or list(secret.command or ())
+    accounts = {name: _dump(a, _ACCOUNT_KEYS) for name, a in config.accounts.items()}
+    for name, account in config.accounts.items():
+        if (password := account.proxy_password) is not None and password.file is not None:
+            accounts[name]["proxy_password_file"] = str(password.file)
+        elif password is not None:
+            accounts[name]["proxy_password_command"] = list(password.command or ())
     document = {
         "daemon": _dump(config.daemon, _DAEMON_KEYS),
+        "proxy": _dump(config.proxy, _PROXY_KEYS),
         "providers": providers,
-        "accounts": {name: _dump(a, _ACCOUNT_KEYS) for name, a in config.accounts.items()},
+        "accounts": accounts,
     }
     return {key: table for key, table in document.items() if table}
 

@@ -26,7 +26,7 @@ import httpx
 import structlog
 import trio
 
-from mailoauthd import __version__, config, oauth, paths, protocol, signin
+from mailoauthd import __version__, config, oauth, paths, protocol, proxy, signin
 from mailoauthd.access import Policy
 from mailoauthd.discovery import Discovery
 from mailoauthd.errors import (
@@ -124,6 +124,7 @@ class Daemon:
         )
         self.reminders = reminders or Reminders(env={}, now=scheduler.now)
         self._signing_in: set[str] = set()  # accounts with a sign-in in progress
+        self.proxy: proxy.Proxy | None = None  # [proxy]: listeners and session counters
         # Fixed for the process (the CLI configures logging once), and asked for
         # every token served: looking it up through structlog's proxy costs more.
         self._debug = log.is_enabled_for(logging.DEBUG)
@@ -161,6 +162,10 @@ class Daemon:
             rows = [
                 r for r in self.scheduler.status() if self.policy.visible(peer, str(r["account"]))
             ]
+            if self.proxy is not None:
+                for row in rows:
+                    row.update(self.proxy.row(str(row["account"])))
+                return {"ok": True, "version": __version__, "accounts": rows, **self.proxy.status()}
             return {"ok": True, "version": __version__, "accounts": rows}
         if op == "reload":
             if not await self.reload():
@@ -335,6 +340,9 @@ class Daemon:
         try:
             cfg = await trio.to_thread.run_sync(config.load, self.config_path)
             secrets = await trio.to_thread.run_sync(read_secrets, cfg)
+            passwords = await trio.to_thread.run_sync(
+                proxy.read_passwords, cfg.accounts, cfg.source
+            )
         except ConfigError as exc:
             log.error("config.reload_failed", error=exc.message, kept="the running configuration")
             self.last_reload_error = exc.message
@@ -345,6 +353,10 @@ class Daemon:
         )
         for warning in (*cfg.warnings, *access_warnings):
             log.warning("config.warning", warning=warning)
+        if self.proxy is not None:
+            self.proxy.passwords = passwords
+        if cfg.proxy != self.config.proxy:
+            log.warning("config.restart_needed", key="[proxy]", reason="takes effect on restart")
         for key in ("socket", "state_dir"):
             if getattr(cfg.daemon, key) != getattr(self.config.daemon, key):
                 log.warning("config.restart_needed", key=key, reason="takes effect on restart")
@@ -571,6 +583,10 @@ async def run(
                 # Only now: a token request may start a refresh, which needs the
                 # scheduler running. Clients that connect earlier wait in the backlog.
                 await root.start(daemon.server.serve, listener)
+                if proxy.enabled(cfg.proxy):
+                    daemon.proxy = await root.start(
+                        partial(proxy.run, cfg, scheduler, lambda: daemon.policy)
+                    )
                 root.start_soon(daemon.discover)
                 gc.freeze()
                 gc.enable()

@@ -257,7 +257,10 @@ def _status(args: argparse.Namespace) -> int:
     if args.check:
         return _check(rows, as_json=args.json)
     if args.json:
-        json.dump({"version": reply.get("version"), "accounts": rows}, sys.stdout, indent=2)
+        shown = {"version": reply.get("version"), "accounts": rows}
+        if isinstance(reply.get("listeners"), dict):
+            shown["listeners"] = reply["listeners"]  # the proxy's (docs/proxy.md)
+        json.dump(shown, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return 0
     header = ("ACCOUNT", "STATE", "EXPIRES IN", "LAST REFRESH", "NEXT CHECK", "LAST ERROR")
@@ -290,7 +293,22 @@ def _status(args: argparse.Namespace) -> int:
                 f"around {_short_time(row.get('refresh_token_expires_at'))}; "
                 f"run 'mailoauth authorize {name}' before then"
             )
+    _proxy_status(reply, rows)
     return 0
+
+
+def _proxy_status(reply: dict[str, object], rows: list[dict[str, object]]) -> None:
+    """The proxy's listeners, and each account's proxied sessions (when it runs)."""
+    listeners = reply.get("listeners")
+    if not isinstance(listeners, dict):
+        return
+    print("proxy: " + (", ".join(f"{k} {v}" for k, v in listeners.items()) or "no listeners"))
+    for row in rows:
+        if row.get("proxy_sessions_total"):
+            print(
+                f"{row.get('account')}: proxied sessions {row.get('proxy_sessions_open')} open, "
+                f"{row.get('proxy_sessions_total')} since start"
+            )
 
 
 # `status --check`: the exit status for an unhealthy account's state; the most

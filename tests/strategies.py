@@ -128,6 +128,10 @@ _PRESET_SERVERS = {
     ("microsoft", "global"): ("outlook.office365.com:993", "smtp.office365.com:587"),
     ("google", None): ("imap.gmail.com:993", "smtp.gmail.com:587"),
 }
+_PRESET_POP3 = {
+    ("microsoft", "global"): "outlook.office365.com:995",
+    ("google", None): "pop.gmail.com:995",
+}
 
 
 @st.composite
@@ -153,6 +157,9 @@ def st_accounts(
         # A preset with its mail servers fills in those it knows when none is given.
         imap_server=draw(servers) or preset_servers[0],
         smtp_server=draw(servers) or preset_servers[1],
+        pop3_server=draw(servers) or _PRESET_POP3.get((provider.preset, provider.cloud)),
+        pop3_security=draw(st.none() | st.sampled_from(["tls", "starttls"])),
+        socketmap_keys=tuple(draw(st.lists(st.sampled_from(["[smtp.example.com]:587", "h"])))),
         imap_security=draw(st.none() | st.sampled_from(["tls", "starttls"])),
         smtp_security=draw(st.none() | st.sampled_from(["tls", "starttls"])),
         tls_ca_file=draw(st.none() | absolute_paths),

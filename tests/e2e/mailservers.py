@@ -27,6 +27,9 @@ from typing import Any
 PROGRAMS = {
     "dovecot": "dovecot-imapd",
     "/usr/lib/dovecot/submission": "dovecot-submissiond",
+    "/usr/lib/dovecot/pop3": "dovecot-pop3d",
+    "fetchmail": "fetchmail",
+    "/usr/sbin/postmap": "postfix",
     "msmtp": "msmtp",
     "mbsync": "isync",
     "neomutt": "neomutt",
@@ -242,6 +245,7 @@ class Dovecot:
             free_port(),
             free_port(),
         )
+        self.pop3_port = free_port()
         self.cert, key = make_certificate(root)
         self.log = root / "dovecot.log"
         self.homes = root / "home"
@@ -272,7 +276,7 @@ base_dir = {root}/run
 state_dir = {root}/state
 instance_name = mailoauthd-e2e-{self.imaps_port}
 log_path = {self.log}
-{unprivileged}protocols = imap submission
+{unprivileged}protocols = imap submission pop3
 listen = 127.0.0.1
 hostname = localhost
 ssl = yes
@@ -319,6 +323,16 @@ service imap-login {{
 service submission-login {{
   chroot =
 }}
+service pop3-login {{
+  inet_listener pop3 {{
+    address = 127.0.0.1
+    port = {self.pop3_port}
+  }}
+  inet_listener pop3s {{
+    port = 0
+  }}
+  chroot =
+}}
 submission_relay_host = 127.0.0.1
 submission_relay_port = {relay_port}
 submission_relay_trusted = yes
@@ -347,7 +361,7 @@ submission_relay_trusted = yes
                 stdout=subprocess.DEVNULL,
                 stderr=stderr,
             )
-        for port in (self.imaps_port, self.imap_port, self.submission_port):
+        for port in (self.imaps_port, self.imap_port, self.submission_port, self.pop3_port):
             try:
                 wait_for_port(port)
             except AssertionError:

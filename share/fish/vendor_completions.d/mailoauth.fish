@@ -36,5 +36,5 @@ complete -c mailoauth -n '__fish_seen_subcommand_from test' -l only -xa 'imap sm
 complete -c mailoauth -n '__fish_seen_subcommand_from test' -l timeout -x -d 'seconds for each step (default 30)'
 complete -c mailoauth -n 'not __fish_seen_subcommand_from token sasl status reload recipe refresh import revoke authorize test inspect' -a inspect -d 'show what the current access token says (audience, scopes, user, expiry)'
 complete -c mailoauth -n '__fish_seen_subcommand_from token sasl status refresh import revoke authorize test inspect' -a '(mailoauth status --names 2>/dev/null)' -d account
-complete -c mailoauth -n '__fish_seen_subcommand_from recipe; and not __fish_seen_subcommand_from curl fetchmail getmail mbsync msmtp neomutt offlineimap' -a 'curl fetchmail getmail mbsync msmtp neomutt offlineimap'
-complete -c mailoauth -n '__fish_seen_subcommand_from recipe; and __fish_seen_subcommand_from curl fetchmail getmail mbsync msmtp neomutt offlineimap' -a '(mailoauth status --names 2>/dev/null)' -d account
+complete -c mailoauth -n '__fish_seen_subcommand_from recipe; and not __fish_seen_subcommand_from curl fetchmail getmail mbsync msmtp neomutt offlineimap proxy-fetchmail proxy-postfix' -a 'curl fetchmail getmail mbsync msmtp neomutt offlineimap proxy-fetchmail proxy-postfix'
+complete -c mailoauth -n '__fish_seen_subcommand_from recipe; and __fish_seen_subcommand_from curl fetchmail getmail mbsync msmtp neomutt offlineimap proxy-fetchmail proxy-postfix' -a '(mailoauth status --names 2>/dev/null)' -d account
