@@ -1,5 +1,5 @@
 """
-The `mailoauthd` command: run (the default), check-config, demo.
+The `mailoauthd` command: run (the default), check-config, rekey, demo.
 
 This is the only place that reads the process environment and configures
 logging; everything below takes what it needs as arguments.
@@ -17,9 +17,9 @@ from pathlib import Path
 
 import trio
 
-from mailoauthd import __version__, config, daemon, logs, paths, state
+from mailoauthd import __version__, config, daemon, logs, paths, seal, state, store
 from mailoauthd.access import Policy
-from mailoauthd.errors import MailoauthdError
+from mailoauthd.errors import ConfigError, MailoauthdError
 from mailoauthd.secret import Secret
 
 
@@ -40,6 +40,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("run", help="run the daemon in the foreground (the default)")
     sub.add_parser("check-config", help="validate the configuration and exit 0 or 1")
+    sub.add_parser(
+        "rekey",
+        help="re-seal every stored grant with the first key of [store]'s key source "
+        "(stop the daemon first)",
+    )
     demo = sub.add_parser(
         "demo", help="run the daemon against a built-in development provider, with a demo account"
     )
@@ -73,11 +78,14 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config.load(path)
         if args.command == "check-config":
             daemon.read_secrets(cfg)
+            seal.load_keyring(cfg.store.encryption_key_file, cfg.store.encryption_key_command, env)
             _, access_warnings = Policy.build(cfg, system=system, own_uid=os.geteuid())
             for warning in (*cfg.warnings, *access_warnings):
                 sys.stderr.write(f"mailoauthd: warning: {warning}\n")
             print(f"{path}: OK ({len(cfg.providers)} providers, {len(cfg.accounts)} accounts)")
             return 0
+        if args.command == "rekey":
+            return _rekey(cfg, env, system)
         return _run(cfg, path, env, system)
     except MailoauthdError as exc:
         return _fail(exc)
@@ -98,6 +106,28 @@ def _run(cfg: config.Config, path: Path | None, env: dict[str, str], system: boo
     for failure in failures:
         _fail(failure)
     return 1 if failures else 0
+
+
+def _rekey(cfg: config.Config, env: dict[str, str], system: bool) -> int:
+    if cfg.store.encryption_key_file is None and cfg.store.encryption_key_command is None:
+        raise ConfigError(
+            f"{cfg.source}: [store]: no encryption_key_file or encryption_key_command; "
+            "nothing to seal with"
+        )
+    state_dir = cfg.daemon.state_dir or Path(paths.state_dir(env, system=system))
+    grants = store.open_store(cfg.store, state_dir, env)
+    try:
+        done = store.rekey(grants)
+    finally:
+        grants.close()
+    assert grants.keyring is not None
+    for failure in done.failed:
+        _fail(failure)
+    print(
+        f"{state_dir}: {len(done.sealed)} grants sealed with key {grants.keyring.sealing_id}"
+        + (f"; {len(done.failed)} unreadable, kept as they are" if done.failed else "")
+    )
+    return 1 if done.failed else 0
 
 
 def _leaves(group: BaseExceptionGroup[MailoauthdError]) -> list[MailoauthdError]:

@@ -145,6 +145,15 @@ class DaemonSettings:
     notify_interval: timedelta = timedelta(hours=6)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StoreSettings:
+    """[store]: where grants are kept, and the key that seals them (mailoauthd/store.py)."""
+
+    backend: str = "files"
+    encryption_key_file: Path | None = None  # "$VAR" and "${VAR}" are expanded when read
+    encryption_key_command: tuple[str, ...] | None = None  # argv, never a shell string
+
+
 def _empty() -> Mapping[str, Any]:
     return MappingProxyType({})
 
@@ -210,6 +219,7 @@ class Account:
 class Config:
     source: str
     daemon: DaemonSettings = field(default_factory=DaemonSettings)
+    store: StoreSettings = field(default_factory=StoreSettings)
     providers: Mapping[str, Provider] = field(default_factory=_empty, hash=False)
     accounts: Mapping[str, Account] = field(default_factory=_empty, hash=False)
     # Advice about the configuration, not part of it.
@@ -519,8 +529,14 @@ _ACCOUNT_KEYS = {
     "notify_command": _Key(_argv, list),
     "notify_interval": _Key(_positive_duration, _dump_duration),
 }
+_STORE_KEYS = {
+    "backend": _Key(_one_of("files", "etcd")),
+    "encryption_key_file": _Key(_secret_file, str),
+    "encryption_key_command": _Key(_argv, list),
+}
 _TABLES = {
     "daemon": ("[daemon]", _DAEMON_KEYS),
+    "store": ("[store]", _STORE_KEYS),
     "providers": ("a [providers.NAME] table", _PROVIDER_KEYS),
     "accounts": ("an [accounts.NAME] table", _ACCOUNT_KEYS),
 }
@@ -701,6 +717,26 @@ def _build_account(
     return Account(name=name, provider=provider, **{**values, "flow": flow})
 
 
+def _build_store(problems: _Problems, raw: Mapping[str, object], base_dir: Path) -> StoreSettings:
+    before = len(problems.lines)
+    values = _read(problems, "store", raw, _STORE_KEYS)
+    if (
+        len(
+            given := [
+                key for key in ("encryption_key_file", "encryption_key_command") if key in raw
+            ]
+        )
+        > 1
+    ):
+        problems.add("store", given[1], f"set only one of {', '.join(given)}")
+    if path := values.get("encryption_key_file"):
+        # A leading variable names its own directory, e.g. systemd's $CREDENTIALS_DIRECTORY.
+        values["encryption_key_file"] = Path(path) if path.startswith("$") else base_dir / path
+    if values.get("backend") == "etcd":
+        problems.add("store", "backend", "'etcd' is not supported yet by this version; use 'files'")
+    return StoreSettings(**values) if len(problems.lines) == before else StoreSettings()
+
+
 def _table(document: Mapping[str, Any], name: str) -> dict[str, Any]:
     value = document.get(name)
     return value if isinstance(value, dict) else {}  # not a table: reported by parse()
@@ -752,6 +788,7 @@ def parse(text: str, *, source: str, base_dir: Path | None = None) -> Config:
     daemon_values = _read(problems, "daemon", _table(document, "daemon"), _DAEMON_KEYS)
     daemon = DaemonSettings(**daemon_values) if len(problems.lines) == before else DaemonSettings()
     base = Path(source).parent if base_dir is None else base_dir
+    store = _build_store(problems, _table(document, "store"), base)
     providers = {
         name: None if raw is None else _build_provider(problems, name, raw, base)
         for name, raw in _entries(problems, document, "providers").items()
@@ -765,6 +802,7 @@ def parse(text: str, *, source: str, base_dir: Path | None = None) -> Config:
     return Config(
         source=source,
         daemon=daemon,
+        store=store,
         providers=MappingProxyType({name: p for name, p in providers.items() if p}),
         accounts=MappingProxyType({name: a for name, a in accounts.items() if a}),
         warnings=tuple(problems.warnings),
@@ -820,6 +858,7 @@ def to_mapping(config: Config) -> dict[str, Any]:
             providers[name][secret.key] = str(secret.file or "") or list(secret.command or ())
     document = {
         "daemon": _dump(config.daemon, _DAEMON_KEYS),
+        "store": _dump(config.store, _STORE_KEYS) if config.store != StoreSettings() else {},
         "providers": providers,
         "accounts": {name: _dump(a, _ACCOUNT_KEYS) for name, a in config.accounts.items()},
     }
