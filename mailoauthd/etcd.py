@@ -249,6 +249,19 @@ class Etcd:
             return None
         return int(doc.get("header", {}).get("revision", 0))
 
+    async def delete_if(self, key: str, compares: Sequence[Compare]) -> int | None:
+        """Delete `key` only if every comparison holds; the new revision, or None."""
+        doc = await self.call(
+            "kv/txn",
+            {
+                "compare": [c.to_json() for c in compares],
+                "success": [{"request_delete_range": {"key": _b64(key)}}],
+            },
+        )
+        if not doc.get("succeeded"):
+            return None
+        return int(doc.get("header", {}).get("revision", 0))
+
     async def create(self, key: str, value: bytes, *, lease: int = 0) -> int | None:
         """Write `key` only if it does not exist (a lock); its create_revision, or None."""
         return await self.put_if(key, value, [Compare(key, "CREATE", 0)], lease=lease)

@@ -9,6 +9,9 @@ done and what is not).
   counts its validity from *before* each renewal was sent, on trio's clock, so
   its `held` is never later than etcd's own expiry: a daemon paused (SIGSTOP)
   or cut off from etcd finds on its next look that it holds nothing.
+- `EtcdStore` keeps grants under a prefix: a GrantStore (store.py) whose
+  writes are fenced transactions, sealed like state files, served from a
+  cache that a watch keeps current.
 - `Lock` is one key created with the lease only if it does not exist (a
   transaction on create_revision 0). Its `fence()` is the comparison every
   write of the holder carries: the lock key still exists with the
@@ -18,11 +21,18 @@ done and what is not).
 
 from __future__ import annotations
 
+import errno
 import math
+from collections.abc import Callable
+from datetime import UTC, datetime
 
 import trio
 
-from mailoauthd.etcd import Compare, Etcd, Unavailable
+from mailoauthd import seal, state
+from mailoauthd.errors import StateError
+from mailoauthd.etcd import Compare, Etcd, Event, Unavailable
+from mailoauthd.state import AccountState
+from mailoauthd.store import seal_plain, unseal
 
 
 class Lease:
@@ -108,3 +118,156 @@ class Lock:
     def fence(self) -> Compare:
         """The comparison that makes a write conditional on holding this lock."""
         return Compare(self.key, "CREATE", self.revision)
+
+
+class Superseded(StateError):
+    """A fenced write was refused: another daemon wrote the grant since, or holds its lock."""
+
+    code = "state-superseded"
+
+
+class EtcdStore:
+    """
+    Grants under `prefix`grants/ in etcd: a GrantStore (store.py).
+
+    `start()` and `follow()` run in trio; the GrantStore methods are called from
+    worker threads (trio.to_thread), as the scheduler calls a store, and reach
+    etcd through trio.from_thread. `load` reads the cache only, so it may be
+    called anywhere. Each write compares the grant's mod_revision with the one
+    this store last saw (and, when `fence` is given, the holder's lock): a write
+    based on an older grant, or by a daemon that lost its lock, is refused
+    with Superseded and changes nothing. etcd unreachable is an OSError, as a
+    full disk is for files: the scheduler holds the new tokens in memory and
+    tries again.
+    """
+
+    def __init__(
+        self,
+        etcd: Etcd,
+        prefix: str,
+        keyring: seal.Keyring | None = None,
+        fence: Callable[[], Compare] | None = None,
+    ) -> None:
+        self.etcd = etcd
+        self.prefix = prefix
+        self.keyring = keyring
+        self.fence = fence
+        self.revision = 0  # the revision the cache is current to
+        self._cache: dict[str, tuple[bytes, int]] = {}  # account -> (stored value, mod_revision)
+        # account -> the last revision read or written (deletes too)
+        self._seen: dict[str, int] = {}
+        # Our writes whose answer is not back yet: the watch may report them first.
+        self._writing: dict[str, bytes | None] = {}
+
+    def key(self, account: str) -> str:
+        return f"{self.prefix}grants/{account}"
+
+    def path(self, account: str) -> str:
+        return f"etcd:{self.key(account)}"
+
+    async def start(self) -> None:
+        """Read every grant; raises Unavailable when etcd cannot be reached."""
+        kvs, self.revision = await self.etcd.get_prefix(f"{self.prefix}grants/")
+        base = len(f"{self.prefix}grants/")
+        self._cache = {kv.key[base:]: (kv.value, kv.mod_revision) for kv in kvs}
+        self._seen = {account: revision for account, (_, revision) in self._cache.items()}
+
+    async def follow(self, on_change: Callable[[str], None]) -> None:
+        """Keep the cache current from a watch; `on_change(account)` for others' writes."""
+        base = len(f"{self.prefix}grants/")
+        event: Event
+        async for event in self.etcd.watch(f"{self.prefix}grants/", self.revision + 1):
+            account = event.kv.key[base:]
+            self.revision = max(self.revision, event.kv.mod_revision)
+            if event.kv.mod_revision <= self._seen.get(account, 0):
+                continue  # our own write, already in the cache
+            self._seen[account] = event.kv.mod_revision
+            value = None if event.kind == "delete" else event.kv.value
+            if account in self._writing and self._writing[account] == value:
+                continue  # our own write, its answer still on the way
+            if event.kind == "delete":
+                self._cache.pop(account, None)
+            else:
+                self._cache[account] = (event.kv.value, event.kv.mod_revision)
+            on_change(account)
+
+    # --- GrantStore -----------------------------------------------------------------
+
+    def open(self) -> None:
+        """Nothing to lock: the fence does it (see `start`)."""
+
+    def close(self) -> None:
+        """Nothing held."""
+
+    def accounts(self) -> list[str]:
+        return sorted(self._cache)
+
+    def load(self, account: str) -> AccountState | None:
+        found = self._cache.get(account)
+        if found is None:
+            return None
+        where = self.path(account)
+        plain = unseal(self.keyring, account, found[0], where)
+        try:
+            text = plain.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise StateError(f"{where}: not a valid state (not UTF-8)") from exc
+        loaded = state.from_toml(text, source=where)
+        if loaded.account != account:
+            raise StateError(f"{where}: holds account {loaded.account!r}, not {account!r}")
+        return loaded
+
+    def save(self, grant: AccountState) -> None:
+        trio.from_thread.run(self.save_async, grant)
+
+    async def save_async(self, grant: AccountState) -> None:
+        """Write a grant if nobody wrote it since we read it (and we hold the lock)."""
+        account = grant.account
+        value = seal_plain(self.keyring, account, state.to_toml(grant).encode("utf-8"))
+        await self._write(account, value)
+
+    def remove(self, account: str) -> None:
+        trio.from_thread.run(self._write, account, None)
+
+    def set_aside(self, account: str, now: datetime) -> str | None:
+        found = self._cache.get(account)
+        if found is None:
+            return None
+        stamp = now.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
+        aside = f"{self.prefix}aside/{account}.corrupt-{stamp}"
+        trio.from_thread.run(self._put_aside, aside, found[0])
+        trio.from_thread.run(self._write, account, None)
+        return f"etcd:{aside}"
+
+    async def _put_aside(self, key: str, value: bytes) -> None:
+        try:
+            await self.etcd.put(key, value)
+        except Unavailable as exc:
+            raise OSError(errno.EHOSTUNREACH, exc.message) from None
+
+    async def _write(self, account: str, value: bytes | None) -> None:
+        key = self.key(account)
+        known = self._cache.get(account, (b"", 0))[1]
+        compares = [Compare(key, "MOD", known)]
+        if self.fence is not None:
+            compares.append(self.fence())
+        self._writing[account] = value
+        try:
+            if value is None:
+                revision = await self.etcd.delete_if(key, compares)
+            else:
+                revision = await self.etcd.put_if(key, value, compares)
+        except Unavailable as exc:
+            raise OSError(errno.EHOSTUNREACH, exc.message) from None
+        finally:
+            del self._writing[account]
+        if revision is None:
+            raise Superseded(
+                f"{self.path(account)}: not written: another daemon changed it since, "
+                "or this one no longer holds its lock"
+            )
+        if value is None:
+            self._cache.pop(account, None)
+        else:
+            self._cache[account] = (value, revision)
+        self._seen[account] = max(self._seen.get(account, 0), revision)

@@ -58,6 +58,22 @@ class GrantStore(Protocol):
         """Where an account's grant is, for messages."""
 
 
+def unseal(keyring: seal.Keyring | None, account: str, raw: bytes, where: str) -> bytes:
+    """A stored grant's plain document: opened if sealed, as it is if plain (not sealed yet)."""
+    if not seal.is_sealed(raw):
+        return raw
+    if keyring is None:
+        raise seal.SealError(
+            f"{where}: is sealed, but no encryption key is configured", hint=_NO_KEY_HINT
+        )
+    return keyring.open(account, raw, where=where)
+
+
+def seal_plain(keyring: seal.Keyring | None, account: str, plain: bytes) -> bytes:
+    """What to store for a grant's plain document: sealed when there is a key."""
+    return plain if keyring is None else keyring.seal(account, plain)
+
+
 class FilesStore(TokenStore):
     """The state directory (state.TokenStore), sealed with `keyring` when there is one."""
 
@@ -66,18 +82,10 @@ class FilesStore(TokenStore):
         self.keyring = keyring
 
     def decode(self, account: str, raw: bytes) -> AccountState:
-        if seal.is_sealed(raw):
-            where = str(self.path(account))
-            if self.keyring is None:
-                raise seal.SealError(
-                    f"{where}: is sealed, but no encryption key is configured", hint=_NO_KEY_HINT
-                )
-            raw = self.keyring.open(account, raw, where=where)
-        return super().decode(account, raw)
+        return super().decode(account, unseal(self.keyring, account, raw, str(self.path(account))))
 
     def encode(self, state: AccountState) -> bytes:
-        plain = super().encode(state)
-        return plain if self.keyring is None else self.keyring.seal(state.account, plain)
+        return seal_plain(self.keyring, state.account, super().encode(state))
 
     def accounts(self) -> list[str]:
         names = (entry.name.removesuffix(".toml") for entry in self.directory.glob("*.toml"))

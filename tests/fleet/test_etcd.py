@@ -6,51 +6,21 @@ Lease expiry is etcd's own, in real time: these tests wait seconds, not mock tim
 
 from __future__ import annotations
 
-import inspect
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
-import httpx
 import pytest
 import trio
 
 from mailoauthd.etcd import Compare, Etcd, Event, Unavailable
 from mailoauthd.fleet import Lease, Lock
 from tests.fleet.cluster import ETCD, Cluster
+from tests.fleet.conftest import wait_for
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(ETCD is None, reason="etcd is not installed (Debian: etcd-server)"),
 ]
 TTL = 2
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[Cluster]:
-    with Cluster(3) as c:
-        yield c
-
-
-@pytest.fixture
-async def etcd(cluster: Cluster) -> AsyncIterator[Etcd]:
-    cluster.wait_healthy()
-    async with httpx.AsyncClient() as http:
-        yield Etcd(cluster.endpoints, http=http, timeout=2.0)
-
-
-async def wait_for(condition: Callable[[], bool | Awaitable[bool]], seconds: float) -> float:
-    """Poll a condition (sync or async) in real time; the seconds it took."""
-    start = time.monotonic()
-    while True:
-        result = condition()
-        if inspect.isawaitable(result):
-            result = await result
-        if result:
-            break
-        if time.monotonic() - start > seconds:
-            raise AssertionError("condition not reached in time")
-        await trio.sleep(0.05)
-    return time.monotonic() - start
 
 
 async def test_keys_round_trip(etcd: Etcd) -> None:
