@@ -86,6 +86,20 @@ class TestHostileBlobs:
         with pytest.raises(seal.SealError):
             RING.open("work", bytes(blob), where="x")
 
+    def test_the_unused_bits_of_the_last_base64_digit_are_not_free(self) -> None:
+        # 98 bytes of payload: the last digit before '=' carries 2 unused bits, which a
+        # lenient decoder ignores. Flipping one must not leave an envelope that opens.
+        blob = RING.seal("work", PLAIN)
+        assert (len(PLAIN) + 28) % 3 == 2
+        digits = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+        at = len(blob.rstrip(b"=\n")) - 1
+        for bit in (0, 1):
+            altered = bytearray(blob)
+            altered[at] = digits[digits.index(blob[at]) ^ (1 << bit)]
+            assert base64.b64decode(bytes(altered).split()[3]) == base64.b64decode(blob.split()[3])
+            with pytest.raises(seal.SealError):
+                RING.open("work", bytes(altered), where="x")
+
     @given(cut=st.integers(min_value=1))
     def test_any_truncation_is_refused(self, cut: int) -> None:
         blob = RING.seal("work", PLAIN).rstrip(b"\n")
