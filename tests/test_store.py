@@ -155,6 +155,24 @@ class TestSealedFiles:
                 store.check_keys()
             store.close()
 
+    def test_a_start_reads_each_file_once_and_never_serves_a_stale_copy(
+        self, tmp_path: Path
+    ) -> None:
+        seed(tmp_path, ring(key := new_key()), {"work": "rt-1", "home": "rt-2", "gone": "rt-3"})
+        store = FilesStore(tmp_path, ring(key))
+        store.open()
+        store.check_keys()
+        (tmp_path / "work.toml").unlink()  # behind the lock's back: the copy read at start is used
+        first = store.load("work")
+        assert first is not None
+        assert first.refresh_token == Secret("rt-1")
+        assert store.load("work") is None  # only once: later loads read the file
+        store.save(full_state(account="home"))
+        assert store.load("home") == full_state(account="home")
+        store.set_aside("gone", NOW)
+        assert store.load("gone") is None
+        store.close()
+
     def test_is_a_grant_store(self, tmp_path: Path) -> None:
         store: GrantStore = FilesStore(tmp_path)
         store.open()
