@@ -534,6 +534,10 @@ _STORE_KEYS = {
     "encryption_key_file": _Key(_secret_file, str),
     "encryption_key_command": _Key(_argv, list),
 }
+# The fleet backend's keys (docs/fleet.md): named, so that they are refused for what they are.
+_ETCD_KEYS = (
+    "endpoints prefix ca_file cert_file key_file username password_file lease_ttl"
+).split()
 _TABLES = {
     "daemon": ("[daemon]", _DAEMON_KEYS),
     "store": ("[store]", _STORE_KEYS),
@@ -719,6 +723,9 @@ def _build_account(
 
 def _build_store(problems: _Problems, raw: Mapping[str, object], base_dir: Path) -> StoreSettings:
     before = len(problems.lines)
+    for key in [key for key in raw if key in _ETCD_KEYS]:
+        problems.add("store", key, "is for backend 'etcd', which is not supported yet")
+    raw = {key: value for key, value in raw.items() if key not in _ETCD_KEYS}
     values = _read(problems, "store", raw, _STORE_KEYS)
     if (
         len(
@@ -733,7 +740,11 @@ def _build_store(problems: _Problems, raw: Mapping[str, object], base_dir: Path)
         # A leading variable names its own directory, e.g. systemd's $CREDENTIALS_DIRECTORY.
         values["encryption_key_file"] = Path(path) if path.startswith("$") else base_dir / path
     if values.get("backend") == "etcd":
-        problems.add("store", "backend", "'etcd' is not supported yet by this version; use 'files'")
+        problems.add(
+            "store",
+            "backend",
+            "'etcd' is not supported yet by this version (docs/fleet.md); use 'files'",
+        )
     return StoreSettings(**values) if len(problems.lines) == before else StoreSettings()
 
 

@@ -371,6 +371,7 @@ class TestStoreConfig:
             ('backend = "etcd"', "c: [store] backend: 'etcd' is not supported yet"),
             ('backend = "s3"', "c: [store] backend:"),
             ('encryption_key = "x"', "c: [store] encryption_key: unknown key"),
+            ('lease_ttl = "10s"', "c: [store] lease_ttl: is for backend 'etcd', which is not"),
         ],
     )
     def test_mistakes_name_the_table_and_key(self, text: str, message: str) -> None:
