@@ -1,5 +1,5 @@
 """
-The `mailoauthd` command: run (the default), check-config, demo.
+The `mailoauthd` command: run (the default), check-config, rekey, demo.
 
 This is the only place that reads the process environment and configures
 logging; everything below takes what it needs as arguments.
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import trio
 
-from mailoauthd import __version__, config, daemon, logs, paths, proxy, state
+from mailoauthd import __version__, config, daemon, logs, paths, proxy, seal, state, store
 from mailoauthd.access import Policy
 from mailoauthd.errors import ConfigError, MailoauthdError
 from mailoauthd.secret import Secret
@@ -41,18 +41,24 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     run = sub.add_parser("run", help="run the daemon in the foreground (the default)")
     check = sub.add_parser("check-config", help="validate the configuration and exit 0 or 1")
-    for command in (run, check):
+    rekey = sub.add_parser(
+        "rekey",
+        help="re-seal every stored grant with the first key of [store]'s key source "
+        "(stop the daemon first)",
+    )
+    for command in (run, check, rekey):
         # Also after the command: `mailoauthd check-config --config PATH`.
         command.add_argument(
             "--config", metavar="PATH", default=argparse.SUPPRESS, help="the configuration file"
         )
-    check.add_argument(
-        "--credentials-directory",
-        metavar="DIR",
-        help="read ${CREDENTIALS_DIRECTORY} in client_secret_file paths as DIR: the directory "
-        "holding the files the unit's LoadCredential= names (systemd sets the variable only "
-        "for the service)",
-    )
+    for command in (check, rekey):
+        command.add_argument(
+            "--credentials-directory",
+            metavar="DIR",
+            help="read ${CREDENTIALS_DIRECTORY} in file paths as DIR: the directory holding "
+            "the files the unit's LoadCredential= names (systemd sets the variable only for "
+            "the service)",
+        )
     sub.add_parser(
         "example-config",
         help="print an annotated example configuration (valid as it is, given its secret files)",
@@ -100,8 +106,13 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         path = Path(args.config or paths.config_path(env, system=system))
         cfg = config.load(path)
+        if getattr(args, "credentials_directory", None):
+            credentials = Path(args.credentials_directory).absolute()
+            env = {**env, "CREDENTIALS_DIRECTORY": str(credentials)}
         if args.command == "check-config":
             return _check_config(cfg, path, args, env, system)
+        if args.command == "rekey":
+            return _rekey(cfg, env, system)
         return _run(cfg, path, env, system)
     except MailoauthdError as exc:
         return _fail(exc, checking=args.command == "check-config")
@@ -110,10 +121,9 @@ def main(argv: list[str] | None = None) -> int:
 def _check_config(
     cfg: config.Config, path: Path, args: argparse.Namespace, env: dict[str, str], system: bool
 ) -> int:
-    if args.credentials_directory:
-        env = {**env, "CREDENTIALS_DIRECTORY": str(Path(args.credentials_directory).absolute())}
     daemon.read_secrets(cfg, env)
     proxy.read_passwords(cfg.accounts, cfg.source, env)
+    seal.load_keyring(cfg.store.encryption_key_file, cfg.store.encryption_key_command, env)
     _, access_warnings = Policy.build(cfg, system=system, own_uid=os.geteuid())
     warnings = [*cfg.warnings, *access_warnings]
     if not cfg.accounts:
@@ -157,6 +167,28 @@ def _run(
     for failure in failures:
         _fail(failure)
     return 1 if failures else 0
+
+
+def _rekey(cfg: config.Config, env: dict[str, str], system: bool) -> int:
+    if cfg.store.encryption_key_file is None and cfg.store.encryption_key_command is None:
+        raise ConfigError(
+            f"{cfg.source}: [store]: no encryption_key_file or encryption_key_command; "
+            "nothing to seal with"
+        )
+    state_dir = cfg.daemon.state_dir or Path(paths.state_dir(env, system=system))
+    grants = store.open_store(cfg.store, state_dir, env)
+    try:
+        done = store.rekey(grants)
+    finally:
+        grants.close()
+    assert grants.keyring is not None
+    for failure in done.failed:
+        _fail(failure)
+    print(
+        f"{state_dir}: {len(done.sealed)} grants sealed with key {grants.keyring.sealing_id}"
+        + (f"; {len(done.failed)} unreadable, kept as they are" if done.failed else "")
+    )
+    return 1 if done.failed else 0
 
 
 def _leaves(group: BaseExceptionGroup[MailoauthdError]) -> list[MailoauthdError]:

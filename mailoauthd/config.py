@@ -148,6 +148,15 @@ class DaemonSettings:
     notify_interval: timedelta = timedelta(hours=6)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StoreSettings:
+    """[store]: where grants are kept, and the key that seals them (mailoauthd/store.py)."""
+
+    backend: str = "files"
+    encryption_key_file: Path | None = None  # "$VAR" and "${VAR}" are expanded when read
+    encryption_key_command: tuple[str, ...] | None = None  # argv, never a shell string
+
+
 def _empty() -> Mapping[str, Any]:
     return MappingProxyType({})
 
@@ -236,6 +245,7 @@ class Config:
     source: str
     daemon: DaemonSettings = field(default_factory=DaemonSettings)
     proxy: ProxySettings = field(default_factory=ProxySettings)
+    store: StoreSettings = field(default_factory=StoreSettings)
     providers: Mapping[str, Provider] = field(default_factory=_empty, hash=False)
     accounts: Mapping[str, Account] = field(default_factory=_empty, hash=False)
     # Advice about the configuration, not part of it.
@@ -598,9 +608,19 @@ _PROXY_KEYS = {
     "tls_certificate_file": _Key(_absolute_path, str),
     "tls_key_file": _Key(_absolute_path, str),
 }
+_STORE_KEYS = {
+    "backend": _Key(_one_of("files", "etcd")),
+    "encryption_key_file": _Key(_secret_file, str),
+    "encryption_key_command": _Key(_argv, list),
+}
+# The fleet backend's keys (docs/fleet.md): named, so that they are refused for what they are.
+_ETCD_KEYS = (
+    "endpoints prefix ca_file cert_file key_file username password_file lease_ttl"
+).split()
 _TABLES = {
     "daemon": ("[daemon]", _DAEMON_KEYS),
     "proxy": ("[proxy]", _PROXY_KEYS),
+    "store": ("[store]", _STORE_KEYS),
     "providers": ("a [providers.NAME] table", _PROVIDER_KEYS),
     "accounts": ("an [accounts.NAME] table", _ACCOUNT_KEYS),
 }
@@ -816,6 +836,33 @@ def _build_proxy(problems: _Problems, raw: Mapping[str, object]) -> ProxySetting
     return ProxySettings(**values)
 
 
+def _build_store(problems: _Problems, raw: Mapping[str, object], base_dir: Path) -> StoreSettings:
+    before = len(problems.lines)
+    for key in [key for key in raw if key in _ETCD_KEYS]:
+        problems.add("store", key, "is for backend 'etcd', which is not supported yet")
+    raw = {key: value for key, value in raw.items() if key not in _ETCD_KEYS}
+    values = _read(problems, "store", raw, _STORE_KEYS)
+    if (
+        len(
+            given := [
+                key for key in ("encryption_key_file", "encryption_key_command") if key in raw
+            ]
+        )
+        > 1
+    ):
+        problems.add("store", given[1], f"set only one of {', '.join(given)}")
+    if path := values.get("encryption_key_file"):
+        # A leading variable names its own directory, e.g. systemd's $CREDENTIALS_DIRECTORY.
+        values["encryption_key_file"] = Path(path) if path.startswith("$") else base_dir / path
+    if values.get("backend") == "etcd":
+        problems.add(
+            "store",
+            "backend",
+            "'etcd' is not supported yet by this version (docs/fleet.md); use 'files'",
+        )
+    return StoreSettings(**values) if len(problems.lines) == before else StoreSettings()
+
+
 def _table(document: Mapping[str, Any], name: str) -> dict[str, Any]:
     value = document.get(name)
     return value if isinstance(value, dict) else {}  # not a table: reported by parse()
@@ -867,6 +914,7 @@ def parse(text: str, *, source: str, base_dir: Path | None = None) -> Config:
     daemon_values = _read(problems, "daemon", _table(document, "daemon"), _DAEMON_KEYS)
     daemon = DaemonSettings(**daemon_values) if len(problems.lines) == before else DaemonSettings()
     base = Path(source).parent if base_dir is None else base_dir
+    store = _build_store(problems, _table(document, "store"), base)
     providers = {
         name: None if raw is None else _build_provider(problems, name, raw, base)
         for name, raw in _entries(problems, document, "providers").items()
@@ -882,6 +930,7 @@ def parse(text: str, *, source: str, base_dir: Path | None = None) -> Config:
         source=source,
         daemon=daemon,
         proxy=proxy,
+        store=store,
         providers=MappingProxyType({name: p for name, p in providers.items() if p}),
         accounts=MappingProxyType({name: a for name, a in accounts.items() if a}),
         warnings=tuple(problems.warnings),
@@ -946,6 +995,7 @@ def to_mapping(config: Config) -> dict[str, Any]:
     document = {
         "daemon": _dump(config.daemon, _DAEMON_KEYS),
         "proxy": _dump(config.proxy, _PROXY_KEYS),
+        "store": _dump(config.store, _STORE_KEYS) if config.store != StoreSettings() else {},
         "providers": providers,
         "accounts": accounts,
     }

@@ -46,7 +46,8 @@ from mailoauthd.provider_input import is_b64token
 from mailoauthd.scheduler import Scheduler
 from mailoauthd.secret import Secret
 from mailoauthd.server import Channel, Peer, Server, bind, inherited, listen_fds
-from mailoauthd.state import AccountState, TokenStore
+from mailoauthd.state import AccountState
+from mailoauthd.store import GrantStore, open_store
 
 log = structlog.get_logger(__name__)
 
@@ -102,7 +103,7 @@ class Daemon:
         cfg: config.Config,
         *,
         config_path: Path | None,
-        store: TokenStore,
+        store: GrantStore,
         scheduler: Scheduler,
         notifier: Notifier,
         socket_path: Path,
@@ -360,6 +361,8 @@ class Daemon:
         for key in ("socket", "state_dir"):
             if getattr(cfg.daemon, key) != getattr(self.config.daemon, key):
                 log.warning("config.restart_needed", key=key, reason="takes effect on restart")
+        if cfg.store != self.config.store:
+            log.warning("config.restart_needed", key="[store]", reason="takes effect on restart")
         if policy.shared != self.policy.shared:
             log.warning(
                 "config.restart_needed",
@@ -520,8 +523,7 @@ async def run(
     for warning in (*cfg.warnings, *access_warnings):
         log.warning("config.warning", warning=warning)
     secrets = read_secrets(cfg)
-    store = TokenStore(state_dir)
-    store.open()
+    store = open_store(cfg.store, state_dir, plain_env)
     # The start-up builds the long-lived heap: an account, a slot and a state per
     # account. The cyclic GC would traverse it again and again as it grows (0.4 to
     # 0.8 s of CPU with 10,000 accounts, docs/performance.md), and every full

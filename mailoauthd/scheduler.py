@@ -37,7 +37,8 @@ from mailoauthd.errors import (
 )
 from mailoauthd.notify_command import refresh_token_deadline, warning_time
 from mailoauthd.secret import Secret
-from mailoauthd.state import AccountState, TokenStore
+from mailoauthd.state import AccountState
+from mailoauthd.store import GrantStore
 
 log = structlog.get_logger(__name__)
 
@@ -120,7 +121,7 @@ class Scheduler:
     def __init__(
         self,
         *,
-        store: TokenStore,
+        store: GrantStore,
         http: httpx.AsyncClient,
         settings: DaemonSettings,
         accounts: Mapping[str, Account],

@@ -299,6 +299,11 @@ class TokenStore:
         Raises:
             StateError: the file exists but cannot be read or parsed; it names the file.
         """
+        raw = self.read(account)
+        return None if raw is None else self.decode(account, raw)
+
+    def read(self, account: str) -> bytes | None:
+        """An account's state file as it is on disk, or None when there is none."""
         path = self.path(account)
         try:
             # O_NONBLOCK: a FIFO planted here must not hang the daemon.
@@ -315,6 +320,11 @@ class TokenStore:
                 raw = f.read()
             except OSError as exc:
                 raise StateError(f"{path}: cannot be read ({exc.strerror})") from exc
+        return raw
+
+    def decode(self, account: str, raw: bytes) -> AccountState:
+        """A state file's content as state (a subclass may unseal it first)."""
+        path = self.path(account)
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -331,7 +341,11 @@ class TokenStore:
         Raises:
             OSError: the write failed (disk full, …); the previous file is intact.
         """
-        write_atomic(self.path(state.account), to_toml(state).encode("utf-8"))
+        write_atomic(self.path(state.account), self.encode(state))
+
+    def encode(self, state: AccountState) -> bytes:
+        """A state file's content (a subclass may seal it)."""
+        return to_toml(state).encode("utf-8")
 
     def set_aside(self, account: str, now: datetime) -> Path | None:
         """Move an unreadable state file out of the way, keeping it; returns where it went."""

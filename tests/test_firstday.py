@@ -211,8 +211,12 @@ class TestCheckConfig:
         def local(text: str) -> str:
             return text.replace("/etc/mailoauthd", str(etc))
 
-        shell = "\n".join(re.findall(r"```sh\n(.*?)```", doc, re.S))
-        commands = [shlex.split(local(line.split("#")[0])) for line in shell.splitlines()]
+        shell = "\n".join(re.findall(r"```sh\n(.*?)```", doc, re.S)).replace("\\\n", " ")
+        commands = [
+            shlex.split(local(line.split("#")[0]))
+            for line in shell.splitlines()
+            if line.lstrip().startswith("mailoauthd ")
+        ]
         checks = [c for c in commands if c[:1] == ["mailoauthd"] and "check-config" in c]
         assert checks, "docs/service.md no longer runs check-config"
         # Step: install -m 644 ... mailoauthd.toml /etc/mailoauthd/config.toml

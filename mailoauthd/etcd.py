@@ -1,0 +1,346 @@
+"""
+A small trio-native etcd v3 client over etcd's JSON gateway (/v3/...), with httpx.
+
+Only what a fleet of daemons needs: read a key or a prefix, put, delete, a
+transaction that writes only if a key's mod_revision is still the one read
+(and a lock key is still ours: the fence), leases (grant, keep alive,
+revoke), and a watch of a prefix that resumes where it stopped. Keys and
+values are base64 in the JSON; 64-bit numbers are strings.
+
+Every call goes to one endpoint and moves on to the next when that one does
+not answer, answers 5xx, or has no leader; when none answers it raises
+`Unavailable`, and the caller keeps what it holds. Nothing here sleeps or
+retries forever: the caller decides.
+
+Why not a library: python-etcd3 and etcd3gw are blocking (gRPC or requests)
+and unmaintained; aetcd is asyncio. httpx is already a dependency and
+speaks trio, and the JSON gateway ships with every etcd since 3.3.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from mailoauthd.errors import StateError
+from mailoauthd.secret import Secret
+
+
+class EtcdError(StateError):
+    """etcd refused a request (a bug or a misconfiguration on our side, or no permission)."""
+
+    code = "etcd"
+
+
+class Unavailable(EtcdError):
+    """No endpoint answered, or none had a leader (no quorum)."""
+
+    code = "etcd-unavailable"
+
+
+@dataclass(frozen=True, slots=True)
+class KeyValue:
+    key: str
+    value: bytes
+    create_revision: int
+    mod_revision: int
+    version: int
+    lease: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    kind: str  # "put" or "delete"
+    kv: KeyValue
+
+
+@dataclass(frozen=True, slots=True)
+class Compare:
+    """One condition of a transaction: a key's create_revision or mod_revision equals `value`."""
+
+    key: str
+    target: str  # "CREATE" or "MOD"
+    value: int
+
+    def to_json(self) -> dict[str, str]:
+        field = "create_revision" if self.target == "CREATE" else "mod_revision"
+        return {
+            "key": _b64(self.key),
+            "target": self.target,
+            "result": "EQUAL",
+            field: str(self.value),
+        }
+
+
+def _b64(text: str | bytes) -> str:
+    raw = text.encode("utf-8") if isinstance(text, str) else text
+    return base64.b64encode(raw).decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.b64decode(text) if text else b""
+
+
+def _range_end(prefix: str) -> str:
+    """The key just past every key that starts with `prefix`."""
+    raw = bytearray(prefix.encode("utf-8"))
+    while raw and raw[-1] == 0xFF:
+        raw.pop()
+    if not raw:
+        return _b64(b"\0")
+    raw[-1] += 1
+    return _b64(bytes(raw))
+
+
+def _kv(doc: dict[str, Any]) -> KeyValue:
+    return KeyValue(
+        key=_unb64(doc.get("key", "")).decode("utf-8", "replace"),
+        value=_unb64(doc.get("value", "")),
+        create_revision=int(doc.get("create_revision", 0)),
+        mod_revision=int(doc.get("mod_revision", 0)),
+        version=int(doc.get("version", 0)),
+        lease=int(doc.get("lease", 0)),
+    )
+
+
+def _unavailable(doc: dict[str, Any]) -> bool:
+    message = str(doc.get("message") or doc.get("error") or "")
+    return any(
+        words in message
+        for words in ("no leader", "timed out", "leader changed", "not capable", "stopped")
+    )
+
+
+class Etcd:
+    """A client of one etcd cluster; its calls may run concurrently."""
+
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        *,
+        http: httpx.AsyncClient,
+        timeout: float = 5.0,
+        username: str | None = None,
+        password: Secret | None = None,
+    ) -> None:
+        if not endpoints:
+            raise ValueError("etcd needs at least one endpoint")
+        self.endpoints = [endpoint.rstrip("/") for endpoint in endpoints]
+        self.http = http
+        self.timeout = timeout
+        self.username = username
+        self.password = password
+        self._current = 0
+        self._token: str | None = None
+
+    # --- the one way a request is sent ---------------------------------------
+
+    async def call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """
+        POST `body` to /v3/`path` at the first endpoint that answers; the answer's JSON.
+
+        Raises:
+            Unavailable: no endpoint answered, or none had a leader.
+            EtcdError: etcd refused the request.
+        """
+        problems = []
+        for attempt in range(len(self.endpoints)):
+            index = (self._current + attempt) % len(self.endpoints)
+            endpoint = self.endpoints[index]
+            try:
+                answer = await self._post(endpoint, path, body)
+            except httpx.HTTPError as exc:
+                problems.append(f"{endpoint}: {type(exc).__name__}")
+                continue
+            try:
+                doc = answer.json()
+            except ValueError:
+                doc = {}
+            if answer.status_code == 200 and isinstance(doc, dict):
+                self._current = index
+                return doc
+            if answer.status_code >= 500 or _unavailable(doc):
+                problems.append(f"{endpoint}: {doc.get('message') or answer.status_code}")
+                continue
+            raise EtcdError(
+                f"etcd {endpoint}/v3/{path}: {doc.get('message') or answer.status_code}"
+            )
+        raise Unavailable("etcd is unavailable (" + "; ".join(problems) + ")")
+
+    async def _post(self, endpoint: str, path: str, body: dict[str, Any]) -> httpx.Response:
+        headers = {}
+        if self.username is not None:
+            if self._token is None:
+                self._token = await self._authenticate(endpoint)
+            headers["Authorization"] = self._token
+        answer = await self.http.post(
+            f"{endpoint}/v3/{path}", json=body, headers=headers, timeout=self.timeout
+        )
+        if self.username is not None and answer.status_code in (401, 403):
+            self._token = await self._authenticate(endpoint)
+            headers["Authorization"] = self._token
+            answer = await self.http.post(
+                f"{endpoint}/v3/{path}", json=body, headers=headers, timeout=self.timeout
+            )
+        return answer
+
+    async def _authenticate(self, endpoint: str) -> str:
+        assert self.password is not None
+        answer = await self.http.post(
+            f"{endpoint}/v3/auth/authenticate",
+            json={"name": self.username, "password": self.password.reveal()},
+            timeout=self.timeout,
+        )
+        token = answer.json().get("token") if answer.status_code == 200 else None
+        if not isinstance(token, str):
+            raise EtcdError(f"etcd {endpoint}: authentication as {self.username!r} refused")
+        return token
+
+    # --- keys ------------------------------------------------------------------
+
+    async def get(self, key: str) -> KeyValue | None:
+        """The key, or None."""
+        doc = await self.call("kv/range", {"key": _b64(key)})
+        kvs = doc.get("kvs") or []
+        return _kv(kvs[0]) if kvs else None
+
+    async def get_prefix(self, prefix: str) -> tuple[list[KeyValue], int]:
+        """Every key under `prefix`, and the revision they were read at (to watch from)."""
+        doc = await self.call("kv/range", {"key": _b64(prefix), "range_end": _range_end(prefix)})
+        revision = int(doc.get("header", {}).get("revision", 0))
+        return [_kv(kv) for kv in doc.get("kvs") or []], revision
+
+    async def put(self, key: str, value: bytes, *, lease: int = 0) -> int:
+        """Write a key unconditionally; the new revision."""
+        body: dict[str, Any] = {"key": _b64(key), "value": _b64(value)}
+        if lease:
+            body["lease"] = str(lease)
+        doc = await self.call("kv/put", body)
+        return int(doc.get("header", {}).get("revision", 0))
+
+    async def delete(self, key: str) -> bool:
+        """Delete a key; whether it was there."""
+        doc = await self.call("kv/deleterange", {"key": _b64(key)})
+        return int(doc.get("deleted", 0)) > 0
+
+    async def put_if(
+        self, key: str, value: bytes, compares: Sequence[Compare], *, lease: int = 0
+    ) -> int | None:
+        """
+        Write `key` only if every comparison holds (the fence); the new revision, or None.
+
+        For a grant: `Compare(key, "MOD", revision_read)` and the holder's lock,
+        `Compare(lock_key, "CREATE", lock_revision)`: a daemon that lost its
+        lock, or read an older grant, writes nothing.
+        """
+        put: dict[str, Any] = {"key": _b64(key), "value": _b64(value)}
+        if lease:
+            put["lease"] = str(lease)
+        doc = await self.call(
+            "kv/txn",
+            {"compare": [c.to_json() for c in compares], "success": [{"request_put": put}]},
+        )
+        if not doc.get("succeeded"):
+            return None
+        return int(doc.get("header", {}).get("revision", 0))
+
+    async def delete_if(self, key: str, compares: Sequence[Compare]) -> int | None:
+        """Delete `key` only if every comparison holds; the new revision, or None."""
+        doc = await self.call(
+            "kv/txn",
+            {
+                "compare": [c.to_json() for c in compares],
+                "success": [{"request_delete_range": {"key": _b64(key)}}],
+            },
+        )
+        if not doc.get("succeeded"):
+            return None
+        return int(doc.get("header", {}).get("revision", 0))
+
+    async def create(self, key: str, value: bytes, *, lease: int = 0) -> int | None:
+        """Write `key` only if it does not exist (a lock); its create_revision, or None."""
+        return await self.put_if(key, value, [Compare(key, "CREATE", 0)], lease=lease)
+
+    # --- leases ------------------------------------------------------------------
+
+    async def grant(self, ttl: int) -> int:
+        """A new lease of `ttl` seconds; its id."""
+        doc = await self.call("lease/grant", {"TTL": str(ttl)})
+        if doc.get("error"):
+            raise EtcdError(f"etcd: lease not granted: {doc['error']}")
+        return int(doc["ID"])
+
+    async def keepalive(self, lease: int) -> int:
+        """Renew a lease; the seconds it now has, 0 if it has expired (or was revoked)."""
+        try:
+            doc = await self.call("lease/keepalive", {"ID": str(lease)})
+        except EtcdError as exc:
+            if "lease not found" in exc.message:
+                return 0
+            raise
+        return int(doc.get("result", {}).get("TTL", 0))
+
+    async def revoke(self, lease: int) -> None:
+        """End a lease now: the keys written with it go."""
+        try:
+            await self.call("lease/revoke", {"ID": str(lease)})
+        except EtcdError as exc:
+            if "lease not found" not in exc.message:
+                raise
+
+    # --- watching ------------------------------------------------------------------
+
+    async def watch(self, prefix: str, start_revision: int) -> AsyncIterator[Event]:
+        """
+        Every change under `prefix` from `start_revision` on, in order, for as long as it runs.
+
+        Moves to another endpoint when the one it watches on goes away, resuming
+        after the last revision it saw; raises Unavailable when none answers.
+
+        Raises:
+            Unavailable: no endpoint answered.
+            EtcdError: the revision was compacted away (read the prefix again).
+        """
+        next_revision = start_revision
+        failures = 0
+        while True:
+            endpoint = self.endpoints[self._current]
+            request = {
+                "create_request": {
+                    "key": _b64(prefix),
+                    "range_end": _range_end(prefix),
+                    "start_revision": str(next_revision),
+                }
+            }
+            try:
+                async with self.http.stream(
+                    "POST", f"{endpoint}/v3/watch", json=request, timeout=None
+                ) as answer:
+                    if answer.status_code != 200:
+                        raise httpx.HTTPError(f"HTTP {answer.status_code}")
+                    async for line in answer.aiter_lines():
+                        if not line.strip():
+                            continue
+                        doc = json.loads(line)
+                        result = doc.get("result") or {}
+                        if doc.get("error"):
+                            raise httpx.HTTPError(str(doc["error"]))
+                        if int(result.get("compact_revision", 0)):
+                            raise EtcdError(f"etcd: the watch of {prefix} fell behind a compaction")
+                        failures = 0
+                        for event in result.get("events") or []:
+                            kv = _kv(event.get("kv", {}))
+                            next_revision = kv.mod_revision + 1
+                            kind = "delete" if event.get("type") == "DELETE" else "put"
+                            yield Event(kind, kv)
+            except (httpx.HTTPError, json.JSONDecodeError):
+                pass
+            failures += 1
+            self._current = (self._current + 1) % len(self.endpoints)
+            if failures >= len(self.endpoints):
+                raise Unavailable(f"etcd is unavailable: no endpoint serves a watch of {prefix}")
