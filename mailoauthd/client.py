@@ -38,7 +38,7 @@ commands:
   refresh ACCOUNT               refresh now, print the new expiry
   import ACCOUNT                read a refresh token on stdin and store it
   revoke ACCOUNT                forget the account's tokens
-  authorize ACCOUNT [--no-browser] [--flow authorization_code|device_code]
+  authorize ACCOUNT [--no-browser | --browser-command CMD] [--flow authorization_code|device_code]
                                 sign in: in a browser, by pasting its address back, or by code
   test ACCOUNT                  log in to the account's IMAP and SMTP servers with its token
 

@@ -67,6 +67,12 @@ def _parser() -> argparse.ArgumentParser:
                 help="only print the address to open (for a browser on another machine)",
             )
             cmd.add_argument(
+                "--browser-command",
+                metavar="CMD",
+                help="open the address with this command (%%s is the address, else it is "
+                "appended) instead of $BROWSER or the default browser",
+            )
+            cmd.add_argument(
                 "--flow",
                 choices=("authorization_code", "device_code"),
                 help="sign in this way instead of the account's configured flow",
@@ -99,7 +105,11 @@ def main(argv: list[str]) -> int:
         from mailoauthd import signin_client
 
         return signin_client.run(
-            args.account, socket_path=args.socket, flow=args.flow, open_browser=not args.no_browser
+            args.account,
+            socket_path=args.socket,
+            flow=args.flow,
+            open_browser=not args.no_browser,
+            browser_command=args.browser_command,
         )
     if command == "status":
         return _status(args)
