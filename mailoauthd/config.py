@@ -173,6 +173,9 @@ class Provider:
     # Known cut-offs of a refresh token: since it was issued, and since it was last used.
     refresh_token_max_age: timedelta | None = None
     refresh_token_max_idle: timedelta | None = None
+    # Not a configuration key: discovery sets it when the issuer's metadata says its
+    # authorization responses carry `iss` (RFC 9207), which sign-ins then require.
+    authorization_response_iss: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

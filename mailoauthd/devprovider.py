@@ -340,6 +340,10 @@ class DevProvider:
         self._faults: list[_Fault] = []
         self._records: list[RequestRecord] = []
         self._deny_next: str | None = None
+        self._next_user: str | None = None  # the next /authorize signs in as this user
+        self._id_token_claims: dict[str, Any] = {}  # merged into ID tokens; None deletes
+        # The `iss` of authorization responses (RFC 9207): ours unless set; None omits it.
+        self._response_issuer: tuple[str | None] | None = None
         self._routes: dict[str, tuple[str, Callable[[_Request], _Response]]] = {
             "/token": ("POST", self._token),
             "/authorize": ("GET", self._authorize),
@@ -503,6 +507,22 @@ class DevProvider:
         with self._lock:
             self._deny_next = error
 
+    def sign_in_next_as(self, user: str) -> None:
+        """The next /authorize signs in as `user`, whatever the login_hint asks for."""
+        with self._lock:
+            self._next_user = user
+
+    def set_id_token_claims(self, **claims: Any) -> None:
+        """Claims merged into every ID token from now on (a None value removes the claim);
+        with no arguments, ID tokens are as usual again."""
+        with self._lock:
+            self._id_token_claims = dict(claims)
+
+    def set_response_issuer(self, iss: str | None) -> None:
+        """The `iss` sent back with authorization responses (RFC 9207); None: none at all."""
+        with self._lock:
+            self._response_issuer = (iss,)
+
     def introspect(self, token: str) -> dict[str, Any]:
         """RFC 7662, for access tokens; Dovecot reads `active` and `username` or `email`."""
         with self._lock:
@@ -637,6 +657,11 @@ class DevProvider:
             }
             if nonce is not None:
                 claims["nonce"] = nonce
+            for name, value in self._id_token_claims.items():
+                if value is None:
+                    claims.pop(name, None)
+                else:
+                    claims[name] = value
             header = {"alg": "none", "typ": "JWT"}
             parts = (_b64url(json.dumps(p).encode()) for p in (header, claims))
             body["id_token"] = ".".join(parts) + "."
@@ -821,6 +846,9 @@ class DevProvider:
         def back(**params: str) -> _Response:
             if state is not None:
                 params["state"] = state
+            iss = self.url if self._response_issuer is None else self._response_issuer[0]
+            if iss is not None:
+                params["iss"] = iss  # RFC 9207
             separator = "&" if "?" in target else "?"
             return _Response(302, headers={"Location": target + separator + urlencode(params)})
 
@@ -832,9 +860,8 @@ class DevProvider:
         if self._deny_next is not None:
             error, self._deny_next = self._deny_next, None
             return back(error=error)
-        grant = self._new_grant(
-            req.get("login_hint") or DEFAULT_USER, client_id, _scopes(req.get("scope"))
-        )
+        user, self._next_user = self._next_user or req.get("login_hint") or DEFAULT_USER, None
+        grant = self._new_grant(user, client_id, _scopes(req.get("scope")))
         code = secrets.token_urlsafe(32)
         self._issued.append(code)
         self._codes[code] = _AuthCode(
@@ -854,6 +881,7 @@ class DevProvider:
                 "grant_types_supported": list(GRANT_TYPES),
                 "response_types_supported": ["code"],
                 "code_challenge_methods_supported": ["S256"],
+                "authorization_response_iss_parameter_supported": True,
                 "token_endpoint_auth_methods_supported": [
                     "client_secret_basic",
                     "client_secret_post",

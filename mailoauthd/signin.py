@@ -214,7 +214,7 @@ class _CodeFlow:
                 )
             except ReauthorizationRequired as exc:
                 raise _refused(exc, s.account.name) from None
-            authorize.check_id_token(tokens.id_token, self.auth, client_id=s.client.client_id)
+            authorize.check_id_token(tokens.id_token, s.account, nonce=self.auth.nonce)
             stored = await s.store(tokens)
         return stored
 
@@ -344,6 +344,7 @@ async def _device_flow(session: Session, channel: Channel) -> AccountState:
     grant = authorize.parse_device_authorization(
         await _post(session, request, what), now=session.now(), account=account.name
     )
+    grant = authorize.shown_device_authorization(grant, account=account.name)
     await channel.send(
         {
             "event": "device",
@@ -394,6 +395,7 @@ async def _poll(
                 response = await _post(session, request, "the token endpoint")
                 answer = authorize.parse_device_poll(response, now=session.now(), account=name)
                 if isinstance(answer, oauth.TokenSet):
+                    authorize.check_id_token(answer.id_token, session.account, nonce=None)
                     return await session.store(answer)
         except TransientGrantError as exc:
             interval = min(interval * 2, MAX_POLL_INTERVAL)
