@@ -39,7 +39,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("run", help="run the daemon in the foreground (the default)")
-    sub.add_parser("check-config", help="validate the configuration and exit 0 or 1")
+    check = sub.add_parser("check-config", help="validate the configuration and exit 0 or 1")
+    check.add_argument(
+        "--online",
+        action="store_true",
+        help="also try each OAuth profile at its provider: discovery, endpoints, TLS, the "
+        "client's ID and secret (nothing is stored)",
+    )
+    check.add_argument("--profile", metavar="NAME", help="with --online: only this profile")
     demo = sub.add_parser(
         "demo", help="run the daemon against a built-in development provider, with a demo account"
     )
@@ -77,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
             for warning in (*cfg.warnings, *access_warnings):
                 sys.stderr.write(f"mailoauthd: warning: {warning}\n")
             print(f"{path}: OK ({len(cfg.providers)} providers, {len(cfg.accounts)} accounts)")
+            if args.online:
+                from mailoauthd import probe
+
+                return probe.run(cfg, daemon.read_secrets(cfg), args.profile)
             return 0
         return _run(cfg, path, env, system)
     except MailoauthdError as exc:
