@@ -40,6 +40,8 @@ commands:
   revoke ACCOUNT                forget the account's tokens
   authorize ACCOUNT [--no-browser | --browser-command CMD] [--flow authorization_code|device_code]
                                 sign in: in a browser, by pasting its address back, or by code
+  authorize --test PROFILE [--config PATH]
+                                a trial sign-in with a profile, for no account: report, revoke
   test ACCOUNT                  log in to the account's IMAP and SMTP servers with its token
 
 options for token and sasl:

@@ -57,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
         ("test", "log in to the account's IMAP and SMTP servers with its token"),
     ):
         cmd = sub.add_parser(name, help=text)
-        cmd.add_argument("account")
+        cmd.add_argument("account", nargs="?" if name == "authorize" else None)
         if name in ("refresh", "import"):
             cmd.add_argument("--timeout", type=float, default=ADMIN_TIMEOUT)
         if name == "authorize":
@@ -76,6 +76,16 @@ def _parser() -> argparse.ArgumentParser:
                 "--flow",
                 choices=("authorization_code", "device_code"),
                 help="sign in this way instead of the account's configured flow",
+            )
+            cmd.add_argument(
+                "--test",
+                metavar="PROFILE",
+                help="a trial sign-in with this OAuth profile, for no account: report what "
+                "the provider returns and what is wrong with it, then revoke and forget it "
+                "(reads the configuration and the client secret itself; stores nothing)",
+            )
+            cmd.add_argument(
+                "--config", metavar="PATH", help="with --test: the configuration file to read"
             )
         if name == "test":
             cmd.add_argument("--mechanism", choices=("xoauth2", "oauthbearer"), default="xoauth2")
@@ -100,6 +110,21 @@ def main(argv: list[str]) -> int:
         raise client._Fail(
             f"usage: mailoauth [--socket PATH] {command} ACCOUNT [--timeout S] [--min-validity S]",
             errors.EXIT_USAGE,
+        )
+    if command == "authorize" and (args.test is None) == (args.account is None):
+        raise client._Fail(
+            "usage: mailoauth authorize ACCOUNT | mailoauth authorize --test PROFILE",
+            errors.EXIT_USAGE,
+        )
+    if command == "authorize" and args.test is not None:
+        from mailoauthd import trial
+
+        return trial.run(
+            args.test,
+            config_path=args.config,
+            flow=args.flow,
+            open_browser=not args.no_browser,
+            browser_command=args.browser_command,
         )
     if command == "authorize":
         from mailoauthd import signin_client
