@@ -15,9 +15,10 @@ from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 
+import structlog
 import trio
 
-from mailoauthd import __version__, config, daemon, logs, paths, state
+from mailoauthd import __version__, config, daemon, logs, nodump, paths, state
 from mailoauthd.access import Policy
 from mailoauthd.errors import MailoauthdError
 from mailoauthd.secret import Secret
@@ -97,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
 def _run(cfg: config.Config, path: Path | None, env: dict[str, str], system: bool) -> int:
     journal = logs.JOURNAL_SOCKET if logs.stderr_is_journal(env) else None
     logs.configure(level=cfg.daemon.log_level, fmt=cfg.daemon.log_format, journal=journal)
+    for problem in nodump.forbid():  # no core file with tokens in it
+        structlog.get_logger(__name__).warning("daemon.core_dumps_possible", reason=problem)
     # Socket activation's variables are ours alone (daemon.run reads them from `env`):
     # programs we start, such as a client_secret_command, must not see them.
     for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):

@@ -25,7 +25,16 @@ import httpx
 import structlog
 import trio
 
-from mailoauthd import authorize, config, discovery, oauth, paths, signin, signin_client
+from mailoauthd import (
+    authorize,
+    config,
+    discovery,
+    nodump,
+    oauth,
+    paths,
+    signin,
+    signin_client,
+)
 from mailoauthd.errors import MailoauthdError
 from mailoauthd.secret import Secret
 from mailoauthd.state import AccountState
@@ -252,6 +261,7 @@ def run(
     """Sign in with `profile` for no account, report and revoke; returns the exit status."""
     # The sign-in's own log lines would only repeat what is shown here.
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL))
+    nodump.forbid()  # tokens pass through this process's memory
     env = dict(os.environ)
     path = Path(config_path or paths.config_path(env, system=os.geteuid() == 0))
     try:
