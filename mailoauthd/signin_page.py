@@ -44,6 +44,8 @@ CSP = (
     "form-action 'none'; frame-ancestors 'none'"
 )
 CLOSE = "You can close this window and return to your terminal."
+# The account name of a trial sign-in (`mailoauth authorize --test PROFILE`).
+TRIAL_PREFIX = "--test "
 _REASONS = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found"}
 _REASONS |= {405: "Method Not Allowed", 409: "Conflict"}
 
@@ -70,7 +72,12 @@ def _retry(account: str) -> str:
 
 
 def signed_in(account: str, mailbox: str | None, expires_at: datetime | None) -> Page:
-    """The sign-in worked and the tokens are stored."""
+    """The sign-in worked and the tokens are stored (or, for a trial, are being reported)."""
+    if account.startswith(TRIAL_PREFIX):
+        profile = account[len(TRIAL_PREFIX) :]
+        text = f"The trial sign-in with the profile <b>{_e(profile)}</b> worked."
+        report = "Return to your terminal for what the provider sent; nothing is kept."
+        return Page(200, "Trial sign-in done", [text], _e(report), "ok")
     who = f"<b>{_e(account)}</b>"
     if mailbox:
         who += f", signed in as <b>{_e(mailbox)}</b>"

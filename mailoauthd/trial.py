@@ -34,6 +34,7 @@ from mailoauthd import (
     paths,
     signin,
     signin_client,
+    signin_page,
 )
 from mailoauthd.errors import MailoauthdError
 from mailoauthd.secret import Secret
@@ -279,7 +280,7 @@ def run(
             else None
         )
         account = config.Account(
-            name=f"--test {profile}",
+            name=signin_page.TRIAL_PREFIX + profile,
             provider=provider,
             scopes=provider.scopes,
             flow=flow or "authorization_code",

@@ -39,12 +39,14 @@ def trial(path: Path, *args: str) -> subprocess.Popen[str]:
     )
 
 
-def sign_in(path: Path) -> tuple[int, str, str]:
+def sign_in(path: Path, pages: list[str] | None = None) -> tuple[int, str, str]:
     """The trial, with the test's browser following the address it prints."""
     proc = trial(path)
     seen: list[str] = []
     url = read_until(proc, "/authorize?", seen).strip()
-    httpx.get(url, follow_redirects=True, timeout=20)
+    page = httpx.get(url, follow_redirects=True, timeout=20)
+    if pages is not None:
+        pages.append(page.text)
     return finish(proc, seen)
 
 
@@ -57,8 +59,10 @@ def jwt(claims: dict[str, object]) -> str:
 class TestTrialSignIn:
     def test_a_working_profile(self, tmp_path: Path, provider: DevProvider) -> None:
         """What came back is reported, then revoked; nothing stored, no token shown."""
-        status, out, err = sign_in(write_config(tmp_path, provider, '["openid", "mail"]'))
+        pages: list[str] = []
+        status, out, err = sign_in(write_config(tmp_path, provider, '["openid", "mail"]'), pages)
         assert status == 0, out + err
+        assert "The trial sign-in with the profile <b>dev</b> worked." in pages[0]
         assert "To sign in to [providers.dev] (trial)" in out
         assert "token type: Bearer; the access token lives 3600 s" in out
         assert "refresh token: yes" in out
