@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import hashlib
 import json
 import secrets
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -73,6 +75,10 @@ class Authorization:
     state: Secret
     verifier: Secret
     nonce: Secret | None
+    # RFC 9207: the issuer that must answer, named in the redirect's `iss` when the
+    # provider says it sends one (or whenever it sends one anyway).
+    issuer: str | None = None
+    issuer_required: bool = False
 
 
 def _b64url(data: bytes) -> str:
@@ -136,7 +142,13 @@ def start(
     separator = "&" if urlsplit(endpoint).query else "?"
     url = endpoint + separator + urlencode(params, quote_via=quote)
     return Authorization(
-        url=url, redirect_uri=redirect_uri, state=state, verifier=verifier, nonce=nonce
+        url=url,
+        redirect_uri=redirect_uri,
+        state=state,
+        verifier=verifier,
+        nonce=nonce,
+        issuer=provider.issuer,
+        issuer_required=bool(provider.issuer and provider.authorization_response_iss),
     )
 
 
@@ -180,6 +192,7 @@ def parse_redirect(text: str, auth: Authorization, *, account: str) -> Secret:
             f"{account}: that address {why}; it is not the answer to this sign-in",
             hint="paste the address the browser was sent to after signing in this time",
         )
+    _check_response_issuer(params.get("iss", [None])[0], auth, account=account)
     if error := params.get("error", [""])[0]:
         description = " ".join(params.get("error_description", [""])[0].split())[:300]
         message, hint = oauth.explain(error, description, account)
@@ -196,42 +209,181 @@ def parse_redirect(text: str, auth: Authorization, *, account: str) -> Secret:
     return Secret(code)
 
 
-def check_id_token(id_token: Secret | None, auth: Authorization, *, client_id: str) -> None:
+def _check_response_issuer(iss: str | None, auth: Authorization, *, account: str) -> None:
     """
-    Check an ID token's nonce and audience against the request (OpenID Connect §3.1.3.7).
+    RFC 9207: the `iss` of an authorization response names the issuer that answered.
 
-    The token came straight from the token endpoint over TLS, so its signature
-    need not be checked; its nonce ties it to this sign-in.
+    A provider whose metadata says it sends `iss` must send ours; any `iss` sent must be
+    ours. Another issuer's answer means a mix-up attack or a misdirected browser.
 
     Raises:
-        AuthorizationFailed: the nonce or the audience is not ours.
+        AuthorizationFailed: another issuer, or none where one is promised.
     """
-    if auth.nonce is None or id_token is None:
+    if auth.issuer is None:
         return
+    hint = f"run 'mailoauth authorize {account}' again, and sign in at {auth.issuer}"
+    if iss is None:
+        if auth.issuer_required:
+            raise AuthorizationFailed(
+                f"{account}: the answer names no issuer, though {auth.issuer} says it always "
+                "does (RFC 9207); nothing was stored",
+                hint=hint,
+            )
+        return
+    if iss.rstrip("/") != auth.issuer.rstrip("/"):
+        raise AuthorizationFailed(
+            f"{account}: the answer comes from issuer {clean_text(iss, 200)!r}, not "
+            f"{auth.issuer!r} (RFC 9207); nothing was stored",
+            hint=hint,
+        )
+
+
+# --- who signed in: the ID token (OpenID Connect Core §3.1.3.7) ------------------------------
+
+# The claims that may name the mailbox signed in to: `email` (Google, most), then
+# Microsoft's `preferred_username` and `upn`.
+IDENTITY_CLAIMS = ("email", "preferred_username", "upn")
+_GOOGLE_ISSUERS = frozenset({"https://accounts.google.com", "accounts.google.com"})
+
+
+def id_token_claims(id_token: Secret) -> dict[str, object] | None:
+    """The claims of a JWT, unverified; None when it is not one."""
     parts = id_token.reveal().split(".")
     try:
         padded = parts[1] + "=" * (-len(parts[1]) % 4)
         claims = json.loads(base64.urlsafe_b64decode(padded))
-    except (IndexError, ValueError, binascii.Error):
-        claims = None
-    hint = "run the sign-in again; if this persists, the provider or a proxy is misbehaving"
-    if not isinstance(claims, dict):
-        raise AuthorizationFailed("the provider's ID token cannot be read", hint=hint)
-    nonce = claims.get("nonce")
-    if not isinstance(nonce, str) or not secrets.compare_digest(
-        nonce.encode(), auth.nonce.reveal().encode()
-    ):
+    except (IndexError, ValueError, RecursionError, binascii.Error):
+        return None
+    return claims if isinstance(claims, dict) else None
+
+
+def _issuer_ok(provider: Provider, claims: dict[str, object]) -> bool | None:
+    """Whether the ID token's `iss` is the profile's issuer; None when we cannot know it."""
+    iss = claims.get("iss")
+    if provider.issuer:
+        return isinstance(iss, str) and iss.rstrip("/") == provider.issuer.rstrip("/")
+    if provider.preset == "google":
+        return iss in _GOOGLE_ISSUERS
+    if provider.preset == "microsoft":
+        # https://login.microsoftonline.com/{tid}/v2.0, on the cloud's own host.
+        tid = claims.get("tid")
+        parts = urlsplit(provider.authorization_endpoint or provider.token_endpoint or "")
+        base = f"{parts.scheme}://{parts.netloc}"
+        return isinstance(tid, str) and bool(tid) and iss == f"{base}/{tid}/v2.0"
+    return None
+
+
+def id_token_identity(claims: dict[str, object]) -> str | None:
+    """The mailbox an ID token names: its email, preferred_username or upn."""
+    for claim in IDENTITY_CLAIMS:
+        value = claims.get(claim)
+        if isinstance(value, str) and value:
+            return clean_text(value, 320)
+    return None
+
+
+def check_id_token(id_token: Secret | None, account: Account, *, nonce: Secret | None) -> None:
+    """
+    Check who signed in, when `openid` was asked for (OpenID Connect Core §3.1.3.7).
+
+    The ID token must be there; carry this sign-in's nonce (when one was sent: the
+    device flow sends none); come from the profile's issuer (when it is known) to this
+    client; and name the account's mailbox (`username`) in `email`,
+    `preferred_username` or `upn`, when it names one at all. The token came straight
+    from the token endpoint over TLS, so its signature need not be checked.
+
+    Raises:
+        AuthorizationFailed: any of these is not so; the caller stores nothing.
+    """
+    if "openid" not in account.scopes:
+        return
+    name = account.name
+    again = f"run 'mailoauth authorize {name}' again"
+    hint = f"{again}; if this persists, the provider or a proxy is misbehaving"
+    if id_token is None:
         raise AuthorizationFailed(
-            "the ID token does not carry this sign-in's nonce (a replayed answer?); "
+            f"{name}: 'openid' was asked for but the provider sent no ID token, so who "
+            "signed in cannot be checked; nothing was stored",
+            hint=hint,
+        )
+    claims = id_token_claims(id_token)
+    if claims is None:
+        raise AuthorizationFailed(
+            f"{name}: the provider's ID token cannot be read; nothing was stored", hint=hint
+        )
+    if nonce is not None:
+        got = claims.get("nonce")
+        if not isinstance(got, str) or not secrets.compare_digest(
+            got.encode(), nonce.reveal().encode()
+        ):
+            raise AuthorizationFailed(
+                f"{name}: the ID token does not carry this sign-in's nonce (a replayed "
+                "answer?); nothing was stored",
+                hint=hint,
+            )
+    if _issuer_ok(account.provider, claims) is False:
+        iss = claims.get("iss")
+        shown = clean_text(iss, 200) if isinstance(iss, str) else "no issuer"
+        raise AuthorizationFailed(
+            f"{name}: the ID token was issued by {shown!r}, not by this profile's provider; "
             "nothing was stored",
             hint=hint,
         )
     audience = claims.get("aud")
     audiences = audience if isinstance(audience, list) else [audience]
-    if audience is not None and client_id not in audiences:
+    if account.provider.client_id not in audiences:
         raise AuthorizationFailed(
-            "the ID token was issued to another client; nothing was stored", hint=hint
+            f"{name}: the ID token was issued to another client; nothing was stored", hint=hint
         )
+    signed_in = id_token_identity(claims)
+    wanted = account.username
+    if wanted and signed_in and signed_in.casefold() != wanted.casefold():
+        raise AuthorizationFailed(
+            f"{name}: signed in as {signed_in}, but the account is {wanted}; nothing was stored",
+            hint=f"{again} and sign in as {wanted} (sign out of {signed_in} at the provider "
+            f"first, or use a private window), or set username = {signed_in!r} in "
+            f"[accounts.{name}] if that is the mailbox meant",
+        )
+
+
+# --- provider text shown to a person ------------------------------------------------------
+
+_LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+
+
+def clean_text(text: str, limit: int) -> str:
+    """
+    Provider text fit to show: control and format characters (escape sequences,
+    bidirectional overrides, zero-width characters) removed, runs of white space
+    made one space, at most `limit` characters.
+    """
+    kept = "".join(
+        " " if c.isspace() else c
+        for c in text
+        if c.isspace() or unicodedata.category(c) not in ("Cc", "Cf", "Cs")
+    )
+    return " ".join(kept.split())[:limit]
+
+
+def shown_uri(value: object) -> str | None:
+    """
+    A provider's address fit to show a person: https, or http to a loopback host (a
+    development provider); printable ASCII only. None otherwise.
+    """
+    if not isinstance(value, str) or not 0 < len(value) <= 2048:
+        return None
+    if not all("!" <= c <= "~" for c in value):
+        return None  # control characters, spaces, and look-alike letters
+    try:
+        parts = urlsplit(value)
+        host = parts.hostname
+    except ValueError:
+        return None
+    if parts.scheme == "https" and host:
+        return value
+    if parts.scheme == "http" and host in _LOOPBACK_HOSTS:
+        return value
+    return None
 
 
 # --- the device authorization grant (RFC 8628) --------------------------------------------
@@ -266,6 +418,11 @@ def _device_text(value: object, limit: int = 2000) -> str | None:
     return cleaned or None
 
 
+def _device_uri(value: object) -> str | None:
+    """A provider's address as sent, if it is a string of a sane length; checked later."""
+    return value if isinstance(value, str) and 0 < len(value) <= 2048 else None
+
+
 def parse_device_authorization(
     response: httpx.Response, *, now: datetime, account: str
 ) -> DeviceAuthorization:
@@ -293,8 +450,10 @@ def parse_device_authorization(
     device_code = raw_code if provider_input.is_b64token(raw_code) else None
     user_code = _device_text(body.get("user_code"), 100)
     # Google calls it verification_url.
-    uri = _device_text(body.get("verification_uri") or body.get("verification_url"))
-    complete = _device_text(body.get("verification_uri_complete"))
+    # Addresses are not cleaned but checked whole (shown_uri, before anything is shown):
+    # one with a control character in it is refused, not repaired into another address.
+    uri = _device_uri(body.get("verification_uri") or body.get("verification_url"))
+    complete = _device_uri(body.get("verification_uri_complete"))
     expires_in = _seconds(body.get("expires_in"), None, MAX_DEVICE_SECONDS)
     interval = _seconds(body.get("interval"), DEFAULT_DEVICE_INTERVAL, MAX_DEVICE_INTERVAL)
     texts = {"device_code": device_code, "user_code": user_code, "verification_uri": uri}
@@ -366,3 +525,36 @@ def parse_device_poll(
             except oauth.GrantError as exc:
                 raise AuthorizationFailed(f"{account}: {exc.message}", hint=again) from None
     return oauth.parse_token_response(response, now=now, account=account, subject="the device code")
+
+
+def shown_device_authorization(grant: DeviceAuthorization, *, account: str) -> DeviceAuthorization:
+    """
+    The device answer as it may be shown to a person: the user code and message as
+    clean text, the verification addresses only when `shown_uri` accepts them.
+
+    Raises:
+        AuthorizationFailed: no user code is left, or the verification_uri is not one
+            to send a person to.
+    """
+    hint = (
+        "the provider's device authorization answer cannot be shown safely; sign in "
+        f"with a browser: 'mailoauth authorize {account} --flow authorization_code'"
+    )
+    user_code = clean_text(grant.user_code, 64)
+    if not user_code:
+        raise AuthorizationFailed(f"{account}: the provider sent no usable user_code", hint=hint)
+    uri = shown_uri(grant.verification_uri)
+    if uri is None:
+        shown = clean_text(grant.verification_uri, 100)
+        raise AuthorizationFailed(
+            f"{account}: the provider's verification_uri {shown!r} is not an https address",
+            hint=hint,
+        )
+    message = clean_text(grant.message, 500) if grant.message else None
+    return dataclasses.replace(
+        grant,
+        user_code=user_code,
+        verification_uri=uri,
+        verification_uri_complete=shown_uri(grant.verification_uri_complete),
+        message=message or None,
+    )

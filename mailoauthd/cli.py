@@ -16,9 +16,21 @@ from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 
+import structlog
 import trio
 
-from mailoauthd import __version__, config, daemon, logs, paths, proxy, seal, state, store
+from mailoauthd import (
+    __version__,
+    config,
+    daemon,
+    logs,
+    nodump,
+    paths,
+    proxy,
+    seal,
+    state,
+    store,
+)
 from mailoauthd.access import Policy
 from mailoauthd.errors import ConfigError, MailoauthdError
 from mailoauthd.secret import Secret
@@ -63,6 +75,13 @@ def _parser() -> argparse.ArgumentParser:
         "example-config",
         help="print an annotated example configuration (valid as it is, given its secret files)",
     )
+    check.add_argument(
+        "--online",
+        action="store_true",
+        help="also try each OAuth profile at its provider: discovery, endpoints, TLS, the "
+        "client's ID and secret (nothing is stored)",
+    )
+    check.add_argument("--profile", metavar="NAME", help="with --online: only this profile")
     demo = sub.add_parser(
         "demo", help="run the daemon against a built-in development provider, with a demo account"
     )
@@ -135,6 +154,10 @@ def _check_config(
         sys.stderr.write(f"mailoauthd: warning: {warning}\n")
     counts = f"{_plural(len(cfg.providers), 'provider')}, {_plural(len(cfg.accounts), 'account')}"
     print(f"{path}: OK ({counts})")
+    if args.online:
+        from mailoauthd import probe
+
+        return probe.run(cfg, daemon.read_secrets(cfg, env), args.profile)
     return 0
 
 
@@ -147,6 +170,8 @@ def _run(
 ) -> int:
     journal = logs.JOURNAL_SOCKET if logs.stderr_is_journal(env) else None
     logs.configure(level=cfg.daemon.log_level, fmt=cfg.daemon.log_format, journal=journal)
+    for problem in nodump.forbid():  # no core file with tokens in it
+        structlog.get_logger(__name__).warning("daemon.core_dumps_possible", reason=problem)
     # Socket activation's variables are ours alone (daemon.run reads them from `env`):
     # programs we start, such as a client_secret_command, must not see them.
     for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):

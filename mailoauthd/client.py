@@ -40,8 +40,10 @@ commands:
   import ACCOUNT --from TOOL [SOURCE]
                                 take it from mutt_oauth2, oama, email-oauth2-proxy or getmail
   revoke ACCOUNT                forget the account's tokens
-  authorize ACCOUNT [--no-browser] [--flow authorization_code|device_code]
+  authorize ACCOUNT [--no-browser | --browser-command CMD] [--flow authorization_code|device_code]
                                 sign in: in a browser, by pasting its address back, or by code
+  authorize --test PROFILE [--config PATH]
+                                a trial sign-in with a profile, for no account: report, revoke
   test ACCOUNT                  log in to the account's IMAP and SMTP servers with its token
   inspect ACCOUNT               what the access token says: audience, scopes, user, expiry
   recipe CLIENT ACCOUNT         a mail program's tested configuration, filled in for ACCOUNT

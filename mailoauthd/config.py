@@ -188,6 +188,9 @@ class Provider:
     # The lifetime assumed for an access token whose answer names none (no
     # expires_in) and which is no JWT with an `exp` claim: short on purpose.
     default_expires_in: timedelta = timedelta(minutes=15)
+    # Not a configuration key: discovery sets it when the issuer's metadata says its
+    # authorization responses carry `iss` (RFC 9207), which sign-ins then require.
+    authorization_response_iss: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

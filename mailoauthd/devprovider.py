@@ -36,9 +36,11 @@ import base64
 import hashlib
 import html
 import json
+import re
 import secrets
 import signal
 import socket
+import ssl
 import struct
 import sys
 import threading
@@ -199,17 +201,60 @@ class _OAuthError(Exception):
         super().__init__(description)
         self.error, self.description, self.status = error, description, status
         self.headers = headers or {}
+        self.reason: str | None = None  # why a client was refused, for Microsoft's wording
 
     def response(self) -> _Response:
         body = {"error": self.error, "error_description": self.description}
         return _json(body, self.status, self.headers)
 
 
-def _invalid_client(description: str) -> _OAuthError:
+def _invalid_client(description: str, reason: str = "unknown_client") -> _OAuthError:
     # RFC 6749 §5.2: 401 with a challenge, so Basic-capable clients know to retry.
-    return _OAuthError(
+    error = _OAuthError(
         "invalid_client", description, 401, {"WWW-Authenticate": 'Basic realm="dev"'}
     )
+    error.reason = reason
+    return error
+
+
+# Microsoft's answers (on /TENANT/oauth2/v2.0/... routes) where a client is refused:
+# reason -> (status, error, AADSTS text), as login.microsoftonline.com words them.
+_MICROSOFT_REFUSALS = {
+    "unknown_client": (
+        400,
+        "unauthorized_client",
+        "AADSTS700016: Application with identifier '{client}' was not found in the directory "
+        "'{tenant}'. This can happen if the application has not been installed by the "
+        "administrator of the tenant or consented to by any user in the tenant.",
+    ),
+    "wrong_secret": (
+        401,
+        "invalid_client",
+        "AADSTS7000215: Invalid client secret provided. Ensure the secret being sent in the "
+        "request is the client secret value, not the client secret ID, for a secret added to "
+        "app '{client}'.",
+    ),
+    "expired_secret": (
+        401,
+        "invalid_client",
+        "AADSTS7000222: The provided client secret keys for app '{client}' are expired. Visit "
+        "the Azure portal to create new keys for your app.",
+    ),
+    "unknown_tenant": (
+        400,
+        "invalid_request",
+        "AADSTS90002: Tenant '{tenant}' not found. Check to make sure you have the correct "
+        "tenant ID and are signing into the correct cloud.",
+    ),
+}
+# Microsoft-shaped routes: /TENANT/oauth2/v2.0/token and the like.
+_TENANT_ROUTE = re.compile(r"/([^/]+)/oauth2/v2\.0/(token|authorize|devicecode)")
+_TENANT_PATHS = {
+    "token": "/token",
+    "authorize": "/authorize",
+    "devicecode": "/device_authorization",
+}
+DEFAULT_TENANTS = ("common", "organizations", "consumers", "dev-tenant")
 
 
 def _json(value: object, status: int = 200, headers: Mapping[str, str] | None = None) -> _Response:
@@ -315,9 +360,13 @@ class DevProvider:
         refresh_token_reuse_interval: float = 0.0,
         clients: Mapping[str, str | None] | None = None,
         clock: Callable[[], float] = time.time,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.host = host
         self._port = port
+        self._ssl_context = ssl_context  # serve https with this (a test's certificate)
+        self._tenants = set(DEFAULT_TENANTS)  # known on /TENANT/oauth2/v2.0/... routes
+        self._expired_secrets: set[str] = set()  # client ids whose secret has expired
         self._clock = clock
         self._clients = dict(DEFAULT_CLIENTS if clients is None else clients)
         self._options = _Options(
@@ -349,6 +398,10 @@ class DevProvider:
         self.hostile = HostileAnswers()
         self._records: list[RequestRecord] = []
         self._deny_next: str | None = None
+        self._next_user: str | None = None  # the next /authorize signs in as this user
+        self._id_token_claims: dict[str, Any] = {}  # merged into ID tokens; None deletes
+        # The `iss` of authorization responses (RFC 9207): ours unless set; None omits it.
+        self._response_issuer: tuple[str | None] | None = None
         self._routes: dict[str, tuple[str, Callable[[_Request], _Response]]] = {
             "/token": ("POST", self._token),
             "/authorize": ("GET", self._authorize),
@@ -374,13 +427,16 @@ class DevProvider:
     def url(self) -> str:
         if self._port == 0:
             raise RuntimeError("the URL is known only after start()")
-        return f"http://{self.host}:{self._port}"
+        scheme = "https" if self._ssl_context is not None else "http"
+        return f"{scheme}://{self.host}:{self._port}"
 
     def start(self) -> None:
         """Listen and serve in a daemon thread. After stop(), restarts on the same port."""
         if self._server is not None:
             raise RuntimeError("already started")
         server = _Server((self.host, self._port), _Handler)
+        if self._ssl_context is not None:
+            server.socket = self._ssl_context.wrap_socket(server.socket, server_side=True)
         server.provider = self
         self._port = server.socket.getsockname()[1]
         self._stopping.clear()
@@ -511,6 +567,32 @@ class DevProvider:
         """The next /authorize redirects back with this error instead of a code."""
         with self._lock:
             self._deny_next = error
+
+    def expire_client_secret(self, client_id: str) -> None:
+        """The client's secret has expired: it is refused (AADSTS7000222 on tenant routes)."""
+        with self._lock:
+            self._expired_secrets.add(client_id)
+
+    def microsoft_endpoint(self, tenant: str, what: str = "token") -> str:
+        """A Microsoft-shaped endpoint, /TENANT/oauth2/v2.0/WHAT, whose refusals carry
+        AADSTS codes; an unknown tenant is AADSTS90002 (known: DEFAULT_TENANTS)."""
+        return f"{self.url}/{tenant}/oauth2/v2.0/{what}"
+
+    def sign_in_next_as(self, user: str) -> None:
+        """The next /authorize signs in as `user`, whatever the login_hint asks for."""
+        with self._lock:
+            self._next_user = user
+
+    def set_id_token_claims(self, **claims: Any) -> None:
+        """Claims merged into every ID token from now on (a None value removes the claim);
+        with no arguments, ID tokens are as usual again."""
+        with self._lock:
+            self._id_token_claims = dict(claims)
+
+    def set_response_issuer(self, iss: str | None) -> None:
+        """The `iss` sent back with authorization responses (RFC 9207); None: none at all."""
+        with self._lock:
+            self._response_issuer = (iss,)
 
     def introspect(self, token: str) -> dict[str, Any]:
         """RFC 7662, for access tokens; Dovecot reads `active` and `username` or `email`."""
@@ -652,6 +734,11 @@ class DevProvider:
             }
             if nonce is not None:
                 claims["nonce"] = nonce
+            for name, value in self._id_token_claims.items():
+                if value is None:
+                    claims.pop(name, None)
+                else:
+                    claims[name] = value
             header = {"alg": "none", "typ": "JWT"}
             parts = (_b64url(json.dumps(p).encode()) for p in (header, claims))
             body["id_token"] = ".".join(parts) + "."
@@ -680,8 +767,13 @@ class DevProvider:
                 return client_id
             if expected is not None and secret is not None:
                 if secrets.compare_digest(secret.encode(), expected.encode()):
+                    if client_id in self._expired_secrets:
+                        raise _invalid_client("the client secret has expired", "expired_secret")
                     return client_id
-        raise _invalid_client("unknown client or wrong secret")
+        known = any(client_id in self._clients for client_id, _ in candidates)
+        raise _invalid_client(
+            "unknown client or wrong secret", "wrong_secret" if known else "unknown_client"
+        )
 
     # -- endpoints (run with the lock held) --------------------------------------------------
 
@@ -836,6 +928,9 @@ class DevProvider:
         def back(**params: str) -> _Response:
             if state is not None:
                 params["state"] = state
+            iss = self.url if self._response_issuer is None else self._response_issuer[0]
+            if iss is not None:
+                params["iss"] = iss  # RFC 9207
             separator = "&" if "?" in target else "?"
             return _Response(302, headers={"Location": target + separator + urlencode(params)})
 
@@ -847,9 +942,8 @@ class DevProvider:
         if self._deny_next is not None:
             error, self._deny_next = self._deny_next, None
             return back(error=error)
-        grant = self._new_grant(
-            req.get("login_hint") or DEFAULT_USER, client_id, _scopes(req.get("scope"))
-        )
+        user, self._next_user = self._next_user or req.get("login_hint") or DEFAULT_USER, None
+        grant = self._new_grant(user, client_id, _scopes(req.get("scope")))
         code = secrets.token_urlsafe(32)
         self._issued.append(code)
         self._codes[code] = _AuthCode(
@@ -869,6 +963,7 @@ class DevProvider:
                 "grant_types_supported": list(GRANT_TYPES),
                 "response_types_supported": ["code"],
                 "code_challenge_methods_supported": ["S256"],
+                "authorization_response_iss_parameter_supported": True,
                 "token_endpoint_auth_methods_supported": [
                     "client_secret_basic",
                     "client_secret_post",
@@ -918,7 +1013,10 @@ class DevProvider:
     # -- HTTP plumbing -----------------------------------------------------------------------
 
     def _route(self, req: _Request) -> _Response:
-        route = self._routes.get(req.path)
+        path, tenant = req.path, None
+        if (match := _TENANT_ROUTE.fullmatch(path)) is not None:
+            tenant, path = match.group(1), _TENANT_PATHS[match.group(2)]
+        route = self._routes.get(path)
         if route is None:
             return _json({"error": "not_found", "error_description": req.path}, 404)
         method, handler = route
@@ -926,8 +1024,19 @@ class DevProvider:
             return _json({"error": "method_not_allowed"}, 405, {"Allow": method})
         try:
             with self._lock:
+                if tenant is not None and tenant not in self._tenants:
+                    unknown = _OAuthError("invalid_request", "unknown tenant")
+                    unknown.reason = "unknown_tenant"
+                    raise unknown
                 return handler(req)
         except _OAuthError as exc:
+            if tenant is not None and exc.reason in _MICROSOFT_REFUSALS:
+                status, error, text = _MICROSOFT_REFUSALS[exc.reason]
+                client = req.client_hint() or ""
+                description = text.format(client=client, tenant=tenant)
+                code = int(description[6 : description.index(":")])
+                body = {"error": error, "error_description": description, "error_codes": [code]}
+                return _json(body, status)
             return exc.response()
         except (KeyError, TypeError, ValueError) as exc:
             if not req.path.startswith("/admin/"):

@@ -64,9 +64,10 @@ def _usable_url(value: object) -> bool:
         return False
 
 
-def parse_metadata(response: httpx.Response, *, url: str, issuer: str) -> dict[str, str]:
+def parse_metadata(response: httpx.Response, *, url: str, issuer: str) -> dict[str, str | bool]:
     """
-    The endpoints in a metadata document.
+    The endpoints in a metadata document, and `authorization_response_iss` (RFC 9207)
+    when it says its authorization responses name the issuer.
 
     Args:
         response: the answer to GET `url`, body read.
@@ -98,7 +99,9 @@ def parse_metadata(response: httpx.Response, *, url: str, issuer: str) -> dict[s
             f"{url}: names issuer {short_repr(named, 200)}, not {issuer!r}",
             hint="set issuer to exactly the value the document names",
         )
-    endpoints: dict[str, str] = {}
+    endpoints: dict[str, str | bool] = {}
+    if document.get("authorization_response_iss_parameter_supported") is True:
+        endpoints["authorization_response_iss"] = True
     for key in ENDPOINTS:
         value = document.get(key)
         if value is None:
@@ -116,7 +119,7 @@ def parse_metadata(response: httpx.Response, *, url: str, issuer: str) -> dict[s
     return endpoints
 
 
-async def discover(http: httpx.AsyncClient, issuer: str) -> dict[str, str]:
+async def discover(http: httpx.AsyncClient, issuer: str) -> dict[str, str | bool]:
     """
     Fetch an issuer's metadata: OpenID Connect's location first, then RFC 8414's.
 
@@ -146,7 +149,7 @@ class Discovery:
     def __init__(self, http: httpx.AsyncClient, *, timeout: float) -> None:
         self.http = http
         self.timeout = timeout
-        self._cache: dict[str, dict[str, str]] = {}
+        self._cache: dict[str, dict[str, str | bool]] = {}
         self._locks: dict[str, trio.Lock] = {}
 
     def clear(self) -> None:
@@ -175,7 +178,9 @@ class Discovery:
                     ) from None
                 log.info("discovery.fetched", issuer=issuer, endpoints=sorted(self._cache[issuer]))
         found = self._cache[issuer]
-        missing: dict[str, Any] = {k: v for k, v in found.items() if getattr(provider, k) is None}
+        missing: dict[str, Any] = {
+            k: v for k, v in found.items() if getattr(provider, k) in (None, False)
+        }
         return dataclasses.replace(provider, **missing) if missing else provider
 
     async def account(self, account: Account) -> Account:

@@ -93,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
         ("inspect", "show what the current access token says (audience, scopes, user, expiry)"),
     ):
         cmd = sub.add_parser(name, help=text)
-        cmd.add_argument("account")
+        cmd.add_argument("account", nargs="?" if name == "authorize" else None)
         if name == "import":
             cmd.add_argument(
                 "--from",
@@ -123,9 +123,25 @@ def _parser() -> argparse.ArgumentParser:
                 help="only print the address to open (for a browser on another machine)",
             )
             cmd.add_argument(
+                "--browser-command",
+                metavar="CMD",
+                help="open the address with this command (%%s is the address, else it is "
+                "appended) instead of $BROWSER or the default browser",
+            )
+            cmd.add_argument(
                 "--flow",
                 choices=("authorization_code", "device_code"),
                 help="sign in this way instead of the account's configured flow",
+            )
+            cmd.add_argument(
+                "--test",
+                metavar="PROFILE",
+                help="a trial sign-in with this OAuth profile, for no account: report what "
+                "the provider returns and what is wrong with it, then revoke and forget it "
+                "(reads the configuration and the client secret itself; stores nothing)",
+            )
+            cmd.add_argument(
+                "--config", metavar="PATH", help="with --test: the configuration file to read"
             )
         if name == "test":
             cmd.add_argument(
@@ -160,11 +176,30 @@ def main(argv: list[str]) -> int:
             f"usage: mailoauth [--socket PATH] {command} ACCOUNT [--timeout S] [--min-validity S]",
             errors.EXIT_USAGE,
         )
+    if command == "authorize" and (args.test is None) == (args.account is None):
+        raise client._Fail(
+            "usage: mailoauth authorize ACCOUNT | mailoauth authorize --test PROFILE",
+            errors.EXIT_USAGE,
+        )
+    if command == "authorize" and args.test is not None:
+        from mailoauthd import trial
+
+        return trial.run(
+            args.test,
+            config_path=args.config,
+            flow=args.flow,
+            open_browser=not args.no_browser,
+            browser_command=args.browser_command,
+        )
     if command == "authorize":
         from mailoauthd import signin_client
 
         return signin_client.run(
-            args.account, socket_path=args.socket, flow=args.flow, open_browser=not args.no_browser
+            args.account,
+            socket_path=args.socket,
+            flow=args.flow,
+            open_browser=not args.no_browser,
+            browser_command=args.browser_command,
         )
     if command == "status":
         return _status(args)

@@ -15,7 +15,6 @@ the helper has gone.
 from __future__ import annotations
 
 import contextlib
-import html
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -27,7 +26,7 @@ import httpx
 import structlog
 import trio
 
-from mailoauthd import authorize, oauth
+from mailoauthd import authorize, oauth, signin_page
 from mailoauthd.config import Account
 from mailoauthd.errors import (
     AuthorizationFailed,
@@ -185,17 +184,21 @@ class _CodeFlow:
         self.done = trio.Event()  # set once the result is known and the browser has its page
         self._lock = trio.Lock()  # one answer at a time: the first good one wins
 
-    async def deliver(self, query: str, *, via: str) -> tuple[int, str, str]:
+    async def deliver(self, query: str, *, via: str) -> signin_page.Page:
         """
         Take an answer (the redirect's query, or a pasted address).
 
         Returns:
-            HTTP status, title and text of the page for the browser.
+            The page for the browser.
         """
         name = self.session.account.name
         async with self._lock:
             if self.result is not None:
-                return 409, "Already finished", "This sign-in is already finished."
+                return signin_page.notice(
+                    409,
+                    "Already finished",
+                    f"This sign-in to {name} is already finished. " + signin_page.CLOSE,
+                )
             try:
                 code = authorize.parse_redirect(query, self.auth, account=name)
             except authorize.ForeignRedirect as exc:
@@ -203,19 +206,19 @@ class _CodeFlow:
                 await _tell(
                     self.channel, {"event": "rejected", "message": exc.message, "hint": exc.hint}
                 )
-                return 400, "Not this sign-in", f"{exc.message}; {exc.hint}."
+                return signin_page.notice(400, "Not this sign-in", f"{exc.message}; {exc.hint}.")
             except AuthorizationFailed as exc:
                 self.result = exc
-                return 403, "Sign-in refused", f"{exc.message}; {exc.hint}."
+                return signin_page.failed(403, "Sign-in refused", name, exc.message, exc.hint)
             log.info("authorize.code_received", via=via)
             await _tell(self.channel, {"event": "exchanging", "via": via})
             try:
                 st = await self._exchange(code)
             except MailoauthdError as exc:
                 self.result = exc
-                return 400, "Sign-in failed", f"{exc.message}; {exc.hint}."
+                return signin_page.failed(400, "Sign-in failed", name, exc.message, exc.hint)
             self.result = st
-            return 200, "Signed in", f"mailoauthd has the tokens for {name}. Close this window."
+            return signin_page.signed_in(name, self.session.account.username, st.expires_at)
 
     async def _exchange(self, code: Secret) -> AccountState:
         s = self.session
@@ -230,7 +233,7 @@ class _CodeFlow:
                 )
             except ReauthorizationRequired as exc:
                 raise _refused(exc, s.account.name) from None
-            authorize.check_id_token(tokens.id_token, self.auth, client_id=s.client.client_id)
+            authorize.check_id_token(tokens.id_token, s.account, nonce=self.auth.nonce)
             stored = await s.store(tokens)
         return stored
 
@@ -244,13 +247,14 @@ class _CodeFlow:
                 return
             parts = urlsplit(target)
             if method != "GET":
-                page = 405, "Method not allowed", "Only GET is served here."
+                page = signin_page.notice(405, "Method not allowed", "Only GET is served here.")
             elif parts.path != "/":
-                page = 404, "Not found", "Nothing here."  # /favicon.ico and the like
+                # /favicon.ico and the like
+                page = signin_page.notice(404, "Not found", "Nothing here.")
             else:
                 page = await self.deliver(parts.query, via="browser")
             with trio.move_on_after(5), contextlib.suppress(trio.BrokenResourceError, OSError):
-                await stream.send_all(_page(*page))
+                await stream.send_all(signin_page.render(page))
             if self.result is not None:
                 self.done.set()
 
@@ -288,27 +292,6 @@ async def _request_line(stream: trio.SocketStream) -> tuple[str, str]:
     if len(words) != 3 or not words[2].startswith("HTTP/"):
         raise ValueError("not an HTTP request line")
     return words[0], words[1]
-
-
-def _page(status: int, title: str, text: str) -> bytes:
-    reasons = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found"}
-    reasons |= {405: "Method Not Allowed", 409: "Conflict"}
-    body = (
-        "<!DOCTYPE html><html><head><meta charset='utf-8'>"
-        f"<title>mailoauthd: {html.escape(title)}</title></head><body>"
-        f"<h1>{html.escape(title)}</h1><p>{html.escape(text)}</p></body></html>"
-    ).encode()
-    head = (
-        f"HTTP/1.1 {status} {reasons.get(status, 'Error')}\r\n"
-        "Content-Type: text/html; charset=utf-8\r\n"
-        f"Content-Length: {len(body)}\r\n"
-        "Cache-Control: no-store\r\n"
-        # The address holds the code: no page of ours may pass it on.
-        "Referrer-Policy: no-referrer\r\n"
-        "Content-Security-Policy: default-src 'none'\r\n"
-        "Connection: close\r\n\r\n"
-    )
-    return head.encode("ascii") + body
 
 
 async def _browser_flow(session: Session, channel: Channel) -> AccountState:
@@ -380,6 +363,7 @@ async def _device_flow(session: Session, channel: Channel) -> AccountState:
     grant = authorize.parse_device_authorization(
         await _post(session, request, what), now=session.now(), account=account.name
     )
+    grant = authorize.shown_device_authorization(grant, account=account.name)
     await channel.send(
         {
             "event": "device",
@@ -430,6 +414,7 @@ async def _poll(
                 response = await _post(session, request, "the token endpoint")
                 answer = authorize.parse_device_poll(response, now=session.now(), account=name)
                 if isinstance(answer, oauth.TokenSet):
+                    authorize.check_id_token(answer.id_token, session.account, nonce=None)
                     return await session.store(answer)
         except TransientGrantError as exc:
             interval = min(interval * 2, MAX_POLL_INTERVAL)

@@ -13,13 +13,19 @@ from __future__ import annotations
 import json
 import os
 import select
+import shlex
+import subprocess
 import sys
+import tempfile
 
 from mailoauthd import client, errors, protocol
 
 # The daemon gives up on a sign-in after 10 minutes and a device code after at
 # most 30; silence for longer than this means it is gone.
 IDLE_TIMEOUT = 2100.0
+# An opener (xdg-open, wslview, VS Code's helper) hands the address on and exits at
+# once; one still running after this is a browser in the foreground: it opened.
+OPENER_TIMEOUT = 10.0
 
 
 def _say(text: str = "") -> None:
@@ -46,13 +52,75 @@ def _graphical() -> bool:
     )
 
 
-def _open_browser(url: str) -> bool:
+def _run_opener(command: str, url: str) -> str | None:
+    """
+    Open `url` with one opener command: its words (shell-style quoting), with %s
+    replaced by the address, or the address appended when there is no %s.
+
+    Returns:
+        None when it worked (exit status 0, or still running after
+        OPENER_TIMEOUT: a browser in the foreground), else why not.
+    """
+    try:
+        words = shlex.split(command)
+    except ValueError as exc:
+        return f"cannot read the command: {exc}"
+    if not words:
+        return "the command is empty"
+    argv = [word.replace("%s", url) for word in words]
+    if not any("%s" in word for word in words):
+        argv.append(url)
+    with tempfile.TemporaryFile() as errors_file:
+        try:
+            child = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors_file
+            )
+        except OSError as exc:
+            return exc.strerror or str(exc)
+        try:
+            status = child.wait(OPENER_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            return None
+        if status == 0:
+            return None
+        errors_file.seek(0)
+        said = errors_file.read(4096).decode("utf-8", "replace").split()
+    said_text = " ".join(said)[:200]
+    return f"exit status {status}" + (f": {said_text}" if said_text else "")
+
+
+def _open_browser(url: str, command: str | None) -> tuple[str | None, str | None]:
+    """
+    Open `url`: with `command` (--browser-command), else with each command of $BROWSER
+    (os.pathsep-separated, whatever DISPLAY says: it is the person's choice), else with
+    Python's default browser where there is a display.
+
+    Returns:
+        (what opened it, None), or (None, why nothing did); (None, None) when nothing was
+        tried.
+    """
+    commands = [command] if command is not None else None
+    if commands is None and os.environ.get("BROWSER", "").strip():
+        commands = [c for c in os.environ["BROWSER"].split(os.pathsep) if c.strip()]
+    if commands is not None:
+        failures = []
+        for each in commands:
+            why = _run_opener(each, url)
+            if why is None:
+                return each, None
+            failures.append(f"'{each}' failed ({why})")
+        return None, "; ".join(failures)
+    if not _graphical():
+        return None, None
     import webbrowser
 
     try:
-        return webbrowser.open(url, new=1)
+        browser = webbrowser.get()
+        if browser.open(url, new=1):
+            return getattr(browser, "name", None) or "the default browser", None
     except webbrowser.Error:
-        return False
+        pass
+    return None, "no browser could be started"
 
 
 def _stdin_fd() -> int | None:
@@ -62,7 +130,9 @@ def _stdin_fd() -> int | None:
         return None
 
 
-def _event(account: str, message: dict[str, object], *, open_browser: bool) -> bool:
+def _event(
+    account: str, message: dict[str, object], *, open_browser: bool, browser_command: str | None
+) -> bool:
     """
     Show one event.
 
@@ -76,8 +146,12 @@ def _event(account: str, message: dict[str, object], *, open_browser: bool) -> b
         _say()
         _say(f"    {url}")
         _say()
-        if open_browser and _graphical() and _open_browser(url):
-            _say("(A browser should have opened it.)")
+        if open_browser:
+            opened, why = _open_browser(url, browser_command)
+            if opened is not None:
+                _say(f"(Opened it with {opened}.)")
+            elif why is not None:
+                _say(f"(Could not open a browser: {why}; open the address yourself.)")
         _say(
             f"Waiting up to {_minutes(message.get('expires_in'))} for the browser to come back "
             f"to {message.get('redirect_uri')}."
@@ -108,7 +182,14 @@ def _event(account: str, message: dict[str, object], *, open_browser: bool) -> b
     return False
 
 
-def run(account: str, *, socket_path: str | None, flow: str | None, open_browser: bool) -> int:
+def run(
+    account: str,
+    *,
+    socket_path: str | None,
+    flow: str | None,
+    open_browser: bool,
+    browser_command: str | None = None,
+) -> int:
     """
     Sign in to `account` through the daemon; returns the exit status.
 
@@ -116,7 +197,8 @@ def run(account: str, *, socket_path: str | None, flow: str | None, open_browser
         account: the account's name.
         socket_path: --socket, if given.
         flow: "authorization_code" or "device_code"; None for the account's own.
-        open_browser: try to open the URL in a local browser (not with --no-browser).
+        open_browser: try to open the URL in a browser (not with --no-browser).
+        browser_command: --browser-command, if given: open the URL with this instead.
 
     Raises:
         client._Fail: the daemon could not be reached, or the sign-in failed.
@@ -167,7 +249,9 @@ def run(account: str, *, socket_path: str | None, flow: str | None, open_browser
                     continue
                 if "ok" in message:
                     return _finish(account, message)
-                if _event(account, message, open_browser=open_browser):
+                if _event(
+                    account, message, open_browser=open_browser, browser_command=browser_command
+                ):
                     stdin = _stdin_fd()
     except OSError as exc:
         raise client._Fail(

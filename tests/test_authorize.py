@@ -271,16 +271,20 @@ def id_token(claims: dict[str, object]) -> Secret:
 
 class TestIdToken:
     @pytest.fixture
-    def auth(self, provider: DevProvider, tmp_path: Path) -> authorize.Authorization:
+    def account(self, provider: DevProvider, tmp_path: Path) -> config.Account:
+        """An account that asks for openid."""
+        return account_for(provider, tmp_path, scopes='["openid"]')
+
+    @pytest.fixture
+    def auth(self, account: config.Account) -> authorize.Authorization:
         """A request with a nonce."""
-        account = account_for(provider, tmp_path, scopes='["openid"]')
         return authorize.start(account, "http://127.0.0.1:1/")
 
-    def test_matching_nonce(self, auth: authorize.Authorization) -> None:
+    def test_matching_nonce(self, account: config.Account, auth: authorize.Authorization) -> None:
         """An ID token with our nonce and audience passes."""
         assert auth.nonce is not None
         token = id_token({"nonce": auth.nonce.reveal(), "aud": "demo-client"})
-        authorize.check_id_token(token, auth, client_id="demo-client")
+        authorize.check_id_token(token, account, nonce=auth.nonce)
 
     @pytest.mark.parametrize(
         ("claims", "why"),
@@ -290,24 +294,29 @@ class TestIdToken:
             ({"nonce": "OURS", "aud": ["someone-else"]}, "another client"),
         ],
     )
-    def test_refused(self, auth: authorize.Authorization, claims: dict[str, str], why: str) -> None:
+    def test_refused(
+        self,
+        account: config.Account,
+        auth: authorize.Authorization,
+        claims: dict[str, str],
+        why: str,
+    ) -> None:
         """Another nonce, none, or another audience: nothing is stored."""
         assert auth.nonce is not None
         claims = {k: auth.nonce.reveal() if v == "OURS" else v for k, v in claims.items()}
         with pytest.raises(AuthorizationFailed, match=why):
-            authorize.check_id_token(id_token(claims), auth, client_id="demo-client")
+            authorize.check_id_token(id_token(claims), account, nonce=auth.nonce)
 
-    def test_unreadable(self, auth: authorize.Authorization) -> None:
+    def test_unreadable(self, account: config.Account, auth: authorize.Authorization) -> None:
         """An ID token that is not a JWT is refused."""
         with pytest.raises(AuthorizationFailed, match="cannot be read"):
-            authorize.check_id_token(Secret("garbage"), auth, client_id="demo-client")
+            authorize.check_id_token(Secret("garbage"), account, nonce=auth.nonce)
 
-    def test_without_a_nonce_sent_nothing_is_checked(
-        self, provider: DevProvider, tmp_path: Path
-    ) -> None:
+    def test_without_openid_nothing_is_checked(self, provider: DevProvider, tmp_path: Path) -> None:
         """Without openid no nonce was sent, and an ID token is not ours to judge."""
-        auth = authorize.start(account_for(provider, tmp_path), "http://127.0.0.1:1/")
-        authorize.check_id_token(Secret("garbage"), auth, client_id="demo-client")
+        account = account_for(provider, tmp_path)
+        auth = authorize.start(account, "http://127.0.0.1:1/")
+        authorize.check_id_token(Secret("garbage"), account, nonce=auth.nonce)
 
 
 def answer(status: int, body: object) -> httpx.Response:

@@ -585,20 +585,40 @@ class TestAuthorizationCode:
         clock.advance(601)
         assert self.exchange(http, code).json()["error"] == "invalid_grant"
 
-    def test_plain_pkce_is_refused(self, http: httpx.Client) -> None:
+    def test_plain_pkce_is_refused(self, provider: DevProvider, http: httpx.Client) -> None:
         """PKCE method plain is not supported and is redirected back as invalid_request."""
         query = authorize(http, code_challenge="abc", code_challenge_method="plain", state="s")
         assert query == {
             "error": "invalid_request",
             "error_description": "PKCE supports S256 only",
             "state": "s",
+            "iss": provider.url,
         }
 
     def test_denied_authorization(self, provider: DevProvider, http: httpx.Client) -> None:
         """After deny_next_authorization one /authorize redirects back with access_denied."""
         provider.deny_next_authorization()
-        assert authorize(http, state="s") == {"error": "access_denied", "state": "s"}
+        denied = authorize(http, state="s")
+        assert denied == {"error": "access_denied", "state": "s", "iss": provider.url}
         assert "code" in authorize(http)
+
+    def test_response_issuer_and_identity(self, provider: DevProvider, http: httpx.Client) -> None:
+        """Answers name the issuer (RFC 9207) unless told otherwise; sign_in_next_as picks the
+        user; ID token claims may be changed or removed."""
+        assert http.get("/.well-known/openid-configuration").json()[
+            "authorization_response_iss_parameter_supported"
+        ]
+        provider.set_response_issuer("https://elsewhere.example")
+        assert authorize(http)["iss"] == "https://elsewhere.example"
+        provider.set_response_issuer(None)
+        assert "iss" not in authorize(http)
+        provider.sign_in_next_as("bob@example.com")
+        provider.set_id_token_claims(aud="another", email=None)
+        code = authorize(http, scope="openid mail")["code"]
+        claims = jwt_part(self.exchange(http, code).json()["id_token"], 1)
+        assert claims["sub"] == "bob@example.com"
+        assert claims["aud"] == "another"
+        assert "email" not in claims
 
     @pytest.mark.parametrize(
         "params",

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import MAILOAUTH, helper
+from conftest import MAILOAUTH, USER, helper
 
 from mailoauthd.devprovider import DevProvider
 
@@ -117,7 +117,8 @@ def test_sign_ins_leak_no_secret(tmp_path: Path, figures: Figures, ledger: Ledge
         device = Helper(socket_path, "authorize", "home", "--flow", "device_code")
         line = device.until("enter the code")
         sample(daemon.pid, device.proc.pid)
-        provider.approve_device(line.split()[-1], "home@example.com")
+        # As the account's mailbox: with openid, the ID token's is checked against it.
+        provider.approve_device(line.split()[-1], USER)
         status, out, err = device.finish()
         assert status == 0, err
         texts += [("device stdout", out), ("device stderr", err)]

@@ -9,6 +9,8 @@ complete -c mailoauthd -n '__fish_seen_subcommand_from run' -l config -rF -d 'th
 complete -c mailoauthd -n 'not __fish_seen_subcommand_from run check-config rekey example-config demo' -a check-config -d 'validate the configuration and exit 0 or 1'
 complete -c mailoauthd -n '__fish_seen_subcommand_from check-config' -l config -rF -d 'the configuration file'
 complete -c mailoauthd -n '__fish_seen_subcommand_from check-config' -l credentials-directory -rF -d 'read ${CREDENTIALS_DIRECTORY} in file paths as DIR: the directory holding the files the unit\'s LoadCredential= names (systemd sets the variable only for the service)'
+complete -c mailoauthd -n '__fish_seen_subcommand_from check-config' -l online -d 'also try each OAuth profile at its provider: discovery, endpoints, TLS, the client\'s ID and secret (nothing is stored)'
+complete -c mailoauthd -n '__fish_seen_subcommand_from check-config' -l profile -x -d 'with --online: only this profile'
 complete -c mailoauthd -n 'not __fish_seen_subcommand_from run check-config rekey example-config demo' -a rekey -d 're-seal every stored grant with the first key of [store]\'s key source (stop the daemon first)'
 complete -c mailoauthd -n '__fish_seen_subcommand_from rekey' -l config -rF -d 'the configuration file'
 complete -c mailoauthd -n '__fish_seen_subcommand_from rekey' -l credentials-directory -rF -d 'read ${CREDENTIALS_DIRECTORY} in file paths as DIR: the directory holding the files the unit\'s LoadCredential= names (systemd sets the variable only for the service)'
