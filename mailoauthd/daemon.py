@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-import math
 import os
 import signal
 from collections.abc import Awaitable, Callable, Mapping
@@ -39,8 +38,10 @@ from mailoauthd.errors import (
     TimedOut,
     UsageError,
 )
+from mailoauthd.limits import LogLimit
 from mailoauthd.notify import Notifier
 from mailoauthd.notify_command import NEEDS_AUTHORIZATION, REFRESH_TOKEN_EXPIRING, Reminders
+from mailoauthd.request import Request, shown
 from mailoauthd.scheduler import Scheduler
 from mailoauthd.secret import Secret
 from mailoauthd.server import Channel, Peer, Server, bind, inherited, listen_fds
@@ -76,18 +77,8 @@ def read_secrets(cfg: config.Config) -> dict[str, Secret | None]:
     return secrets
 
 
-def _number(request: Mapping[str, object], key: str, default: float) -> float:
-    value = request.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ProtocolError(f"'{key}' must be a number of seconds")
-    return float(value)
-
-
-def _text(request: Mapping[str, object], key: str) -> str:
-    value = request.get(key)
-    if not isinstance(value, str) or not value:
-        raise ProtocolError(f"'{key}' must be a non-empty string")
-    return value
+def _or(value: float | None, default: float) -> float:
+    return default if value is None else value
 
 
 class Daemon:
@@ -120,6 +111,7 @@ class Daemon:
         )
         self.reminders = reminders or Reminders(env={}, now=scheduler.now)
         self._signing_in: set[str] = set()  # accounts with a sign-in in progress
+        self._refusals = LogLimit()  # refusals logged per uid: a refused loop must not flood
         # Fixed for the process (the CLI configures logging once), and asked for
         # every token served: looking it up through structlog's proxy costs more.
         self._debug = log.is_enabled_for(logging.DEBUG)
@@ -130,15 +122,14 @@ class Daemon:
             peer_groups=system,
             quick=self.answer_now,
             conversations={"authorize": self._authorize},
+            privileged=lambda peer: self.policy.is_admin(peer),
         )
 
     # --- requests ----------------------------------------------------------------
 
-    async def handle(self, request: dict[str, object], peer: Peer) -> dict[str, object]:
-        """Answer one request; errors propagate to the server as MailoauthdError."""
-        if request.get("v") != 1:
-            raise ProtocolError(f"unsupported protocol version {request.get('v')!r}; expected 1")
-        op = request.get("op")
+    async def handle(self, request: Request, peer: Peer) -> dict[str, object]:
+        """Answer one request (checked by request.parse); errors propagate as MailoauthdError."""
+        op = request.op
         if op == "token":
             return await self._token(request, peer)
         if op == "status":
@@ -151,56 +142,55 @@ class Daemon:
                 raise ConfigError(self.last_reload_error or "the configuration was not reloaded")
             return {"ok": True, "accounts": len(self.config.accounts)}
         if op == "refresh":
-            name = _text(request, "account")
+            name = request.name
             st = await self._bounded(name, request, partial(self.scheduler.refresh, name))
             return {"ok": True, "account": name, **_expiry(st.expires_at, self.scheduler.now())}
         if op == "import":
-            name = _text(request, "account")
-            token = Secret(_text(request, "refresh_token"))
+            name = request.name
+            token = request.refresh_token
+            assert token is not None  # request.parse requires it for `import`
             st = await self._bounded(
                 name, request, partial(self.scheduler.import_token, name, token)
             )
             return {"ok": True, "account": name, **_expiry(st.expires_at, self.scheduler.now())}
         if op == "revoke":
-            name = _text(request, "account")
+            name = request.name
             return {"ok": True, "account": name, "note": await self.scheduler.forget(name)}
         if op == "ping":
             return {"ok": True, "version": __version__, "pid": os.getpid()}
         if op == "servers":
-            return _servers(self.scheduler.account(_text(request, "account")))
-        raise ProtocolError(f"unknown operation {op!r}")
+            return _servers(self.scheduler.account(request.name))
+        # `authorize` is a conversation; any other name was refused by request.parse.
+        raise ProtocolError(f"operation '{op}' is not served this way")
 
     async def _bounded(
         self,
         name: str,
-        request: Mapping[str, object],
+        request: Request,
         work: Callable[[], Awaitable[AccountState]],
     ) -> AccountState:
-        timeout = min(_number(request, "timeout", DEFAULT_ADMIN_TIMEOUT), MAX_REQUEST_TIMEOUT)
+        timeout = min(_or(request.timeout, DEFAULT_ADMIN_TIMEOUT), MAX_REQUEST_TIMEOUT)
         with trio.move_on_after(max(0.0, timeout)):
             return await work()
         raise self._timed_out(name, timeout)
 
-    def answer_now(self, request: dict[str, object], peer: Peer) -> dict[str, object] | None:
+    def answer_now(self, request: Request, peer: Peer) -> dict[str, object] | None:
         """The answer to a token request that needs no waiting; None when `handle` must wait."""
-        if request.get("v") != 1 or request.get("op") != "token":
+        if request.op != "token":
             return None
-        name = _text(request, "account")
+        name = request.name
         if not self.policy.may_use(peer, name):
             return None  # `gate` refuses it, and logs that, on the general path
-        min_validity = _number(request, "min_validity", -1.0)
-        # Ill-typed fields are refused on both paths alike.
-        _number(request, "timeout", DEFAULT_REQUEST_TIMEOUT)
-        _number(request, "wait", 0.0)
+        min_validity = _or(request.min_validity, -1.0)
         st = self.scheduler.token_now(name, None if min_validity < 0 else min_validity)
         return None if st is None else self._token_reply(name, st, peer)
 
-    async def _token(self, request: dict[str, object], peer: Peer) -> dict[str, object]:
-        name = _text(request, "account")
-        min_validity = _number(request, "min_validity", -1.0)
-        timeout = min(_number(request, "timeout", DEFAULT_REQUEST_TIMEOUT), MAX_REQUEST_TIMEOUT)
+    async def _token(self, request: Request, peer: Peer) -> dict[str, object]:
+        name = request.name
+        min_validity = _or(request.min_validity, -1.0)
+        timeout = min(_or(request.timeout, DEFAULT_REQUEST_TIMEOUT), MAX_REQUEST_TIMEOUT)
         # `token --wait`: an account that needs a person is waited for, not failed at once.
-        wait = min(max(0.0, _number(request, "wait", 0.0)), MAX_AUTHORIZATION_WAIT)
+        wait = min(max(0.0, _or(request.wait, 0.0)), MAX_AUTHORIZATION_WAIT)
         give_up = trio.current_time() + wait
         while True:
             deadline = trio.current_time() + max(0.0, timeout)
@@ -229,28 +219,26 @@ class Daemon:
             "username": self.scheduler.account(name).username or "",
         }
 
-    def _gate(self, request: dict[str, object], peer: Peer) -> None:
+    def _gate(self, request: Request, peer: Peer) -> None:
         """The server asks before every request; raises AccessDenied to refuse (system mode)."""
-        refusal = self.policy.refusal(request, peer)
+        refusal = self.policy.refusal(request.op, request.account, peer)
         if refusal is not None:
-            log.info(
-                "request.refused",
-                uid=peer.uid,
-                pid=peer.pid,
-                exe=_exe(peer.pid),
-                op=str(request.get("op")),
-                account=str(request.get("account")),
-                reason=refusal.reason,
-            )
+            if self._refusals.allow(peer.uid, trio.current_time()):
+                log.info(
+                    "request.refused",
+                    uid=peer.uid,
+                    pid=peer.pid,
+                    exe=_exe(peer.pid),
+                    op=request.op,
+                    account=shown(request.account),
+                    reason=refusal.reason,
+                    **self._refusals.suppressed(peer.uid),
+                )
             raise refusal.error
 
-    async def _authorize(
-        self, request: dict[str, object], peer: Peer, channel: Channel
-    ) -> dict[str, object]:
+    async def _authorize(self, request: Request, peer: Peer, channel: Channel) -> dict[str, object]:
         """`mailoauth authorize`: a conversation that runs one sign-in (signin.py)."""
-        if request.get("v") != 1:
-            raise ProtocolError(f"unsupported protocol version {request.get('v')!r}; expected 1")
-        name = _text(request, "account")
+        name = request.name
         account = self.scheduler.account(name)
         if account.flow == "client_credentials":
             return {
@@ -259,9 +247,11 @@ class Daemon:
                 "note": "this account uses client_credentials: mailoauthd gets its tokens "
                 "with the client secret, and nobody needs to sign in",
             }
-        flow = request.get("flow") or account.flow
+        flow = request.flow or account.flow
         if flow not in SIGN_IN_FLOWS:
-            raise UsageError(f"--flow must be one of {', '.join(SIGN_IN_FLOWS)} (got {flow!r})")
+            raise UsageError(
+                f"--flow must be one of {', '.join(SIGN_IN_FLOWS)} (got {shown(flow)})"
+            )
         if name in self._signing_in:
             raise Busy(
                 f"{name}: a sign-in is already in progress",
