@@ -30,6 +30,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mailoauthd.devprovider import DevProvider
+from mailoauthd.limits import BURST
 from mailoauthd.server import ADMIN_RESERVE, MAX_CONNECTIONS, MAX_PER_UID
 
 from .support import (
@@ -360,3 +361,25 @@ def test_waits_end_when_their_clients_hang_up(target: Target, figures: Figures) 
     alive(target)
     figures.add("requests", "waits cancelled when their clients hung up", held)
     figures.held("requests", "a user's waits never held the administrators' slots")
+
+
+def test_refusals_are_logged_bounded_and_rate_limited(target: Target, figures: Figures) -> None:
+    """A user looping on a refused request gets a few log lines, not one per request; the
+    line that follows a quiet spell counts what was left out; long names are never logged."""
+    before = [e for e in target.daemon.events("request.refused") if e.get("uid") == OTHER]
+    line = json.dumps({"v": 1, "op": "token", "account": "work"}).encode() + b"\n"
+    for _ in range(40):
+        raw, _ = target.relays[OTHER].send(line)
+        assert well_formed(raw)["error"] == "forbidden"
+    raw, _ = target.relays[OTHER].send(
+        json.dumps({"v": 1, "op": "token", "account": "w\n" + "x" * 60000}).encode() + b"\n"
+    )
+    assert well_formed(raw)["error"] == "bad-request"
+    time.sleep(0.5)
+    after = [e for e in target.daemon.events("request.refused") if e.get("uid") == OTHER]
+    logged = after[len(before) :]
+    assert 1 <= len(logged) <= BURST + 1, len(logged)
+    assert all(len(str(e.get("account"))) <= 64 for e in after)
+    assert all(len(line) < 4000 for line in target.daemon.log().splitlines())
+    figures.add("requests", "refused requests in a loop from one uid", 40)
+    figures.add("requests", "of them logged", len(logged))
