@@ -17,7 +17,7 @@ from pathlib import Path
 
 import trio
 
-from mailoauthd import __version__, config, daemon, logs, paths, state
+from mailoauthd import __version__, config, daemon, logs, paths, proc, state
 from mailoauthd.access import Policy
 from mailoauthd.errors import MailoauthdError
 from mailoauthd.secret import Secret
@@ -90,6 +90,8 @@ def _run(cfg: config.Config, path: Path | None, env: dict[str, str], system: boo
     # programs we start, such as a client_secret_command, must not see them.
     for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
         os.environ.pop(name, None)
+    proc.set_non_dumpable()  # no core file with tokens in it, no ptrace by our own uid
+    proc.raise_fd_limit()
     failures: list[MailoauthdError] = []
     try:
         trio.run(partial(daemon.run, cfg, config_path=path, env=env, system=system))

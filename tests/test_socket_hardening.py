@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import json
 import os
+import resource
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
 import trio
+from conftest import MAILOAUTHD
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -172,3 +177,47 @@ def test_refusal_log_limit() -> None:
     limit.allow(1002, 10.0)
     assert len(limit._buckets) == 2
     assert json.dumps(limit.suppressed(1001)) == "{}"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs the daemon as another user")
+def test_daemon_is_not_dumpable_and_raises_its_descriptor_limit() -> None:
+    """The real daemon, under an ordinary uid with a low soft RLIMIT_NOFILE: its /proc
+    entries belong to root (PR_SET_DUMPABLE 0: no core file with tokens, no ptrace by that
+    uid), and its soft descriptor limit was raised to the hard one."""
+    home = Path(tempfile.mkdtemp(prefix="mailoauthd-dumpable-"))
+    home.chmod(0o755)
+    os.chown(home, 65534, 65534)
+    config = home / "config.toml"
+    config.write_text(
+        f'[daemon]\nstate_dir = "{home / "state"}"\nsocket = "{home / "run" / "socket"}"\n'
+    )
+
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 4096))
+
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(home)}
+    # setpriv rather than Popen(user=...): the same exec, but it finds the venv's python.
+    who = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    daemon = subprocess.Popen(
+        [*who, str(MAILOAUTHD), "--config", str(config)],
+        env=env,
+        preexec_fn=low_limit,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 15
+        while not (home / "run" / "socket").exists():
+            assert daemon.poll() is None, daemon.stderr.read() if daemon.stderr else ""
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert os.stat(f"/proc/{daemon.pid}/fd").st_uid == 0
+        limits = Path(f"/proc/{daemon.pid}/limits").read_text()
+        row = next(line for line in limits.splitlines() if line.startswith("Max open files"))
+        assert row.split()[3:5] == ["4096", "4096"], row
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=30)
+        if daemon.stderr is not None:
+            daemon.stderr.close()
+        shutil.rmtree(home, ignore_errors=True)
