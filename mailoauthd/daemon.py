@@ -38,6 +38,7 @@ from mailoauthd.errors import (
     TimedOut,
     UsageError,
 )
+from mailoauthd.lastresort import guarded
 from mailoauthd.limits import LogLimit
 from mailoauthd.notify import Notifier
 from mailoauthd.notify_command import NEEDS_AUTHORIZATION, REFRESH_TOKEN_EXPIRING, Reminders
@@ -360,7 +361,7 @@ class Daemon:
             task_status.started()
             async for signum in signals:
                 if signum == signal.SIGHUP:
-                    await self.reload()
+                    await guarded("reload", self.reload)
                     continue
                 log.info("daemon.stopping", signal=signal.Signals(signum).name)
                 self.notifier.stopping()
@@ -523,7 +524,7 @@ async def run(
                 # Only now: a token request may start a refresh, which needs the
                 # scheduler running. Clients that connect earlier wait in the backlog.
                 await root.start(daemon.server.serve, listener)
-                root.start_soon(daemon.discover)
+                root.start_soon(guarded, "discovery", daemon.discover)
                 gc.freeze()
                 gc.enable()
                 notifier.ready(scheduler.summary())
@@ -537,9 +538,13 @@ async def run(
                     accounts=len(cfg.accounts),
                 )
                 if notifier.watchdog_interval:
-                    root.start_soon(daemon._watchdog, notifier.watchdog_interval)
+                    root.start_soon(
+                        guarded, "watchdog", daemon._watchdog, notifier.watchdog_interval
+                    )
                 if notifier.enabled:
-                    root.start_soon(daemon._status_updates)
+                    root.start_soon(
+                        partial(guarded, "status", daemon._status_updates, restart=True)
+                    )
                 task_status.started(daemon)
     finally:
         gc.enable()

@@ -19,6 +19,7 @@ import structlog
 import trio
 
 from mailoauthd.config import Account, Provider
+from mailoauthd.lastresort import guarded
 
 log = structlog.get_logger(__name__)
 
@@ -155,7 +156,9 @@ class Reminders:
                     if alert.due <= now:
                         if not alert.running:
                             alert.running = True
-                            nursery.start_soon(self._run_command, alert)
+                            # Under the last resort: a command that cannot be started
+                            # for a reason nobody foresaw must not end the daemon.
+                            nursery.start_soon(guarded, "notify_command", self._run_command, alert)
                         if alert.repeat:
                             alert.due = now + alert.account.notify_interval
                         else:
