@@ -25,7 +25,7 @@ import httpx
 import structlog
 import trio
 
-from mailoauthd import __version__, config, oauth, paths, signin
+from mailoauthd import __version__, config, oauth, paths, signin, tokenfile
 from mailoauthd.access import Policy
 from mailoauthd.discovery import Discovery
 from mailoauthd.errors import (
@@ -501,6 +501,8 @@ async def run(
                 # Open to every local user only when the configuration grants them something.
                 listener = bind(socket_path, public=policy.shared)
                 ours = _identity(socket_path)
+            # No token_file may be put among our state files or next to our socket.
+            tokenfile.protect(state_dir, socket_path.parent)
             daemon = Daemon(
                 cfg,
                 config_path=config_path,

@@ -49,6 +49,7 @@ import trio
 
 from mailoauthd import protocol
 from mailoauthd.errors import MailoauthdError, ProtocolError
+from mailoauthd.fsutil import make_directories
 from mailoauthd.lastresort import INTERNAL, fault
 from mailoauthd.request import Request, parse, shown
 
@@ -275,10 +276,11 @@ def bind(path: Path, *, public: bool = False) -> stdsocket.socket:
     """
     directory = path.parent
     try:
-        created = not directory.exists()
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if created and public:
-            directory.chmod(0o755)  # explicitly: a umask (UMask=0077) would narrow it
+        # Missing parents 0700 (0755 for a public socket, which others must reach), and
+        # the directory itself 0700 or 0755, whatever the umask (000 or UMask=0077).
+        make_directories(
+            directory, mode=0o755 if public else 0o700, parents_mode=0o755 if public else 0o700
+        )
         info = os.lstat(directory)
     except OSError as exc:
         raise MailoauthdError(f"cannot create the socket directory {directory}: {exc}") from exc
