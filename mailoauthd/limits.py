@@ -3,8 +3,9 @@ Limits that keep one local user from drowning the others: a rate limit on log li
 
 Refused requests are logged, and a user who loops on a refused request would
 otherwise fill the journal (and push out everyone else's lines). Each uid may
-log BURST lines at once and then one every INTERVAL seconds; the lines left out
-are counted, and the next line logged for that uid says how many.
+log BURST lines at once (enough for a person trying things out) and then one
+every INTERVAL seconds; the lines left out are counted, and the next line
+logged for that uid says how many.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-BURST = 5
-INTERVAL = 10.0
+BURST = 20
+INTERVAL = 3.0
 # Uids remembered at once: a bound on memory whatever the number of local users.
 MAX_TRACKED = 4096
 
