@@ -323,7 +323,11 @@ def test_random_documents_never_end_the_daemon(target: Target, figures: Figures,
     good.check(figures, "random requests")
     alive(target)
     who = "an owner" if uid == 0 else "another user"
-    figures.add("requests", f"random documents and byte strings from {who} (Hypothesis)", EXAMPLES)
+    sent = counted["answered"] + counted["still working"]
+    figures.add("requests", f"random documents and byte strings sent by {who} (Hypothesis)", sent)
+    figures.add(
+        "requests", f"of them still being worked on after 4 s ({who})", counted["still working"]
+    )
     figures.held("requests", "no random document or byte string ended the daemon")
 
 
@@ -342,7 +346,9 @@ def test_waits_end_when_their_clients_hang_up(target: Target, figures: Figures) 
         for relay in relays[1:]:
             got = relay.command(do="hold", count=100, payload=payload, settle=1.0)
             held += int(got["held"])  # type: ignore[call-overload]
-        assert held == MAX_CONNECTIONS - ADMIN_RESERVE, held
+        # A connection told to make room while its line was arriving may still be served
+        # (the eviction lost the race): then a slot or two more are held, for a moment.
+        assert MAX_CONNECTIONS - ADMIN_RESERVE <= held <= MAX_CONNECTIONS - ADMIN_RESERVE + 4, held
         # Every slot an ordinary user may take is taken; an administrator still gets in.
         started = time.monotonic()
         assert target.daemon.status()["lost"]["status"] == "needs_authorization"
@@ -356,6 +362,7 @@ def test_waits_end_when_their_clients_hang_up(target: Target, figures: Figures) 
         abandoned = target.daemon.events("request.abandoned")
         assert len(abandoned) >= held
     finally:
+        relays[0].command(do="release")  # the module's relay: its waits must not outlive this
         for relay in relays[1:]:
             relay.close()
     alive(target)
