@@ -11,6 +11,11 @@ to take the answer) and in size (MAX_LINE); at most MAX_CONNECTIONS are
 served at once. When all are taken, the connection that has waited longest
 without sending its line is told "busy" to make room for the newcomer; only
 when every one is a request being served is the newcomer told "busy".
+In system mode no one uid but the administrators' holds more than MAX_PER_UID,
+and the last ADMIN_RESERVE slots are for administrators only; a request that
+may wait is given up when its client hangs up. Every request is checked and
+typed once (request.parse) for both paths, and a fault nobody foresaw ends
+only its own request, answered "internal" (lastresort.py).
 Whatever one client does, the others are served. The server knows nothing of
 tokens: `daemon` hands it a handler, and a quick handler for what can be
 answered from memory.
