@@ -29,7 +29,7 @@ LOGIN_DEADLINE = 300.0
 # Commands a client may send before logging in, so that a stream of NOOPs cannot
 # keep a connection (and its slot) forever.
 MAX_COMMANDS = 100
-CHUNK = 65536
+CHUNK = 131072
 # Wrong passwords from one address: the answer waits PENALTY_BASE * 2^(n-1) seconds
 # up to PENALTY_CAP; an address is forgotten after PENALTY_MEMORY seconds of quiet.
 PENALTY_BASE = 0.5
