@@ -7,8 +7,10 @@ socketmap's netstrings, and hostile input to the line reader.
 from __future__ import annotations
 
 import base64
+import resource
 import ssl
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -436,3 +438,21 @@ class TestUpstreamTLS:
             with pytest.raises(trio.BusyResourceError):
                 await client.receive_some(10)
             nursery.cancel_scope.cancel()
+
+
+def test_the_open_files_limit_is_lifted_to_the_hard_one() -> None:
+    """1,024 sessions need over 2,048 descriptors; systemd's default soft limit is 1,024."""
+    code = (
+        "import resource\n"
+        "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))\n"
+        "from mailoauthd.proxy.common import raise_open_files_limit\n"
+        "new = raise_open_files_limit()\n"
+        "print(new, resource.getrlimit(resource.RLIMIT_NOFILE)[0], hard)\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True
+    )
+    new, soft, hard = (int(x) for x in run.stdout.split())
+    assert new == soft > 256
+    assert soft == hard or hard == resource.RLIM_INFINITY
