@@ -1,12 +1,14 @@
 """
 `make bench`: measure the helper, the socket and many accounts; write docs/performance.md.
 
-    bench/.venv/bin/python bench/run.py [--out docs/performance.md] [--smoke]
+    bench/.venv/bin/python bench/run.py [--out docs/performance.md] [--smoke] [--only proxy]
 
 Runs the programs of the installation whose interpreter runs this script
 (bench/setup.sh makes bench/.venv, a non-editable install, as users get).
 `--smoke` runs every part with tiny counts, for the test suite: it checks that
-the bench works, and its figures mean nothing.
+the bench works, and its figures mean nothing. `--only PART` runs one part and
+puts its figures into the last run's (the --json file), which the report then
+shows with that part's own date and revision.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import helper_latency
+import proxy
 import report
 import scale
 import socket_load
@@ -41,6 +45,49 @@ def git_revision() -> str:
     return revision + (" with uncommitted changes" if dirty else "")
 
 
+def run_proxy(install: Install, base: Path, sizes: dict[str, Any]) -> dict[str, Any]:
+    figures = proxy.run(
+        install,
+        base / "proxy",
+        rounds=int(sizes["proxy_rounds"]),
+        logins=int(sizes["proxy_logins"]),
+        fetch_mb=float(sizes["fetch_mb"]),
+        submit_mb=float(sizes["submit_mb"]),
+        idle=int(sizes["idle_sessions"]),
+        idle_seconds=float(sizes["proxy_idle_seconds"]),
+    )
+    keys = ("proxy_rounds", "proxy_logins", "fetch_mb", "submit_mb", "idle_sessions")
+    figures["sizes"] = {k: sizes[k] for k in (*keys, "proxy_idle_seconds")}
+    return figures
+
+
+def only(part: str, args: argparse.Namespace, sizes: dict[str, Any]) -> int:
+    """One part into the last run's figures; the report says when and on what it ran."""
+    results = json.loads(args.json.read_text())
+    install = Install(Path(sys.executable).parent)
+    base = Path(tempfile.mkdtemp(prefix="mob-", dir="/tmp"))
+    started = time.monotonic()
+    try:
+        others = OtherWork()
+        results[part] = run_proxy(install, base, sizes)
+        results["others_cores"][part] = others.cores()
+        results["load_during"][part] = load()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    results.setdefault("parts", {})[part] = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "revision": git_revision(),
+        "minutes": (time.monotonic() - started) / 60,
+        "smoke": args.smoke,
+        "load_before": machine()["load"],
+        "load_after": load(),
+    }
+    args.json.write_text(json.dumps(results, indent=1))
+    args.out.write_text(report.render(results))
+    log(f"wrote {args.out} with the {part} part of {results['parts'][part]['date']}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "performance.md")
@@ -55,6 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--smoke", action="store_true", help="tiny counts: does the bench run?")
     parser.add_argument("--no-mutt", action="store_true", help="skip mutt_oauth2.py")
+    parser.add_argument(
+        "--only",
+        choices=["proxy"],
+        help="run this part only, into the figures of the last run (--json)",
+    )
     args = parser.parse_args(argv)
     # Stopped from outside: unwind, so that every daemon started is stopped too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -62,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.render:
         args.out.write_text(report.render(json.loads(args.render.read_text())))
         return 0
+    if args.only and not args.json.is_file():
+        parser.error(f"--only needs the figures of a full run in {args.json}")
     install = Install(Path(sys.executable).parent)
     with_mutt = (
         not args.no_mutt
@@ -81,6 +135,12 @@ def main(argv: list[str] | None = None) -> int:
             "idle_seconds": 0.5,
             "load_rate": 200.0,
             "min_load_seconds": 1.0,
+            "proxy_rounds": 2,
+            "proxy_logins": 2,
+            "fetch_mb": 1.0,
+            "submit_mb": 1.0,
+            "idle_sessions": 10,
+            "proxy_idle_seconds": 0.5,
         }
     else:
         sizes = {
@@ -95,7 +155,15 @@ def main(argv: list[str] | None = None) -> int:
             "idle_seconds": 5.0,
             "load_rate": 2000.0,
             "min_load_seconds": 5.0,
+            "proxy_rounds": 5,
+            "proxy_logins": 10,
+            "fetch_mb": 100.0,
+            "submit_mb": 25.0,
+            "idle_sessions": 1000,
+            "proxy_idle_seconds": 10.0,
         }
+    if args.only:
+        return only(args.only, args, sizes)
     started = time.monotonic()
     results: dict[str, object] = {
         "machine": machine(),
@@ -151,6 +219,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         busy["scale"] = others.cores()
         load_during["scale"] = load()
+        others = OtherWork()
+        results["proxy"] = run_proxy(install, base, sizes)
+        busy["proxy"] = others.cores()
+        load_during["proxy"] = load()
     finally:
         shutil.rmtree(base, ignore_errors=True)
     results["load_after"] = load()

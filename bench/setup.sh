@@ -38,7 +38,8 @@ rm -rf bench/.venv
 python3 -m venv bench/.venv
 src=$(mktemp -d)
 trap 'rm -rf "$src"' EXIT
-cp -r pyproject.toml README.md bin mailoauthd "$src"/
-rm -rf "$src"/mailoauthd/__pycache__
+# Everything pyproject.toml names: the package, the script, and the data files.
+cp -r pyproject.toml README.md LICENSE bin mailoauthd etc systemd docs share "$src"/
+find "$src"/mailoauthd -name __pycache__ -prune -exec rm -rf {} +
 bench/.venv/bin/pip install --quiet --disable-pip-version-check "$src" 2>&1 | grep -v "^WARNING: Location" >&2 || true
-bench/.venv/bin/python -c "import mailoauthd, trio, httpx" # the install worked
+bench/.venv/bin/python -c "import mailoauthd, mailoauthd.proxy, trio, httpx" # the install worked

@@ -67,7 +67,14 @@ def test_bench_smoke_run_writes_the_report(tmp_path: Path) -> None:
     assert "the reference's" in text
     assert "bare Python loop" in text
     assert "## 5. Proxy" in text
-    assert "not built yet" in text
+    assert "not built yet" not in text
+    if "rounds" in figures["proxy"]:
+        # The smoke run's tiny figures are judged like a full run's, on the rounds.
+        for j in report.proxy_judgements(figures["proxy"]):
+            assert j.verdict() in text
+        assert figures["proxy"]["idle"]["alive"] == figures["proxy"]["idle"]["sessions"]
+    else:
+        assert f"Not measured: {figures['proxy']['skipped']}" in text
 
 
 # --- the same-run references and the verdicts (bench/judge.py) -------------------------
@@ -150,6 +157,81 @@ def test_the_socket_targets_are_judged_on_the_rounds() -> None:
     rate, p99 = report.socket_judgements(_figures([30000, 15000, 29000], [800, 900, 1000]))
     assert rate.met is None
     assert p99.met is True
+
+
+def _proxy_figures(direct_fetch: list[float], through_fetch: list[float]) -> dict[str, object]:
+    """Benchmark 5's figures: submission always at 0.9 of direct, login 1.1× direct's time."""
+    rounds = [
+        {
+            "direct": {"login_ms": 20.0, "fetch_mb_s": d, "submit_mb_s": 10.0},
+            "proxy": {"login_ms": 22.0, "fetch_mb_s": p, "submit_mb_s": 9.0},
+        }
+        for d, p in zip(direct_fetch, through_fetch, strict=True)
+    ]
+    idle = {
+        "sessions": 1000,
+        "sources": 17,
+        "opening_s": 30.0,
+        "rss_before_bytes": 40_000_000,
+        "rss_after_bytes": 40_000_000 + 1000 * 50 * 1024,
+        "idle_seconds": 10.0,
+        "cpu_s": 0.05,
+        "alive": 1000,
+    }
+    return {
+        "rounds": rounds,
+        "fetch_bytes": 100_000_000,
+        "submit_bytes": 25_000_000,
+        "logins_per_round": 10,
+        "idle": idle,
+    }
+
+
+def test_the_proxy_throughput_is_judged_against_direct_in_the_same_rounds() -> None:
+    # A neighbour halves round 2 for both: the ratio holds at 0.9, and is met.
+    fetch, submit = report.proxy_judgements(_proxy_figures([200, 100, 200], [180, 90, 180]))
+    assert round(fetch.ratio, 6) == 0.9
+    assert fetch.met is None  # but direct itself moved 2×: not judged
+    fetch, submit = report.proxy_judgements(_proxy_figures([200, 190, 210], [180, 171, 189]))
+    assert (fetch.met, submit.met) == (True, True)
+    # A third of direct's speed misses 0.8 by more than half.
+    fetch, _ = report.proxy_judgements(_proxy_figures([200, 190, 210], [70, 66, 70]))
+    assert fetch.met is False
+    assert fetch.verdict() == "**missed** by 57%"
+    assert round(report.proxy_login_ratio(_proxy_figures([1.0], [1.0])).ratio, 6) == 1.1
+
+
+def test_the_proxy_section_and_its_targets_are_rendered() -> None:
+    proxy = _proxy_figures([200, 190, 210], [70, 66, 70])
+    section = report._proxy(proxy)
+    assert "| FETCH of a 100 MB message, MB/s | 200 | 70 | 0.35× | 1.11× |" in section
+    assert "**missed** by 57%" in section
+    assert (
+        "| submission of a 25 MB message, MB/s | 10 | 9 | 0.90× | 1.00× | ≥ 0.8×: met |" in section
+    )
+    assert "| IMAP login (median of 10 per round), time | 20.0 ms | 22.0 ms | 1.10× |" in section
+    assert "| sessions open at once (in IDLE) | 1,000 |" in section
+    assert "| … per session | 50 KiB |" in section
+    assert "0.05 s (0.5% of a core)" in section
+    skipped = report._proxy({"skipped": "missing Debian packages: dovecot-imapd"})
+    assert "Not measured: missing Debian packages: dovecot-imapd." in skipped
+    assert "Not measured: this run did not include it." in report._proxy(None)
+
+
+def test_a_part_run_alone_is_dated_in_the_header() -> None:
+    part = {
+        "date": "2026-12-03 11:00 UTC",
+        "revision": "abc1234",
+        "minutes": 3.0,
+        "smoke": False,
+        "load_before": "1.00 1.00 1.00",
+        "load_after": "2.00 1.00 1.00",
+    }
+    note = report._parts({"parts": {"proxy": part}})
+    assert "`bench/run.py --only proxy`) on 2026-12-03 11:00 UTC, revision abc1234" in note
+    assert "mean nothing" not in note
+    assert "mean nothing" in report._parts({"parts": {"proxy": {**part, "smoke": True}}})
+    assert report._parts({}) == ""
 
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler")

@@ -7,8 +7,10 @@ socketmap's netstrings, and hostile input to the line reader.
 from __future__ import annotations
 
 import base64
+import resource
 import ssl
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,9 +23,17 @@ from hypothesis import strategies as st
 from mailoauthd.config import Account, is_loopback, parse
 from mailoauthd.errors import ConfigError
 from mailoauthd.proxy import imap, pop3, smtp
-from mailoauthd.proxy.common import Closed, LineReader, LineTooLong, Penalties, plain_credentials
+from mailoauthd.proxy.common import (
+    CHUNK,
+    Closed,
+    LineReader,
+    LineTooLong,
+    Penalties,
+    plain_credentials,
+)
 from mailoauthd.proxy.service import Client, Proxy
 from mailoauthd.proxy.socketmap import BadNetstring, netstring, read_netstring
+from mailoauthd.proxy.tls import TLSStream
 from mailoauthd.state import AccountState
 
 BASE = """
@@ -147,6 +157,19 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         check=True, capture_output=True, timeout=30,
     )  # fmt: skip
     return cert, key
+
+
+@pytest.fixture(scope="module")
+def other_certificate(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A second self-signed certificate for localhost: not the one the test server has."""
+    directory = tmp_path_factory.mktemp("other")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-keyout", str(directory / "key.pem"), "-out", str(directory / "cert.pem"),
+         "-days", "2", "-subj", "/CN=localhost"],
+        check=True, capture_output=True, timeout=30,
+    )  # fmt: skip
+    return directory / "cert.pem"
 
 
 def server_context(certificate: tuple[Path, Path]) -> ssl.SSLContext:
@@ -325,3 +348,111 @@ async def test_a_silent_client_is_dropped(
         await imap.handle(client)
     assert trio.current_time() - started == pytest.approx(60)
     assert (await theirs.receive_some(1000)).startswith(b"* OK")
+
+
+class TestUpstreamTLS:
+    """The upstream's TLS stream (proxy/tls.py) against trio's own TLS server."""
+
+    @staticmethod
+    def pair(
+        certificate: tuple[Path, Path], cafile: Path | None = None
+    ) -> tuple[TLSStream, trio.SSLStream[trio.abc.Stream]]:
+        ours, theirs = trio.testing.memory_stream_pair()
+        context = ssl.create_default_context(cafile=str(cafile or certificate[0]))
+        client = TLSStream(ours, context, server_hostname="localhost")
+        server = trio.SSLStream(theirs, server_context(certificate), server_side=True)
+        return client, server
+
+    async def test_reads_several_records_at_once_and_no_more_than_asked(
+        self, certificate: tuple[Path, Path]
+    ) -> None:
+        """A megabyte arrives intact, in reads larger than one 16 KB record, each ≤ max_bytes."""
+        client, server = self.pair(certificate)
+        payload = bytes(range(256)) * 4096  # 1 MiB, in 64 records of 16 KB
+        sizes: list[int] = []
+        received = bytearray()
+        async with trio.open_nursery() as nursery:
+
+            async def serve() -> None:
+                await server.do_handshake()
+                await server.send_all(payload)
+                await server.aclose()  # close_notify: the client reads the end
+
+            nursery.start_soon(serve)
+            await client.do_handshake()
+            while data := await client.receive_some(CHUNK):
+                sizes.append(len(data))
+                received += data
+        assert received == payload
+        assert max(sizes) <= CHUNK
+        assert max(sizes) > 16384, sizes  # several records per read: the point of the stream
+        assert await client.receive_some(CHUNK) == b""  # the end stays the end
+
+    async def test_both_ways_at_once(self, certificate: tuple[Path, Path]) -> None:
+        """The splice's use: one task sends while another receives; the server echoes."""
+        client, server = self.pair(certificate)
+        payload = b"".join(b"%08d\r\n" % n for n in range(100000))  # 1 MB
+        echoed = bytearray()
+        async with trio.open_nursery() as nursery:
+
+            async def echo() -> None:
+                await server.do_handshake()
+                while data := await server.receive_some(CHUNK):
+                    await server.send_all(data)
+
+            async def send() -> None:
+                await client.send_all(payload)
+
+            nursery.start_soon(echo)
+            await client.do_handshake()
+            nursery.start_soon(send)
+            while len(echoed) < len(payload):
+                echoed += await client.receive_some(CHUNK)
+            nursery.cancel_scope.cancel()
+        assert echoed == payload
+
+    async def test_an_untrusted_certificate_breaks_the_handshake(
+        self, certificate: tuple[Path, Path], other_certificate: Path
+    ) -> None:
+        client, server = self.pair(certificate, cafile=other_certificate)
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+
+                async def serve() -> None:
+                    with pytest.raises(trio.BrokenResourceError):
+                        await server.do_handshake()
+
+                nursery.start_soon(serve)
+                with pytest.raises(trio.BrokenResourceError) as raised:
+                    await client.do_handshake()
+                await client.aclose()
+        assert isinstance(raised.value.__cause__, ssl.SSLCertVerificationError)
+
+    async def test_one_receiver_at_a_time(self, certificate: tuple[Path, Path]) -> None:
+        client, server = self.pair(certificate)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.do_handshake)
+            await client.do_handshake()
+            nursery.start_soon(client.receive_some, 10)
+            await trio.testing.wait_all_tasks_blocked()
+            with pytest.raises(trio.BusyResourceError):
+                await client.receive_some(10)
+            nursery.cancel_scope.cancel()
+
+
+def test_the_open_files_limit_is_lifted_to_the_hard_one() -> None:
+    """1,024 sessions need over 2,048 descriptors; systemd's default soft limit is 1,024."""
+    code = (
+        "import resource\n"
+        "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))\n"
+        "from mailoauthd.proxy.common import raise_open_files_limit\n"
+        "new = raise_open_files_limit()\n"
+        "print(new, resource.getrlimit(resource.RLIMIT_NOFILE)[0], hard)\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True
+    )
+    new, soft, hard = (int(x) for x in run.stdout.split())
+    assert new == soft > 256
+    assert soft == hard or hard == resource.RLIM_INFINITY

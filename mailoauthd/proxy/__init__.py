@@ -5,6 +5,7 @@ user name and a password use an OAuth-only mailbox through them (docs/proxy.md).
     common.py     limits, bounded line reading, the splice, wrong-password penalties
     service.py    the listeners, the local login, the token, session counters
     upstream.py   TLS/STARTTLS and the XOAUTH2/OAUTHBEARER login to the real server
+    tls.py        the upstream's TLS stream, several records per read (for the splice)
     imap.py, pop3.py, smtp.py   what each protocol says before the login
     socketmap.py  the Postfix socketmap (netstrings on a Unix socket)
 """

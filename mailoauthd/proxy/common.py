@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import binascii
 import math
+import resource
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -22,14 +23,15 @@ import trio
 
 # A login line (a command with a password) fits easily; IMAP literals are bounded too.
 MAX_LINE = 8192
-MAX_CONNECTIONS = 512
+# 1,000 idle IMAP sessions (issue #12's figure) fit; each holds two sockets.
+MAX_CONNECTIONS = 1024
 MAX_PER_SOURCE = 64
 READ_TIMEOUT = 60.0
 LOGIN_DEADLINE = 300.0
 # Commands a client may send before logging in, so that a stream of NOOPs cannot
 # keep a connection (and its slot) forever.
 MAX_COMMANDS = 100
-CHUNK = 65536
+CHUNK = 131072
 # Wrong passwords from one address: the answer waits PENALTY_BASE * 2^(n-1) seconds
 # up to PENALTY_CAP; an address is forgotten after PENALTY_MEMORY seconds of quiet.
 PENALTY_BASE = 0.5
@@ -206,6 +208,24 @@ class Limits:
             self.by_source[source] = left
         else:
             self.by_source.pop(source, None)
+
+
+def raise_open_files_limit() -> int:
+    """Lift the soft limit on open files to the hard one; the new soft limit.
+
+    A proxied session holds two sockets, and a listener up to MAX_CONNECTIONS of them:
+    systemd's default soft limit (1024) would run out at about 500. The daemon waits
+    with epoll, never select(), so descriptors above 1024 are fine.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft == resource.RLIM_INFINITY or soft >= want:
+        return soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    except (ValueError, OSError):
+        return soft
+    return want
 
 
 def source_of(stream: trio.abc.Stream) -> str:

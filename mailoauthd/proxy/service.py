@@ -36,6 +36,7 @@ from mailoauthd.proxy.common import (
     LineTooLong,
     Outcome,
     Penalties,
+    raise_open_files_limit,
     source_of,
 )
 from mailoauthd.secret import Secret
@@ -133,6 +134,7 @@ class Proxy:
     ) -> None:
         """Bind every configured listener, then serve them until cancelled."""
         tls = self.tls_context()
+        raise_open_files_limit()
         async with trio.open_nursery() as nursery:
             for kind, handler in handlers.items():
                 where = getattr(self.settings, kind)

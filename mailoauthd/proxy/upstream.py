@@ -17,6 +17,7 @@ from pathlib import Path
 import trio
 
 from mailoauthd.proxy.common import Closed, LineReader, LineTooLong
+from mailoauthd.proxy.tls import TLSStream
 
 # Lines up to this length carry the initial response; RFC 5321's 1,000 bytes.
 SASL_IR_LIMIT = 1000
@@ -76,6 +77,8 @@ def oauthbearer(user: str, token: str, host: str, port: int) -> str:
 def _context(server: Server) -> ssl.SSLContext:
     context = ssl.create_default_context(cafile=str(server.ca_file) if server.ca_file else None)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    # TLSStream: a write must never need a read (TLS 1.2 renegotiation).
+    context.options |= ssl.OP_NO_RENEGOTIATION
     return context
 
 
@@ -101,7 +104,7 @@ class Connection:
 
     async def _wrap(self) -> None:
         assert self.stream is not None
-        tls = trio.SSLStream(self.stream, _context(self.server), server_hostname=self.server.host)
+        tls = TLSStream(self.stream, _context(self.server), server_hostname=self.server.host)
         await tls.do_handshake()
         self.stream = tls
 

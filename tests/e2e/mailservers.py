@@ -147,6 +147,8 @@ class SmtpSink:
 
     messages: list[Received] = field(default_factory=list)
     port: int = 0
+    # What EHLO advertises (SIZE), and Dovecot's submission passes on to its clients.
+    size_limit: int = 10485760
 
     def start(self) -> None:
         sink = self
@@ -164,7 +166,9 @@ class SmtpSink:
                 while line := self.rfile.readline(65536):
                     verb = line[:4].upper()
                     if verb in (b"EHLO", b"HELO", b"LHLO"):
-                        self.reply("250-sink.localhost\r\n250-8BITMIME\r\n250 SIZE 10485760")
+                        self.reply(
+                            f"250-sink.localhost\r\n250-8BITMIME\r\n250 SIZE {sink.size_limit}"
+                        )
                     elif verb == b"MAIL":
                         mail_from, rcpts = line.decode().split(":", 1)[1].strip(), []
                         self.reply("250 2.1.0 Ok")
@@ -173,10 +177,10 @@ class SmtpSink:
                         self.reply("250 2.1.5 Ok")
                     elif verb == b"DATA":
                         self.reply("354 End data with <CR><LF>.<CR><LF>")
-                        body = b""
+                        body = bytearray()  # bytes += would copy the message per line
                         while (chunk := self.rfile.readline(1 << 20)) not in (b".\r\n", b""):
                             body += chunk[1:] if chunk.startswith(b"..") else chunk
-                        sink.messages.append(Received(mail_from, rcpts, body))
+                        sink.messages.append(Received(mail_from, rcpts, bytes(body)))
                         self.reply("250 2.0.0 Ok: queued")
                     elif verb == b"QUIT":
                         self.reply("221 2.0.0 Bye")
