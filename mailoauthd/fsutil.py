@@ -27,33 +27,43 @@ def write_atomic(
     Raises:
         OSError: the write failed (disk full, …); the previous file is intact.
     """
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        write_atomic_at(directory, path.name, data, mode=mode, uid=uid, gid=gid)
+    finally:
+        os.close(directory)
+
+
+def write_atomic_at(
+    directory: int, name: str, data: bytes, *, mode: int = 0o600, uid: int = -1, gid: int = -1
+) -> None:
+    """
+    `write_atomic`, relative to an open directory (token_file walks its path without
+    following symlinks and writes through the last directory's descriptor).
+    """
+    temp = f".{name}.{os.getpid()}.tmp"
     with contextlib.suppress(FileNotFoundError):
-        temp.unlink()  # left by a crash of an earlier process with our pid
+        os.unlink(temp, dir_fd=directory)  # left by a crash of an earlier process with our pid
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(temp, flags, 0o600)
+    fd = os.open(temp, flags, 0o600, dir_fd=directory)
     try:
-        if (uid, gid) != (-1, -1):
-            os.fchown(fd, uid, gid)
-        if mode != 0o600:
-            os.fchmod(fd, mode)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        with contextlib.suppress(OSError):
-            temp.unlink()
-        raise
-    os.close(fd)
-    try:
-        os.replace(temp, path)
+        try:
+            if (uid, gid) != (-1, -1):
+                os.fchown(fd, uid, gid)
+            if mode != 0o600:
+                os.fchmod(fd, mode)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temp, name, src_dir_fd=directory, dst_dir_fd=directory)
     except BaseException:
         with contextlib.suppress(OSError):
-            temp.unlink()
+            os.unlink(temp, dir_fd=directory)
         raise
-    sync_directory(path.parent)
+    os.fsync(directory)
 
 
 def sync_directory(directory: Path) -> None:

@@ -28,6 +28,7 @@ import pwd
 import stat
 from pathlib import Path
 
+from mailoauthd import fsutil
 from mailoauthd.config import Account
 from mailoauthd.secret import Secret
 
@@ -129,39 +130,17 @@ def write(account: Account, token: Secret) -> Path | None:
     uid, gid = _uid(account.token_file_owner), _gid(account.token_file_group)
     directory = _open_directory(path)
     try:
-        _replace(
-            directory, path.name, f"{token.reveal()}\n".encode(), account.token_file_mode, uid, gid
+        fsutil.write_atomic_at(
+            directory,
+            path.name,
+            f"{token.reveal()}\n".encode(),
+            mode=account.token_file_mode,
+            uid=uid,
+            gid=gid,
         )
     finally:
         os.close(directory)
     return path
-
-
-def _replace(directory: int, name: str, data: bytes, mode: int, uid: int, gid: int) -> None:
-    """fsutil.write_atomic, relative to an open directory: temp, fsync, rename, fsync."""
-    temp = f".{name}.{os.getpid()}.tmp"
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(temp, dir_fd=directory)  # left by a crash of an earlier process with our pid
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(temp, flags, 0o600, dir_fd=directory)
-    try:
-        try:
-            if (uid, gid) != (-1, -1):
-                os.fchown(fd, uid, gid)
-            if mode != 0o600:
-                os.fchmod(fd, mode)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temp, name, src_dir_fd=directory, dst_dir_fd=directory)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp, dir_fd=directory)
-        raise
-    os.fsync(directory)
 
 
 def remove(account: Account) -> None:
