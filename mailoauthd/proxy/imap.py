@@ -13,13 +13,10 @@ import re
 
 from mailoauthd.proxy.common import (
     MAX_COMMANDS,
-    Closed,
     Denied,
     LineReader,
-    LineTooLong,
     Outcome,
     plain_credentials,
-    splice,
 )
 from mailoauthd.proxy.service import Client
 
@@ -77,14 +74,9 @@ async def handle(client: Client) -> None:
     reader = LineReader(client.stream)
     await client.send(f"* OK [CAPABILITY {capabilities(client)}] mailoauthd IMAP proxy ready")
     for _ in range(MAX_COMMANDS):
-        try:
-            raw = await reader.line(client.read_timeout)
-        except LineTooLong:
-            await client.send("* BYE line too long")
+        text = await client.command(reader, "* BYE line too long")
+        if text is None:
             return
-        except Closed:
-            return
-        text = raw.decode("utf-8", "replace").rstrip("\r\n")
         tag, _, rest = text.partition(" ")
         command, _, text = rest.partition(" ")
         command = command.upper()
@@ -108,10 +100,10 @@ async def handle(client: Client) -> None:
                 await client.send(f"{tag} BAD STARTTLS is not available")
                 continue
             await client.send(f"{tag} OK begin TLS negotiation now")
-            if reader.take_rest():
-                return  # plaintext after STARTTLS: a command injection attempt
-            await client.starttls()
-            reader = LineReader(client.stream)
+            started = await client.starttls(reader)
+            if started is None:
+                return
+            reader = started
         elif command in ("LOGIN", "AUTHENTICATE"):
             if client.must_encrypt and not client.encrypted:
                 await client.send(f"{tag} NO [PRIVACYREQUIRED] use STARTTLS first")
@@ -124,13 +116,7 @@ async def handle(client: Client) -> None:
             except Denied as denied:
                 await client.send(_answer(tag, denied))
                 continue
-            with client.proxy.session(name):
-                await client.send(f"{tag} {session.success}")
-                if pending := reader.take_rest():
-                    await session.stream.send_all(pending)
-                if held := session.reader.take_rest():
-                    await client.stream.send_all(held)
-                await splice(client.stream, session.stream)
+            await client.relay(reader, name, session, f"{tag} {session.success}")
             return
         else:
             await client.send(f"{tag} BAD {command} is not available before login")

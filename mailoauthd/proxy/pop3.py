@@ -7,13 +7,10 @@ from __future__ import annotations
 
 from mailoauthd.proxy.common import (
     MAX_COMMANDS,
-    Closed,
     Denied,
     LineReader,
-    LineTooLong,
     Outcome,
     plain_credentials,
-    splice,
 )
 from mailoauthd.proxy.service import Client
 
@@ -38,14 +35,9 @@ async def handle(client: Client) -> None:
     await client.send("+OK mailoauthd POP3 proxy ready")
     user: str | None = None
     for _ in range(MAX_COMMANDS):
-        try:
-            raw = await reader.line(client.read_timeout)
-        except LineTooLong:
-            await client.send("-ERR line too long")
+        text = await client.command(reader, "-ERR line too long")
+        if text is None:
             return
-        except Closed:
-            return
-        text = raw.decode("utf-8", "replace").rstrip("\r\n")
         command, _, argument = text.partition(" ")
         command = command.upper()
         credentials: tuple[str, str] | None = None
@@ -63,10 +55,10 @@ async def handle(client: Client) -> None:
                 await client.send("-ERR STLS is not available")
                 continue
             await client.send("+OK begin TLS negotiation")
-            if reader.take_rest():
+            started = await client.starttls(reader)
+            if started is None:
                 return
-            await client.starttls()
-            reader = LineReader(client.stream)
+            reader = started
             user = None
         elif command in ("USER", "PASS", "AUTH") and client.must_encrypt and not client.encrypted:
             await client.send("-ERR [AUTH] use STLS first")
@@ -106,12 +98,6 @@ async def handle(client: Client) -> None:
         except Denied as denied:
             await client.send(_answer(denied))
             continue
-        with client.proxy.session(name):
-            await client.send(session.success)
-            if pending := reader.take_rest():
-                await session.stream.send_all(pending)
-            if held := session.reader.take_rest():
-                await client.stream.send_all(held)
-            await splice(client.stream, session.stream)
+        await client.relay(reader, name, session, session.success)
         return
     await client.send("-ERR too many commands before login")

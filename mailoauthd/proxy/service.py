@@ -33,11 +33,13 @@ from mailoauthd.proxy.common import (
     Closed,
     Denied,
     Limits,
+    LineReader,
     LineTooLong,
     Outcome,
     Penalties,
     raise_open_files_limit,
     source_of,
+    splice,
 )
 from mailoauthd.secret import Secret
 from mailoauthd.state import AccountState
@@ -84,13 +86,47 @@ class Client:
     def read_timeout(self) -> float:
         return self.proxy.read_timeout
 
-    async def starttls(self) -> None:
+    async def command(self, reader: LineReader, too_long: str) -> str | None:
+        """
+        The next line before login, decoded; None when the connection is to end: the
+        client left, or sent a line over the bound (and was told `too_long`).
+        """
+        try:
+            raw = await reader.line(self.read_timeout)
+        except LineTooLong:
+            await self.send(too_long)
+            return None
+        except Closed:
+            return None
+        return raw.decode("utf-8", "replace").rstrip("\r\n")
+
+    async def starttls(self, reader: LineReader) -> LineReader | None:
+        """
+        TLS with the client, once it was told to begin; the reader of the encrypted
+        stream, or None when plaintext followed the command (a command injection
+        attempt: the connection ends).
+        """
+        if reader.take_rest():
+            return None
         assert self.tls is not None
         tls = trio.SSLStream(self.stream, self.tls, server_side=True)
         with trio.fail_after(self.read_timeout):
             await tls.do_handshake()
         self.stream = tls
         self.encrypted = True
+        return LineReader(self.stream)
+
+    async def relay(
+        self, reader: LineReader, name: str, session: upstream.Session, success: str
+    ) -> None:
+        """Logged in: say `success`, pass on what either side sent ahead, then splice."""
+        with self.proxy.session(name):
+            await self.send(success)
+            if pending := reader.take_rest():
+                await session.stream.send_all(pending)
+            if held := session.reader.take_rest():
+                await self.stream.send_all(held)
+            await splice(self.stream, session.stream)
 
     async def send(self, text: str) -> None:
         await self.stream.send_all(text.encode("utf-8") + b"\r\n")

@@ -14,14 +14,11 @@ import socket
 
 from mailoauthd.proxy.common import (
     MAX_COMMANDS,
-    Closed,
     Denied,
     LineReader,
-    LineTooLong,
     Outcome,
     b64text,
     plain_credentials,
-    splice,
 )
 from mailoauthd.proxy.service import Client
 
@@ -60,14 +57,9 @@ async def handle(client: Client) -> None:
         return None if line == "*" else line
 
     for _ in range(MAX_COMMANDS):
-        try:
-            raw = await reader.line(client.read_timeout)
-        except LineTooLong:
-            await client.send("500 5.5.2 line too long")
+        text = await client.command(reader, "500 5.5.2 line too long")
+        if text is None:
             return
-        except Closed:
-            return
-        text = raw.decode("utf-8", "replace").rstrip("\r\n")
         command, _, argument = text.partition(" ")
         command = command.upper()
         credentials: tuple[str, str] | None = None
@@ -87,10 +79,10 @@ async def handle(client: Client) -> None:
                 await client.send("502 5.5.1 STARTTLS is not available")
                 continue
             await client.send("220 2.0.0 ready to start TLS")
-            if reader.take_rest():
+            started = await client.starttls(reader)
+            if started is None:
                 return
-            await client.starttls()
-            reader = LineReader(client.stream)
+            reader = started
             helo = None
         elif command == "AUTH":
             if helo is None:
@@ -132,12 +124,6 @@ async def handle(client: Client) -> None:
         except Denied as denied:
             await client.send(_answer(denied))
             continue
-        with client.proxy.session(name):
-            await client.send(session.success)
-            if pending := reader.take_rest():
-                await session.stream.send_all(pending)
-            if held := session.reader.take_rest():
-                await client.stream.send_all(held)
-            await splice(client.stream, session.stream)
+        await client.relay(reader, name, session, session.success)
         return
     await client.send("421 4.7.0 too many commands before authentication")
