@@ -28,6 +28,7 @@ import trio
 
 from mailoauthd import __version__, config, oauth, paths, protocol, proxy, signin
 from mailoauthd.access import Policy
+from mailoauthd.alerts import NEEDS_AUTHORIZATION, REFRESH_TOKEN_EXPIRING, Reminders
 from mailoauthd.discovery import Discovery
 from mailoauthd.errors import (
     Busy,
@@ -40,14 +41,13 @@ from mailoauthd.errors import (
     UnknownAccount,
     UsageError,
 )
-from mailoauthd.notify import Notifier
-from mailoauthd.notify_command import NEEDS_AUTHORIZATION, REFRESH_TOKEN_EXPIRING, Reminders
 from mailoauthd.provider_input import is_b64token
 from mailoauthd.scheduler import Scheduler
 from mailoauthd.secret import Secret
 from mailoauthd.server import Channel, Peer, Server, bind, inherited, listen_fds
 from mailoauthd.state import AccountState
 from mailoauthd.store import GrantStore, open_store
+from mailoauthd.systemd import Notifier
 
 log = structlog.get_logger(__name__)
 
