@@ -164,21 +164,19 @@ class Policy:
         """May see the account in `status`."""
         return self.is_admin(peer) or self.may_use(peer, account)
 
-    def refusal(self, request: Mapping[str, object], peer: Peer) -> Refusal | None:
+    def refusal(self, op: str, name: str | None, peer: Peer) -> Refusal | None:
         """
-        Why this peer may not make this request, or None when it may.
+        Why this peer may not make this request (`op` on account `name`), or None when it may.
 
-        Malformed requests are let through: the handler answers those, and its
-        answer does not depend on who asks.
+        The request was checked before (request.parse): `op` is a known operation,
+        and an operation on one account has its name.
         """
         if self.is_owner(peer):
             return None
-        op = request.get("op")
         if op in OPEN_OPS:
             return None
         if op in ACCOUNT_OPS:
-            name = request.get("account")
-            if not isinstance(name, str) or self.may_use(peer, name):
+            if name is None or self.may_use(peer, name):
                 return None
             known = name in self.users
             if known and self.is_admin(peer):

@@ -19,6 +19,7 @@ import structlog
 import trio
 
 from mailoauthd.config import Account, Provider
+from mailoauthd.lastresort import guarded
 from mailoauthd.provider_input import MAX_MESSAGE, clean_text
 
 log = structlog.get_logger(__name__)
@@ -158,7 +159,9 @@ class Reminders:
                     if alert.due <= now:
                         if not alert.running:
                             alert.running = True
-                            nursery.start_soon(self._run_command, alert)
+                            # Under the last resort: a command that cannot be started
+                            # for a reason nobody foresaw must not end the daemon.
+                            nursery.start_soon(guarded, "notify_command", self._run_command, alert)
                         if alert.repeat:
                             alert.due = now + alert.account.notify_interval
                         else:
@@ -170,11 +173,10 @@ class Reminders:
                     await self._wakeup.wait()
 
     async def _run_command(self, alert: _Alert) -> None:
+        # Any fault beyond what _run_command_once handles goes to the caller's last
+        # resort (lastresort.guarded), which logs it and keeps the daemon going.
         try:
             await self._run_command_once(alert)
-        except Exception as exc:  # noqa: BLE001 - a background task's last resort
-            # Whatever went wrong, telling a person must not end the daemon.
-            log.error("notify.internal_error", account=alert.account.name, error=type(exc).__name__)
         finally:
             alert.running = False
 

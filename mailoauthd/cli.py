@@ -24,8 +24,8 @@ from mailoauthd import (
     config,
     daemon,
     logs,
-    nodump,
     paths,
+    proc,
     proxy,
     seal,
     state,
@@ -170,12 +170,13 @@ def _run(
 ) -> int:
     journal = logs.JOURNAL_SOCKET if logs.stderr_is_journal(env) else None
     logs.configure(level=cfg.daemon.log_level, fmt=cfg.daemon.log_format, journal=journal)
-    for problem in nodump.forbid():  # no core file with tokens in it
+    for problem in proc.forbid_core_dumps():  # no core file with tokens in it, no ptrace
         structlog.get_logger(__name__).warning("daemon.core_dumps_possible", reason=problem)
     # Socket activation's variables are ours alone (daemon.run reads them from `env`):
     # programs we start, such as a client_secret_command, must not see them.
     for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
         os.environ.pop(name, None)
+    proc.raise_fd_limit()
     failures: list[MailoauthdError] = []
     run = partial(daemon.run, cfg, config_path=path, env=env, system=system)
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-import math
 import os
 import signal
 from collections.abc import Awaitable, Callable, Mapping
@@ -26,7 +25,7 @@ import httpx
 import structlog
 import trio
 
-from mailoauthd import __version__, config, oauth, paths, protocol, proxy, signin
+from mailoauthd import __version__, config, oauth, paths, protocol, proxy, signin, tokenfile
 from mailoauthd.access import Policy
 from mailoauthd.alerts import NEEDS_AUTHORIZATION, REFRESH_TOKEN_EXPIRING, Reminders
 from mailoauthd.discovery import Discovery
@@ -41,7 +40,10 @@ from mailoauthd.errors import (
     UnknownAccount,
     UsageError,
 )
+from mailoauthd.lastresort import guarded
+from mailoauthd.limits import LogLimit
 from mailoauthd.provider_input import is_b64token
+from mailoauthd.request import Request, shown
 from mailoauthd.scheduler import Scheduler
 from mailoauthd.secret import Secret
 from mailoauthd.server import Channel, Peer, Server, bind, inherited, listen_fds
@@ -81,18 +83,8 @@ def read_secrets(
     return secrets
 
 
-def _number(request: Mapping[str, object], key: str, default: float) -> float:
-    value = request.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ProtocolError(f"'{key}' must be a number of seconds")
-    return float(value)
-
-
-def _text(request: Mapping[str, object], key: str) -> str:
-    value = request.get(key)
-    if not isinstance(value, str) or not value:
-        raise ProtocolError(f"'{key}' must be a non-empty string")
-    return value
+def _or(value: float | None, default: float) -> float:
+    return default if value is None else value
 
 
 class Daemon:
@@ -126,6 +118,7 @@ class Daemon:
         self.reminders = reminders or Reminders(env={}, now=scheduler.now)
         self._signing_in: set[str] = set()  # accounts with a sign-in in progress
         self.proxy: proxy.Proxy | None = None  # [proxy]: listeners and session counters
+        self._refusals = LogLimit()  # refusals logged per uid: a refused loop must not flood
         # Fixed for the process (the CLI configures logging once), and asked for
         # every token served: looking it up through structlog's proxy costs more.
         self._debug = log.is_enabled_for(logging.DEBUG)
@@ -136,12 +129,13 @@ class Daemon:
             peer_groups=system,
             quick=self.answer_now,
             conversations={"authorize": self._authorize},
+            privileged=lambda peer: self.policy.is_admin(peer),
         )
 
     # --- requests ----------------------------------------------------------------
 
-    async def handle(self, request: dict[str, object], peer: Peer) -> dict[str, object]:
-        """Answer one request; errors propagate to the server as MailoauthdError."""
+    async def handle(self, request: Request, peer: Peer) -> dict[str, object]:
+        """Answer one request (checked by request.parse); errors propagate as MailoauthdError."""
         try:
             return await self._handle(request, peer)
         except UnknownAccount as exc:
@@ -149,14 +143,12 @@ class Daemon:
             names = [name for name in self.config.accounts if self.policy.visible(peer, name)]
             return {
                 **protocol.error_reply(exc.code, exc.message, exc.hint),
-                "account": str(request.get("account", "")),
+                "account": request.account or "",
                 "accounts": names,
             }
 
-    async def _handle(self, request: dict[str, object], peer: Peer) -> dict[str, object]:
-        if request.get("v") != 1:
-            raise ProtocolError(f"unsupported protocol version {request.get('v')!r}; expected 1")
-        op = request.get("op")
+    async def _handle(self, request: Request, peer: Peer) -> dict[str, object]:
+        op = request.op
         if op == "token":
             return await self._token(request, peer)
         if op == "status":
@@ -173,32 +165,34 @@ class Daemon:
                 raise ConfigError(self.last_reload_error or "the configuration was not reloaded")
             return {"ok": True, "accounts": len(self.config.accounts)}
         if op == "refresh":
-            name = _text(request, "account")
+            name = request.name
             st = await self._bounded(name, request, partial(self.scheduler.refresh, name))
             return {"ok": True, "account": name, **_expiry(st.expires_at, self.scheduler.now())}
         if op == "import":
-            name = _text(request, "account")
-            token = Secret(_text(request, "refresh_token"))
+            name = request.name
+            token = request.refresh_token
+            assert token is not None  # request.parse requires it for `import`
             if not is_b64token(token.reveal()):
                 raise UsageError(
                     f"{name}: that is not a refresh token: it has characters RFC 6750 does "
                     "not allow in one, or is too long (not shown)",
                     hint="paste only the token itself",
                 )
-            if "client_id" in request:  # `import --from`: the client the other tool used
-                self._same_client(name, _text(request, "client_id"))
+            if request.client_id is not None:  # `import --from`: the client the other tool used
+                self._same_client(name, request.client_id)
             st = await self._bounded(
                 name, request, partial(self.scheduler.import_token, name, token)
             )
             return {"ok": True, "account": name, **_expiry(st.expires_at, self.scheduler.now())}
         if op == "revoke":
-            name = _text(request, "account")
+            name = request.name
             return {"ok": True, "account": name, "note": await self.scheduler.forget(name)}
         if op == "ping":
             return {"ok": True, "version": __version__, "pid": os.getpid()}
         if op == "servers":
-            return _servers(self.scheduler.account(_text(request, "account")))
-        raise ProtocolError(f"unknown operation {op!r}")
+            return _servers(self.scheduler.account(request.name))
+        # `authorize` is a conversation; any other name was refused by request.parse.
+        raise ProtocolError(f"operation '{op}' is not served this way")
 
     def _same_client(self, name: str, client_id: str) -> None:
         """A refresh token works only with the client that got it: refuse another's."""
@@ -215,34 +209,31 @@ class Daemon:
     async def _bounded(
         self,
         name: str,
-        request: Mapping[str, object],
+        request: Request,
         work: Callable[[], Awaitable[AccountState]],
     ) -> AccountState:
-        timeout = min(_number(request, "timeout", DEFAULT_ADMIN_TIMEOUT), MAX_REQUEST_TIMEOUT)
+        timeout = min(_or(request.timeout, DEFAULT_ADMIN_TIMEOUT), MAX_REQUEST_TIMEOUT)
         with trio.move_on_after(max(0.0, timeout)):
             return await work()
         raise self._timed_out(name, timeout)
 
-    def answer_now(self, request: dict[str, object], peer: Peer) -> dict[str, object] | None:
+    def answer_now(self, request: Request, peer: Peer) -> dict[str, object] | None:
         """The answer to a token request that needs no waiting; None when `handle` must wait."""
-        if request.get("v") != 1 or request.get("op") != "token":
+        if request.op != "token":
             return None
-        name = _text(request, "account")
+        name = request.name
         if not self.policy.may_use(peer, name):
             return None  # `gate` refuses it, and logs that, on the general path
-        min_validity = _number(request, "min_validity", -1.0)
-        # Ill-typed fields are refused on both paths alike.
-        _number(request, "timeout", DEFAULT_REQUEST_TIMEOUT)
-        _number(request, "wait", 0.0)
+        min_validity = _or(request.min_validity, -1.0)
         st = self.scheduler.token_now(name, None if min_validity < 0 else min_validity)
         return None if st is None else self._token_reply(name, st, peer)
 
-    async def _token(self, request: dict[str, object], peer: Peer) -> dict[str, object]:
-        name = _text(request, "account")
-        min_validity = _number(request, "min_validity", -1.0)
-        timeout = min(_number(request, "timeout", DEFAULT_REQUEST_TIMEOUT), MAX_REQUEST_TIMEOUT)
+    async def _token(self, request: Request, peer: Peer) -> dict[str, object]:
+        name = request.name
+        min_validity = _or(request.min_validity, -1.0)
+        timeout = min(_or(request.timeout, DEFAULT_REQUEST_TIMEOUT), MAX_REQUEST_TIMEOUT)
         # `token --wait`: an account that needs a person is waited for, not failed at once.
-        wait = min(max(0.0, _number(request, "wait", 0.0)), MAX_AUTHORIZATION_WAIT)
+        wait = min(max(0.0, _or(request.wait, 0.0)), MAX_AUTHORIZATION_WAIT)
         give_up = trio.current_time() + wait
         while True:
             deadline = trio.current_time() + max(0.0, timeout)
@@ -271,28 +262,28 @@ class Daemon:
             "username": self.scheduler.account(name).username or "",
         }
 
-    def _gate(self, request: dict[str, object], peer: Peer) -> None:
+    def _gate(self, request: Request, peer: Peer) -> None:
         """The server asks before every request; raises AccessDenied to refuse (system mode)."""
-        refusal = self.policy.refusal(request, peer)
+        refusal = self.policy.refusal(request.op, request.account, peer)
         if refusal is not None:
-            log.info(
-                "request.refused",
-                uid=peer.uid,
-                pid=peer.pid,
-                exe=_exe(peer.pid),
-                op=str(request.get("op")),
-                account=str(request.get("account")),
-                reason=refusal.reason,
-            )
+            if self._refusals.allow(peer.uid, trio.current_time()):
+                log.info(
+                    "request.refused",
+                    uid=peer.uid,
+                    pid=peer.pid,
+                    exe=_exe(peer.pid),
+                    op=request.op,
+                    # request.parse let through only names as the configuration
+                    # allows them: at most 64 characters, nothing to escape.
+                    account=request.account,
+                    reason=refusal.reason,
+                    **self._refusals.suppressed(peer.uid),
+                )
             raise refusal.error
 
-    async def _authorize(
-        self, request: dict[str, object], peer: Peer, channel: Channel
-    ) -> dict[str, object]:
+    async def _authorize(self, request: Request, peer: Peer, channel: Channel) -> dict[str, object]:
         """`mailoauth authorize`: a conversation that runs one sign-in (signin.py)."""
-        if request.get("v") != 1:
-            raise ProtocolError(f"unsupported protocol version {request.get('v')!r}; expected 1")
-        name = _text(request, "account")
+        name = request.name
         account = self.scheduler.account(name)
         if account.flow == "client_credentials":
             return {
@@ -301,9 +292,11 @@ class Daemon:
                 "note": "this account uses client_credentials: mailoauthd gets its tokens "
                 "with the client secret, and nobody needs to sign in",
             }
-        flow = request.get("flow") or account.flow
+        flow = request.flow or account.flow
         if flow not in SIGN_IN_FLOWS:
-            raise UsageError(f"--flow must be one of {', '.join(SIGN_IN_FLOWS)} (got {flow!r})")
+            raise UsageError(
+                f"--flow must be one of {', '.join(SIGN_IN_FLOWS)} (got {shown(flow)})"
+            )
         if name in self._signing_in:
             raise Busy(
                 f"{name}: a sign-in is already in progress",
@@ -423,7 +416,7 @@ class Daemon:
             task_status.started()
             async for signum in signals:
                 if signum == signal.SIGHUP:
-                    await self.reload()
+                    await guarded("reload", self.reload)
                     continue
                 log.info("daemon.stopping", signal=signal.Signals(signum).name)
                 self.notifier.stopping()
@@ -562,6 +555,8 @@ async def run(
                 # Open to every local user only when the configuration grants them something.
                 listener = bind(socket_path, public=policy.shared)
                 ours = _identity(socket_path)
+            # No token_file may be put among our state files or next to our socket.
+            tokenfile.protect(state_dir, socket_path.parent)
             daemon = Daemon(
                 cfg,
                 config_path=config_path,
@@ -589,7 +584,7 @@ async def run(
                     daemon.proxy = await root.start(
                         partial(proxy.run, cfg, scheduler, lambda: daemon.policy)
                     )
-                root.start_soon(daemon.discover)
+                root.start_soon(guarded, "discovery", daemon.discover)
                 gc.freeze()
                 gc.enable()
                 notifier.ready(scheduler.summary())
@@ -603,9 +598,13 @@ async def run(
                     accounts=len(cfg.accounts),
                 )
                 if notifier.watchdog_interval:
-                    root.start_soon(daemon._watchdog, notifier.watchdog_interval)
+                    root.start_soon(
+                        guarded, "watchdog", daemon._watchdog, notifier.watchdog_interval
+                    )
                 if notifier.enabled:
-                    root.start_soon(daemon._status_updates)
+                    root.start_soon(
+                        partial(guarded, "status", daemon._status_updates, restart=True)
+                    )
                 task_status.started(daemon)
     finally:
         gc.enable()

@@ -63,3 +63,33 @@ def sync_directory(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def make_directories(directory: Path, *, mode: int = 0o700, parents_mode: int = 0o700) -> bool:
+    """
+    Create `directory` and any missing parent with exactly these modes, whatever the umask.
+
+    Path.mkdir(parents=True) gives the parents 0777 less the umask: 0777 under
+    umask 000, where anyone could then swap what we put in them.
+
+    Returns:
+        Whether `directory` itself was created.
+
+    Raises:
+        OSError: a directory could not be created.
+    """
+    missing = []
+    current = directory
+    while not os.path.lexists(current) and current != current.parent:
+        missing.append(current)
+        current = current.parent
+    created = False
+    for path in reversed(missing):
+        wanted = mode if path == directory else parents_mode
+        try:
+            os.mkdir(path, wanted)
+        except FileExistsError:
+            continue  # made meanwhile by someone else: checked by the caller as usual
+        os.chmod(path, wanted, follow_symlinks=False)
+        created = path == directory
+    return created

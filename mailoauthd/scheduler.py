@@ -36,6 +36,7 @@ from mailoauthd.errors import (
     UnknownAccount,
     UsageError,
 )
+from mailoauthd.lastresort import guarded
 from mailoauthd.secret import Secret
 from mailoauthd.state import AccountState
 from mailoauthd.store import GrantStore
@@ -276,7 +277,9 @@ class Scheduler:
                 # for the refresh token we hold may be closing (state.refresh_sent).
                 delay = 0.0
             slot.scheduled = True
-            self._require_nursery().start_soon(self._scheduled_refresh, slot, delay)
+            self._require_nursery().start_soon(
+                guarded, "scheduled refresh", self._scheduled_refresh, slot, delay
+            )
             started += 1
         self._last_call = last_call
         log.debug("check.done", accounts=len(self._slots), due=started)
@@ -329,7 +332,11 @@ class Scheduler:
         """Start a refresh unless one is in flight; either way, the event that ends it."""
         if slot.in_flight is None:
             slot.in_flight = trio.Event()
-            self._require_nursery().start_soon(self._refresh, slot, slot.in_flight)
+            # Under the last resort: an unforeseen fault ends this refresh only; the
+            # next scheduled check tries again.
+            self._require_nursery().start_soon(
+                guarded, "refresh", self._refresh, slot, slot.in_flight
+            )
         return slot.in_flight
 
     # --- one refresh -------------------------------------------------------------

@@ -11,6 +11,11 @@ to take the answer) and in size (MAX_LINE); at most MAX_CONNECTIONS are
 served at once. When all are taken, the connection that has waited longest
 without sending its line is told "busy" to make room for the newcomer; only
 when every one is a request being served is the newcomer told "busy".
+In system mode no one uid but the administrators' holds more than MAX_PER_UID,
+and the last ADMIN_RESERVE slots are for administrators only; a request that
+may wait is given up when its client hangs up. Every request is checked and
+typed once (request.parse) for both paths, and a fault nobody foresaw ends
+only its own request, answered "internal" (lastresort.py).
 Whatever one client does, the others are served. The server knows nothing of
 tokens: `daemon` hands it a handler, and a quick handler for what can be
 answered from memory.
@@ -32,8 +37,10 @@ request line in the first read.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import os
+import select
 import socket as stdsocket
 import stat
 import struct
@@ -47,6 +54,9 @@ import trio
 
 from mailoauthd import protocol
 from mailoauthd.errors import MailoauthdError, ProtocolError
+from mailoauthd.fsutil import make_directories
+from mailoauthd.lastresort import INTERNAL, fault
+from mailoauthd.request import Request, parse, shown
 
 log = structlog.get_logger(__name__)
 
@@ -56,6 +66,14 @@ READ_TIMEOUT = 5.0
 WRITE_TIMEOUT = 5.0
 # Well above what mail programs open at once, far below the fd limit.
 MAX_CONNECTIONS = 512
+# System mode: the last slots are kept for administrators (`status`, `revoke`, fixing
+# what the others broke), and no one other uid holds more than MAX_PER_UID at once.
+ADMIN_RESERVE = 32
+MAX_PER_UID = 128
+# Operations that may wait long (a refresh, `token --wait`): given up when the client hangs up.
+WAITING_OPS = frozenset({"token", "refresh", "import"})
+# How often a client that half-closed its side is checked for having gone entirely.
+HANGUP_POLL = 1.0
 # Connections taken per wake-up before other tasks get their turn: enough to
 # drain a burst in one go, few enough that a scheduled refresh never waits long.
 ACCEPT_BATCH = 64
@@ -65,8 +83,10 @@ QUICK_READ = 65536
 _PEERCRED = struct.Struct("3i")  # pid, uid, gid
 # Linux's SO_PEERGROUPS (since 4.13); Python's socket module does not name it.
 SO_PEERGROUPS = getattr(stdsocket, "SO_PEERGROUPS", 59)
-# Room for this many supplementary groups in the first try; more costs a second call.
-_GROUPS_GUESS = 64
+# Room for this many supplementary groups in the first try: the most Python's getsockopt
+# takes (1024 bytes). More (AD/LDAP users, up to the kernel's NGROUPS_MAX of 65536) go
+# through libc's getsockopt with a buffer of the size the kernel asks for.
+_GROUPS_GUESS = 256
 _GID = struct.Struct("I")
 # systemd's first passed file descriptor (sd_listen_fds(3)).
 SD_LISTEN_FDS_START = 3
@@ -82,11 +102,13 @@ class Peer:
     groups: tuple[int, ...] = ()  # supplementary groups, read only when asked for
 
 
-Handler = Callable[[dict[str, object], Peer], Awaitable[dict[str, object]]]
+Handler = Callable[[Request, Peer], Awaitable[dict[str, object]]]
 # Decides whether this peer may make this request; raises (AccessDenied) when not.
-Gate = Callable[[dict[str, object], Peer], None]
+Gate = Callable[[Request, Peer], None]
 # Answers a request on the spot when that needs no waiting; None hands it to the Handler.
-QuickHandler = Callable[[dict[str, object], Peer], dict[str, object] | None]
+QuickHandler = Callable[[Request, Peer], dict[str, object] | None]
+# Whether a peer is an administrator: may use the reserved slots, has no per-uid cap.
+Privileged = Callable[[Peer], bool]
 
 
 class Channel:
@@ -96,6 +118,7 @@ class Channel:
         self._stream = stream
         self._buffer = bytearray()
         self._sending = trio.Lock()
+        self._skipping = False  # the rest of an over-long line is being thrown away
 
     async def send(self, message: dict[str, object]) -> None:
         """
@@ -113,11 +136,24 @@ class Channel:
         """
         The client's next line, or None once it hangs up; waits as long as the caller lets it.
 
+        An over-long line is refused once (ProtocolError) and the rest of it, up
+        to its newline, is thrown away as it arrives: the caller may go on
+        receiving, and the buffer never holds more than MAX_LINE and a chunk.
+
         Raises:
             ProtocolError: the line is not a JSON object, or longer than MAX_LINE.
         """
-        while (newline := self._buffer.find(b"\n")) < 0:
-            if len(self._buffer) > protocol.MAX_LINE:
+        await trio.lowlevel.checkpoint()  # a caller that loops on errors still yields
+        while (newline := self._buffer.find(b"\n")) < 0 or self._skipping:
+            if newline >= 0:  # the end of the over-long line: what follows is a new one
+                del self._buffer[: newline + 1]
+                self._skipping = False
+                continue
+            if self._skipping:
+                self._buffer.clear()
+            elif len(self._buffer) > protocol.MAX_LINE:
+                self._buffer.clear()
+                self._skipping = True
                 raise ProtocolError(f"line longer than {protocol.MAX_LINE} bytes")
             try:
                 chunk = await self._stream.receive_some(65536)
@@ -128,6 +164,8 @@ class Channel:
             self._buffer += chunk
         line = bytes(self._buffer[:newline])
         del self._buffer[: newline + 1]
+        if len(line) > protocol.MAX_LINE:
+            raise ProtocolError(f"line longer than {protocol.MAX_LINE} bytes")
         try:
             return protocol.decode(line)
         except protocol.WireError as exc:
@@ -135,7 +173,7 @@ class Channel:
 
 
 # A conversation: gets the request, the peer and the Channel; returns the final answer.
-Conversation = Callable[[dict[str, object], Peer, Channel], Awaitable[dict[str, object]]]
+Conversation = Callable[[Request, Peer, Channel], Awaitable[dict[str, object]]]
 
 
 def peer_of(sock: trio.socket.SocketType | stdsocket.SocketType, *, groups: bool = False) -> Peer:
@@ -165,9 +203,30 @@ def _peer_groups(sock: trio.socket.SocketType | stdsocket.SocketType) -> tuple[i
     except OSError as exc:
         if exc.errno != errno.ERANGE:
             raise
-        # NGROUPS_MAX is 65536 on Linux: a rare member of very many groups.
-        raw = sock.getsockopt(stdsocket.SOL_SOCKET, SO_PEERGROUPS, 65536 * _GID.size)
+        raw = _peer_groups_libc(sock.fileno())
     return tuple(gid for (gid,) in _GID.iter_unpack(raw))
+
+
+def _peer_groups_libc(fd: int) -> bytes:
+    """
+    SO_PEERGROUPS through libc, for more groups than Python's getsockopt has room for.
+
+    Raises:
+        OSError: the kernel cannot tell.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    size = ctypes.c_uint32(65536 * _GID.size)  # NGROUPS_MAX; the kernel says what it needs
+    for _ in range(3):  # the kernel's answer to ERANGE is the size it needs
+        buffer = ctypes.create_string_buffer(size.value)
+        if (
+            libc.getsockopt(fd, stdsocket.SOL_SOCKET, SO_PEERGROUPS, buffer, ctypes.byref(size))
+            == 0
+        ):
+            return buffer.raw[: size.value]
+        number = ctypes.get_errno()
+        if number != errno.ERANGE:
+            raise OSError(number, os.strerror(number))
+    raise OSError(errno.ERANGE, "the peer's groups keep growing")
 
 
 def listen_fds(env: Mapping[str, str], pid: int) -> list[int]:
@@ -222,10 +281,11 @@ def bind(path: Path, *, public: bool = False) -> stdsocket.socket:
     """
     directory = path.parent
     try:
-        created = not directory.exists()
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if created and public:
-            directory.chmod(0o755)  # explicitly: a umask (UMask=0077) would narrow it
+        # Missing parents 0700 (0755 for a public socket, which others must reach), and
+        # the directory itself 0700 or 0755, whatever the umask (000 or UMask=0077).
+        make_directories(
+            directory, mode=0o755 if public else 0o700, parents_mode=0o755 if public else 0o700
+        )
         info = os.lstat(directory)
     except OSError as exc:
         raise MailoauthdError(f"cannot create the socket directory {directory}: {exc}") from exc
@@ -283,9 +343,13 @@ class Server:
         peer_groups: bool = False,
         quick: QuickHandler | None = None,
         conversations: Mapping[str, Conversation] | None = None,
+        privileged: Privileged | None = None,
     ) -> None:
         self.handler = handler
         self.quick = quick
+        # None: every peer is (per-user mode); else only these use the reserved slots.
+        self.privileged = privileged
+        self._per_uid: dict[int, int] = {}  # connections held by each uid
         # op -> handler, for the operations that talk back and forth on one connection.
         self.conversations = dict(conversations or {})
         # None: every local user is let in, and `gate` decides each request (system mode).
@@ -325,28 +389,46 @@ class Server:
                         log.error("socket.accept_failed", error=str(exc))
                         await trio.sleep(0.1)
                         break
-                    received, reply = self._answer_at_once(conn)
-                    if reply is not None:
-                        self.served += 1
-                        rest = _send_at_once(conn, reply)
-                        if not rest:
-                            conn.close()
-                            continue
-                        nursery.start_soon(self._send_rest, _stream(conn), rest)
-                        continue
-                    if self.active >= MAX_CONNECTIONS:
-                        if not self._silent:  # every slot is a request being served
-                            nursery.start_soon(self._refuse_busy, _stream(conn))
-                            continue
-                        # A flood of silent connections must not lock out the mail programs
-                        # that send their line and go: the one that has waited longest
-                        # without sending its line has had its chance, and makes room.
-                        _, oldest = self._silent.popitem(last=False)
-                        oldest.cancel()
-                    self.active += 1
-                    nursery.start_soon(self._connection, _stream(conn), received)
+                    try:
+                        self._take(nursery, conn)
+                    except Exception as exc:  # the last resort: the loop must go on
+                        fault("socket.accept_fault", exc)
+                        conn.close()
 
-    def _answer_at_once(self, conn: stdsocket.SocketType) -> tuple[bytes, bytes | None]:
+    def _take(self, nursery: trio.Nursery, conn: stdsocket.SocketType) -> None:
+        """Answer a new connection at once, or give it a task, or say "busy"."""
+        peer, received, reply = self._answer_at_once(conn)
+        if reply is not None:
+            self.served += 1
+            rest = _send_at_once(conn, reply)
+            if not rest:
+                conn.close()
+                return
+            nursery.start_soon(self._send_rest, _stream(conn), rest)
+            return
+        privileged = peer is not None and (self.privileged is None or self.privileged(peer))
+        if not privileged and peer is not None and self._per_uid.get(peer.uid, 0) >= MAX_PER_UID:
+            message = f"uid {peer.uid} holds {MAX_PER_UID} connections already; try again later"
+            nursery.start_soon(self._refuse_busy, _stream(conn), message)
+            return
+        limit = MAX_CONNECTIONS if privileged else MAX_CONNECTIONS - ADMIN_RESERVE
+        if self.active >= limit:
+            if not self._silent:  # every slot is a request being served
+                nursery.start_soon(self._refuse_busy, _stream(conn))
+                return
+            # A flood of silent connections must not lock out the mail programs
+            # that send their line and go: the one that has waited longest
+            # without sending its line has had its chance, and makes room.
+            _, oldest = self._silent.popitem(last=False)
+            oldest.cancel()
+        self.active += 1
+        if peer is not None:
+            self._per_uid[peer.uid] = self._per_uid.get(peer.uid, 0) + 1
+        nursery.start_soon(self._connection, _stream(conn), peer, received)
+
+    def _answer_at_once(
+        self, conn: stdsocket.SocketType
+    ) -> tuple[Peer | None, bytes, bytes | None]:
         """
         Answer without a task when the line is already here and needs no waiting.
 
@@ -355,26 +437,33 @@ class Server:
         that can be answered at once is answered here, in the accept loop.
 
         Returns:
-            What was read (for the general path, when it must take over), and
-            the answer line, or None when the general path must take over.
+            The peer (None when the kernel cannot tell), what was read (for the
+            general path, when it must take over), and the answer line, or None
+            when the general path must take over.
         """
-        if self.quick is None:
-            return b"", None
         try:
             peer = peer_of(conn, groups=self.peer_groups)
+        except OSError:
+            return None, b"", None
+        if self.quick is None:
+            return peer, b"", None
+        try:
             received = conn.recv(QUICK_READ, stdsocket.MSG_DONTWAIT)
         except OSError:  # BlockingIOError: the line is not here yet
-            return b"", None
+            return peer, b"", None
         newline = received.find(b"\n")
         if newline < 0 or not self._admitted(peer):
-            return received, None
+            return peer, received, None
         try:
-            reply = self.quick(protocol.decode(received[:newline]), peer)
+            reply = self.quick(parse(protocol.decode(received[:newline])), peer)
+            if reply is None:
+                return peer, received, None
+            return peer, received, protocol.encode(reply)
         except (MailoauthdError, protocol.WireError):
-            return received, None
-        if reply is None:
-            return received, None
-        return received, protocol.encode(reply)
+            return peer, received, None  # the general path says what is wrong
+        except Exception as exc:  # the last resort; the general path answers "internal"
+            fault("request.quick_fault", exc, uid=peer.uid, pid=peer.pid)
+            return peer, received, None
 
     async def _send_rest(self, stream: trio.SocketStream, rest: bytes) -> None:
         with trio.move_on_after(WRITE_TIMEOUT):
@@ -383,29 +472,56 @@ class Server:
         with contextlib.suppress(OSError):
             await stream.aclose()
 
-    async def _refuse_busy(self, stream: trio.SocketStream) -> None:
-        reply = protocol.error_reply("busy", "mailoauthd is serving too many connections", "")
+    async def _refuse_busy(
+        self, stream: trio.SocketStream, message: str = "mailoauthd is serving too many connections"
+    ) -> None:
+        reply = protocol.error_reply("busy", message, "")
         with trio.move_on_after(1.0), contextlib.suppress(trio.BrokenResourceError, OSError):
             await stream.send_all(protocol.encode(reply))
-        await stream.aclose()
+        with contextlib.suppress(OSError):
+            await stream.aclose()
 
-    async def _connection(self, stream: trio.SocketStream, received: bytes = b"") -> None:
+    async def _connection(
+        self, stream: trio.SocketStream, peer: Peer | None, received: bytes = b""
+    ) -> None:
         try:
-            reply = await self._answer(stream, received)
+            try:
+                reply = await self._answer(stream, peer, received)
+            except Exception as exc:  # the last resort: one request's fault ends only it
+                fault(
+                    "request.internal_error",
+                    exc,
+                    uid=None if peer is None else peer.uid,
+                    pid=None if peer is None else peer.pid,
+                )
+                reply = protocol.error_reply(
+                    INTERNAL,
+                    "mailoauthd failed on this request; its log says where",
+                    "try again; if it persists, report it with the daemon's log",
+                )
             with trio.move_on_after(WRITE_TIMEOUT):
-                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                with contextlib.suppress(
+                    trio.BrokenResourceError, trio.ClosedResourceError, OSError
+                ):
                     await stream.send_all(protocol.encode(reply))
         finally:
             self.active -= 1
             self.served += 1
+            if peer is not None:
+                left = self._per_uid.pop(peer.uid, 1) - 1
+                if left > 0:
+                    self._per_uid[peer.uid] = left
             with contextlib.suppress(OSError):
                 await stream.aclose()
 
-    async def _answer(self, stream: trio.SocketStream, received: bytes) -> dict[str, object]:
-        try:
-            peer = peer_of(stream.socket, groups=self.peer_groups)
-        except OSError as exc:
-            return protocol.error_reply("forbidden", f"cannot identify the peer: {exc}")
+    async def _answer(
+        self, stream: trio.SocketStream, peer: Peer | None, received: bytes
+    ) -> dict[str, object]:
+        if peer is None:
+            try:
+                peer = peer_of(stream.socket, groups=self.peer_groups)
+            except OSError as exc:
+                return protocol.error_reply("forbidden", f"cannot identify the peer: {exc}")
         try:
             # Read the line even from a peer we will refuse: closing on unread
             # data would reset the connection and lose our answer.
@@ -427,7 +543,7 @@ class Server:
                     f"uid {peer.uid} may not use this mailoauthd",
                     "ask its administrator, or run your own per-user mailoauthd",
                 )
-            request = protocol.decode(line)
+            request = parse(protocol.decode(line))
         except (ProtocolError, protocol.WireError) as exc:
             log.info("request.malformed", uid=peer.uid, pid=peer.pid, error=str(exc))
             return protocol.error_reply("bad-request", f"malformed request: {exc}")
@@ -438,12 +554,69 @@ class Server:
         try:
             if self.gate is not None:
                 self.gate(request, peer)  # before any operation, conversations included
-            conversation = self.conversations.get(str(request.get("op")))
+            conversation = self.conversations.get(request.op)
             if conversation is not None:
                 return await conversation(request, peer, Channel(stream))
-            return await self.handler(request, peer)
+            if request.op not in WAITING_OPS:
+                return await self.handler(request, peer)
+            return await self._unless_hung_up(stream, request, peer)
         except MailoauthdError as exc:
             return protocol.error_reply(exc.code, exc.message, exc.hint)
+
+    async def _unless_hung_up(
+        self, stream: trio.SocketStream, request: Request, peer: Peer
+    ) -> dict[str, object]:
+        """
+        Run the handler while watching the client: one that hangs up is not waited for.
+
+        A mail program killed while its `token --wait` waits must not keep its slot
+        for an hour. Nothing may follow the request line, so the socket is watched
+        for the hang-up alone (POLLHUP: both directions closed); a client that only
+        half-closed its side is still there, and is checked every HANGUP_POLL.
+        """
+        answer: list[dict[str, object]] = []
+
+        async def work() -> None:
+            try:
+                answer.append(await self.handler(request, peer))
+            except MailoauthdError as exc:  # raised out of the nursery it would come wrapped
+                answer.append(protocol.error_reply(exc.code, exc.message, exc.hint))
+            nursery.cancel_scope.cancel()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(work)
+            await _hang_up(stream.socket)
+            nursery.cancel_scope.cancel()
+        if answer:
+            return answer[0]
+        log.info(
+            "request.abandoned",
+            uid=peer.uid,
+            pid=peer.pid,
+            op=request.op,
+            account=shown(request.account),
+            reason="the client hung up",
+        )
+        return protocol.error_reply("timeout", "the client hung up")
+
+
+async def _hang_up(sock: trio.socket.SocketType) -> None:
+    """Return once the peer has closed its end entirely; what it sends meanwhile is dropped."""
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    while True:
+        await trio.lowlevel.wait_readable(sock)
+        events = poller.poll(0)
+        if any(mask & (select.POLLHUP | select.POLLERR) for _, mask in events):
+            return
+        try:
+            data = sock.recv(65536, stdsocket.MSG_DONTWAIT)
+        except BlockingIOError:
+            continue
+        except OSError:
+            return
+        if not data:  # half-closed: readable for good, so look again in a while
+            await trio.sleep(HANGUP_POLL)
 
 
 def _stream(conn: stdsocket.SocketType) -> trio.SocketStream:

@@ -16,6 +16,8 @@ the helper has gone.
 from __future__ import annotations
 
 import contextlib
+import errno
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -36,6 +38,7 @@ from mailoauthd.errors import (
     ReauthorizationRequired,
     TransientGrantError,
 )
+from mailoauthd.lastresort import fault
 from mailoauthd.secret import Secret
 from mailoauthd.state import AccountState
 
@@ -44,6 +47,10 @@ log = structlog.get_logger(__name__)
 # 10 min: time to find the browser window, sign in and pass MFA; a session
 # left open longer holds a port and a connection for nobody.
 AUTHORIZE_TIMEOUT = 600.0
+# Browser connections served at once on the loopback listener. A browser opens a few;
+# any more wait in the listen queue, where they cost the daemon no descriptor (1,500
+# connections to an uncapped listener used up the daemon's descriptors).
+MAX_BROWSER_CONNECTIONS = 16
 # Transient failures while polling for a device code: back off up to this.
 MAX_POLL_INTERVAL = 60
 
@@ -263,6 +270,41 @@ class _CodeFlow:
                 self.done.set()
 
 
+_NO_IPV6 = (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT)
+
+
+async def _serve_browsers(
+    handler: Callable[[trio.SocketStream], Awaitable[None]],
+    listeners: list[trio.SocketListener],
+) -> None:
+    """trio.serve_listeners, with at most MAX_BROWSER_CONNECTIONS accepted at once."""
+    slots = trio.Semaphore(MAX_BROWSER_CONNECTIONS)
+
+    async def serve(stream: trio.SocketStream) -> None:
+        try:
+            await handler(stream)
+        except Exception as exc:  # the last resort: one page's fault is not the sign-in's
+            fault("authorize.browser_fault", exc)
+        finally:
+            slots.release()
+
+    async def accept(listener: trio.SocketListener) -> None:
+        while True:
+            await slots.acquire()
+            try:
+                stream = await listener.accept()
+            except OSError as exc:  # EMFILE and friends: back off, the queue keeps them
+                slots.release()
+                log.warning("authorize.accept_failed", error=exc.strerror or str(exc))
+                await trio.sleep(0.1)
+                continue
+            nursery.start_soon(serve, stream)
+
+    async with trio.open_nursery() as nursery:
+        for listener in listeners:
+            nursery.start_soon(accept, listener)
+
+
 async def _browser_flow(session: Session, channel: Channel) -> AccountState:
     account = session.account
     port = account.provider.redirect_port or 0
@@ -278,9 +320,21 @@ async def _browser_flow(session: Session, channel: Channel) -> AccountState:
         port = listeners[0].socket.getsockname()[1]
         host = authorize.redirect_host(account.provider)
         if host == "localhost":
-            # A browser may try ::1 for localhost first; most fall back to 127.0.0.1.
-            with contextlib.suppress(OSError):
+            # A browser may try ::1 for localhost first: if another user holds that port
+            # on ::1, the browser would take the code to them. Only a system without
+            # IPv6 loopback (where nobody can hold it) is let off.
+            try:
                 listeners += await trio.open_tcp_listeners(port, host="::1")
+            except OSError as exc:
+                if isinstance(exc, socket.gaierror) or exc.errno in _NO_IPV6:
+                    log.info("authorize.no_ipv6_loopback", error=exc.strerror or str(exc))
+                else:
+                    raise MailoauthdError(
+                        f"{account.name}: cannot listen on [::1]:{port} for the browser's "
+                        f"return: {exc.strerror or exc}",
+                        hint="another program holds this port on the IPv6 loopback and could "
+                        "receive the sign-in; stop it, or choose another redirect_port",
+                    ) from exc
         auth = authorize.start(account, f"http://{host}:{port}/")
         flow = _CodeFlow(session, channel, auth)
         await channel.send(
@@ -292,7 +346,7 @@ async def _browser_flow(session: Session, channel: Channel) -> AccountState:
             }
         )
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(partial(trio.serve_listeners, flow.browser, listeners))
+            nursery.start_soon(_serve_browsers, flow.browser, listeners)
             nursery.start_soon(flow.pasted)
             with trio.move_on_after(AUTHORIZE_TIMEOUT):
                 await flow.done.wait()

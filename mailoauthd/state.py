@@ -30,7 +30,7 @@ from typing import TypeVar
 import tomli_w
 
 from mailoauthd.errors import GrantError, StateError, StateLocked
-from mailoauthd.fsutil import sync_directory, write_atomic
+from mailoauthd.fsutil import make_directories, sync_directory, write_atomic
 from mailoauthd.oauth import TokenSet
 from mailoauthd.provider_input import MAX_MESSAGE, clean_text
 from mailoauthd.secret import Secret
@@ -245,7 +245,7 @@ class TokenStore:
             StateError: the directory is unusable (a symlink, someone else's, unwritable).
         """
         try:
-            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            make_directories(self.directory)  # parents 0700 too, whatever the umask
             info = os.lstat(self.directory)
         except OSError as exc:
             raise StateError(f"cannot create the state directory {self.directory}: {exc}") from exc

@@ -29,9 +29,9 @@ from mailoauthd import (
     authorize,
     config,
     discovery,
-    nodump,
     oauth,
     paths,
+    proc,
     signin,
     signin_client,
     signin_page,
@@ -262,7 +262,7 @@ def run(
     """Sign in with `profile` for no account, report and revoke; returns the exit status."""
     # The sign-in's own log lines would only repeat what is shown here.
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL))
-    nodump.forbid()  # tokens pass through this process's memory
+    proc.forbid_core_dumps()  # tokens pass through this process's memory
     env = dict(os.environ)
     path = Path(config_path or paths.config_path(env, system=os.geteuid() == 0))
     try:

@@ -13,6 +13,7 @@ from pathlib import Path
 import trio
 import trio.testing
 
+from mailoauthd.request import Request, parse
 from mailoauthd.server import Peer, Server, bind
 
 ANSWER = {"ok": True, "token": "tok", "expires_at": 1, "username": "u"}
@@ -23,14 +24,14 @@ class Recorder:
 
     def __init__(self, *, quick_answers: bool) -> None:
         self.quick_answers = quick_answers
-        self.quick_seen: list[dict[str, object]] = []
-        self.general_seen: list[dict[str, object]] = []
+        self.quick_seen: list[Request] = []
+        self.general_seen: list[Request] = []
 
-    def quick(self, request: dict[str, object], peer: Peer) -> dict[str, object] | None:
+    def quick(self, request: Request, peer: Peer) -> dict[str, object] | None:
         self.quick_seen.append(request)
         return {**ANSWER, "by": "quick"} if self.quick_answers else None
 
-    async def general(self, request: dict[str, object], peer: Peer) -> dict[str, object]:
+    async def general(self, request: Request, peer: Peer) -> dict[str, object]:
         self.general_seen.append(request)
         await trio.lowlevel.checkpoint()  # a real handler may wait
         return {**ANSWER, "by": "general"}
@@ -101,7 +102,7 @@ class TestQuickPath:
                 assert server.served == 1
         assert reply["by"] == "quick"
         assert recorder.general_seen == []
-        assert recorder.quick_seen == [json.loads(LINE)]
+        assert recorder.quick_seen == [parse(json.loads(LINE))]
 
     async def test_quick_handler_declining_hands_over_what_was_read(self, tmp_path: Path) -> None:
         """When the quick handler cannot answer, the general path gets the same request."""
@@ -111,7 +112,7 @@ class TestQuickPath:
             async with serving(path, recorder, before=[LINE]) as (_, early):
                 reply = await trio.to_thread.run_sync(answer_of, early[0])
         assert reply["by"] == "general"
-        assert recorder.general_seen == [json.loads(LINE)]
+        assert recorder.general_seen == [parse(json.loads(LINE))]
 
     async def test_line_arriving_after_accept_takes_the_general_path(self, tmp_path: Path) -> None:
         """A client that connects and sends later is still answered."""
@@ -121,7 +122,7 @@ class TestQuickPath:
             async with serving(path, recorder):
                 reply = await trio.to_thread.run_sync(lambda: exchange(path, [LINE], pause=0.2))
         assert reply["by"] == "general"
-        assert recorder.general_seen == [json.loads(LINE)]
+        assert recorder.general_seen == [parse(json.loads(LINE))]
 
     async def test_line_split_across_sends_is_read_whole(self, tmp_path: Path) -> None:
         """A line whose first half was read by the quick path is completed by the general path."""
@@ -134,7 +135,7 @@ class TestQuickPath:
                 early[0].sendall(LINE[20:])
                 reply = await trio.to_thread.run_sync(answer_of, early[0])
         assert reply["by"] == "general"
-        assert recorder.general_seen == [json.loads(LINE)]
+        assert recorder.general_seen == [parse(json.loads(LINE))]
 
     async def test_malformed_waiting_line_gets_the_general_error(self, tmp_path: Path) -> None:
         """A malformed line is answered with bad-request, as before the quick path existed."""

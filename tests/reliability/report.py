@@ -75,7 +75,12 @@ def _commit() -> str:
 
 def render(figures: Figures, *, seconds: float, outcomes: dict[str, int]) -> str:
     """The report's Markdown."""
-    from . import test_clients, test_crash, test_load  # the sizes, as the run used them
+    from . import (  # the sizes, as the run used them
+        test_clients,
+        test_crash,
+        test_load,
+        test_requests,
+    )
 
     counts = figures.counts
     failed = outcomes.get("failed", 0)
@@ -221,6 +226,22 @@ def render(figures: Figures, *, seconds: float, outcomes: dict[str, int]) -> str
         "a token of an existing account).",
         "",
         _held(figures, "clients"),
+        "",
+        "## Requests from other users, and one user's attempt to hold every slot",
+        "",
+        "A second system-mode daemon (tests/reliability/test_requests.py), with requests sent "
+        "by relay processes under uid 0 and uid 65534 (allowed on one account, refused on "
+        "everything else): the requests that used to end the process (an `op` that is not a "
+        "string, integers of hundreds of digits in `min_validity`, `timeout` or `wait`), then "
+        f"Hypothesis' random byte strings and random JSON documents "
+        f"({test_requests.EXAMPLES_TEST} per uid in `make test`, "
+        f"{test_requests.EXAMPLES_SOAK} in `make soak`), with a well-behaved client served "
+        "all along; then 600 `token --wait 3600` requests from five uids for an account "
+        "that needs a sign-in, and a loop of refused requests from one uid.",
+        "",
+        _table(counts.get("requests", {})),
+        "",
+        _held(figures, "requests"),
         "",
         "## Load",
         "",

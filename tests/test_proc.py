@@ -17,9 +17,9 @@ from mailoauthd.testing import DevProvider
 def test_forbid_sets_the_process_non_dumpable() -> None:
     """forbid() turns PR_GET_DUMPABLE to 0 and the core size limit to 0."""
     code = (
-        "import resource; from mailoauthd import nodump; "
-        "before = nodump.dumpable(); problems = nodump.forbid(); "
-        "print(before, nodump.dumpable(), resource.getrlimit(resource.RLIMIT_CORE), problems)"
+        "import resource; from mailoauthd import proc; "
+        "before = proc.dumpable(); problems = proc.forbid_core_dumps(); "
+        "print(before, proc.dumpable(), resource.getrlimit(resource.RLIMIT_CORE), problems)"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
