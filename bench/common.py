@@ -27,8 +27,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from mailoauthd import state
-from mailoauthd.devprovider import DevProvider
 from mailoauthd.secret import Secret
+from mailoauthd.testing import DevProvider
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")

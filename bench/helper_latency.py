@@ -27,7 +27,7 @@ from pathlib import Path
 from common import Daemon, Install, log, median, percentile, write_config
 
 from mailoauthd import config as config_module
-from mailoauthd.devprovider import DevProvider
+from mailoauthd.testing import DevProvider
 
 ACCOUNT = "bench"
 MUTT_EXAMPLES = Path("/usr/share/doc/mutt/examples")

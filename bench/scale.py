@@ -41,7 +41,7 @@ from socket_load import loadgen
 
 from mailoauthd import config as config_module
 from mailoauthd import state
-from mailoauthd.devprovider import DevProvider
+from mailoauthd.testing import DevProvider
 
 # A check every second, so that a few seconds of idling show many checks;
 # refreshes not spread out, so that the time measures work, not waiting.

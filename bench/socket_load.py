@@ -41,7 +41,7 @@ from common import (
     write_config,
 )
 
-from mailoauthd.devprovider import DevProvider
+from mailoauthd.testing import DevProvider
 
 HERE = Path(__file__).resolve().parent
 ACCOUNTS = 10

@@ -362,7 +362,7 @@ def clean_text(text: str, limit: int) -> str:
         for c in text
         if c.isspace() or unicodedata.category(c) not in ("Cc", "Cf", "Cs")
     )
-    return " ".join(kept.split())[:limit]
+    return " ".join(kept.split())[:limit].rstrip()  # a cut may end on a space
 
 
 def shown_uri(value: object) -> str | None:

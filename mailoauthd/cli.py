@@ -259,7 +259,7 @@ def _demo(args: argparse.Namespace, env: dict[str, str]) -> int:
     (so that a plain `mailoauth token demo` finds it), else one in its own
     temporary directory; its banner comes once the daemon listens.
     """
-    from mailoauthd.devprovider import DevProvider
+    from mailoauthd.testing import DevProvider
 
     lifetime = max(30.0, args.token_lifetime)
     with (

@@ -27,6 +27,7 @@ import trio
 
 from mailoauthd import __version__, config, oauth, paths, protocol, proxy, signin, tokenfile
 from mailoauthd.access import Policy
+from mailoauthd.alerts import NEEDS_AUTHORIZATION, REFRESH_TOKEN_EXPIRING, Reminders
 from mailoauthd.discovery import Discovery
 from mailoauthd.errors import (
     Busy,
@@ -41,8 +42,6 @@ from mailoauthd.errors import (
 )
 from mailoauthd.lastresort import guarded
 from mailoauthd.limits import LogLimit
-from mailoauthd.notify import Notifier
-from mailoauthd.notify_command import NEEDS_AUTHORIZATION, REFRESH_TOKEN_EXPIRING, Reminders
 from mailoauthd.provider_input import is_b64token
 from mailoauthd.request import Request, shown
 from mailoauthd.scheduler import Scheduler
@@ -50,6 +49,7 @@ from mailoauthd.secret import Secret
 from mailoauthd.server import Channel, Peer, Server, bind, inherited, listen_fds
 from mailoauthd.state import AccountState
 from mailoauthd.store import GrantStore, open_store
+from mailoauthd.systemd import Notifier
 
 log = structlog.get_logger(__name__)
 

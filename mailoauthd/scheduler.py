@@ -24,6 +24,7 @@ import structlog
 import trio
 
 from mailoauthd import oauth, state, tokenfile
+from mailoauthd.alerts import refresh_token_deadline, warning_time
 from mailoauthd.config import Account, DaemonSettings
 from mailoauthd.errors import (
     GrantError,
@@ -36,7 +37,6 @@ from mailoauthd.errors import (
     UsageError,
 )
 from mailoauthd.lastresort import guarded
-from mailoauthd.notify_command import refresh_token_deadline, warning_time
 from mailoauthd.secret import Secret
 from mailoauthd.state import AccountState
 from mailoauthd.store import GrantStore

@@ -4,7 +4,8 @@ Sign-in sessions, the I/O of `mailoauth authorize`: the loopback redirect listen
 A session lives on the helper's connection (server.Channel): it sends the
 helper event lines (the URL to open, or the code to enter; progress), takes
 pasted redirect addresses from it, and ends with the final answer, when the
-flow fails, after AUTHORIZE_TIMEOUT, or when the helper hangs up. The pure
+flow fails, after AUTHORIZE_TIMEOUT, or when the helper hangs up. The browser's HTTP
+requests are read and answered in signin_listener.py (h11). The pure
 parts (PKCE, state, URL, redirect and device answers) are in authorize.py.
 
 Token exchanges are shielded from cancellation, like refreshes: once a code is
@@ -20,14 +21,14 @@ import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from typing import Protocol
-from urllib.parse import urlsplit
 
 import httpx
 import structlog
 import trio
 
-from mailoauthd import authorize, oauth, signin_page
+from mailoauthd import authorize, oauth, signin_listener, signin_page
 from mailoauthd.config import Account
 from mailoauthd.errors import (
     AuthorizationFailed,
@@ -46,11 +47,6 @@ log = structlog.get_logger(__name__)
 # 10 min: time to find the browser window, sign in and pass MFA; a session
 # left open longer holds a port and a connection for nobody.
 AUTHORIZE_TIMEOUT = 600.0
-# A browser sends its request at once; speculative connections that send
-# nothing are dropped after this.
-BROWSER_READ_TIMEOUT = 10.0
-# A request line with a code and a state is under 2 KiB; headers add a few.
-MAX_REQUEST_HEAD = 16 * 1024
 # Browser connections served at once on the loopback listener. A browser opens a few;
 # any more wait in the listen queue, where they cost the daemon no descriptor (1,500
 # connections to an uncapped listener used up the daemon's descriptors).
@@ -246,21 +242,8 @@ class _CodeFlow:
     async def browser(self, stream: trio.SocketStream) -> None:
         """Serve one connection of the browser on the loopback listener."""
         async with stream:
-            try:
-                with trio.fail_after(BROWSER_READ_TIMEOUT):
-                    method, target = await _request_line(stream)
-            except (trio.TooSlowError, trio.BrokenResourceError, ValueError):
+            if not await signin_listener.serve(stream, partial(self.deliver, via="browser")):
                 return
-            parts = urlsplit(target)
-            if method != "GET":
-                page = signin_page.notice(405, "Method not allowed", "Only GET is served here.")
-            elif parts.path != "/":
-                # /favicon.ico and the like
-                page = signin_page.notice(404, "Not found", "Nothing here.")
-            else:
-                page = await self.deliver(parts.query, via="browser")
-            with trio.move_on_after(5), contextlib.suppress(trio.BrokenResourceError, OSError):
-                await stream.send_all(signin_page.render(page))
             if self.result is not None:
                 self.done.set()
 
@@ -320,19 +303,6 @@ async def _serve_browsers(
     async with trio.open_nursery() as nursery:
         for listener in listeners:
             nursery.start_soon(accept, listener)
-
-
-async def _request_line(stream: trio.SocketStream) -> tuple[str, str]:
-    head = b""
-    while b"\r\n\r\n" not in head and b"\n\n" not in head:
-        chunk = await stream.receive_some(4096)
-        if not chunk or len(head) + len(chunk) > MAX_REQUEST_HEAD:
-            raise ValueError("no complete request head")
-        head += chunk
-    words = head.split(b"\n", 1)[0].decode("latin-1").split()
-    if len(words) != 3 or not words[2].startswith("HTTP/"):
-        raise ValueError("not an HTTP request line")
-    return words[0], words[1]
 
 
 async def _browser_flow(session: Session, channel: Channel) -> AccountState:

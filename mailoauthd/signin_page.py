@@ -115,8 +115,8 @@ def notice(status: int, title: str, text: str) -> Page:
 
 
 def render(page: Page) -> bytes:
-    """The whole HTTP response."""
-    body = (
+    """The page's HTML document: the body of the response."""
+    return (
         "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
         "<meta name='viewport' content='width=device-width,initial-scale=1'>"
         "<meta name='referrer' content='no-referrer'>"
@@ -126,15 +126,22 @@ def render(page: Page) -> bytes:
         + (f"<p class='next'>{page.next_step}</p>" if page.next_step else "")
         + "</main></body></html>\n"
     ).encode()
-    head = (
-        f"HTTP/1.1 {page.status} {_REASONS.get(page.status, 'Error')}\r\n"
-        "Content-Type: text/html; charset=utf-8\r\n"
-        f"Content-Length: {len(body)}\r\n"
-        "Cache-Control: no-store\r\n"
+
+
+def reason(page: Page) -> str:
+    """The reason phrase of the page's status line."""
+    return _REASONS.get(page.status, "Error")
+
+
+def headers(body: bytes) -> list[tuple[str, str]]:
+    """The response's headers for a page whose document is `body`."""
+    return [
+        ("Content-Type", "text/html; charset=utf-8"),
+        ("Content-Length", str(len(body))),
+        ("Cache-Control", "no-store"),
         # The address holds the code: no page of ours may pass it on.
-        "Referrer-Policy: no-referrer\r\n"
-        f"Content-Security-Policy: {CSP}\r\n"
-        "X-Content-Type-Options: nosniff\r\n"
-        "Connection: close\r\n\r\n"
-    )
-    return head.encode("ascii") + body
+        ("Referrer-Policy", "no-referrer"),
+        ("Content-Security-Policy", CSP),
+        ("X-Content-Type-Options", "nosniff"),
+        ("Connection", "close"),
+    ]

@@ -19,7 +19,7 @@ import trio
 import trio.testing
 
 from mailoauthd import config, daemon
-from mailoauthd.devprovider import DevProvider
+from mailoauthd.testing import DevProvider
 
 BIN = Path(sys.executable).parent
 MAILOAUTH = BIN / "mailoauth"

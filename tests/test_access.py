@@ -21,7 +21,7 @@ import pytest
 from conftest import USER, DaemonProcess, config_text, helper
 
 from mailoauthd import config
-from mailoauthd.devprovider import DevProvider
+from mailoauthd.testing import DevProvider
 
 # The system's own python: the venv's lives under /root (0700), out of other users' reach.
 SYSTEM_PYTHON = shutil.which("python3", path="/usr/bin:/bin")

@@ -35,10 +35,10 @@ from conftest import (
 )
 
 from mailoauthd import authorize, client, config, daemon, oauth, protocol, state
-from mailoauthd.devprovider import DevProvider
 from mailoauthd.errors import AuthorizationFailed, Misconfigured, TransientGrantError
 from mailoauthd.oauth import TokenSet
 from mailoauthd.secret import Secret
+from mailoauthd.testing import DevProvider
 
 # --- helpers -----------------------------------------------------------------------------
 
@@ -914,7 +914,7 @@ class TestHelper:
         proc = start_helper("authorize", "work", "--flow", "device_code", socket=d.socket)
         seen = []
         line = read_until(proc, "enter the code", seen)
-        secrets |= set(provider._devices)  # the device codes
+        secrets |= set(provider.devices)  # the device codes
         provider.approve_device(line.split()[-1], USER)
         assert finish(proc, seen)[0] == 0
         on_disk = stored(tmp_path)

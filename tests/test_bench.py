@@ -265,7 +265,7 @@ def test_the_reference_server_answers_the_canned_bytes(tmp_path: Path) -> None:
 def test_the_scale_reference_parses_every_file(tmp_path: Path) -> None:
     from common import account_names, seed_state, write_config
 
-    from mailoauthd.devprovider import DevProvider
+    from mailoauthd.testing import DevProvider
 
     names = account_names(3)
     with DevProvider() as provider:

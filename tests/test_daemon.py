@@ -28,7 +28,7 @@ from conftest import (
     helper,
 )
 
-from mailoauthd.devprovider import DevProvider
+from mailoauthd.testing import DevProvider
 
 pytestmark = pytest.mark.slow
 

@@ -23,7 +23,7 @@ import httpx
 import pytest
 import trio
 
-from mailoauthd.devprovider import DEVICE_GRANT, DevProvider
+from mailoauthd.testing import DEVICE_GRANT, DevProvider
 
 REDIRECT = "http://127.0.0.1:8765/callback"
 DEMO = ("demo-client", "demo-secret")
@@ -822,7 +822,7 @@ class TestObservation:
 class TestCommandLine:
     def test_subprocess(self) -> None:
         """The command line prints one JSON line once listening, serves, and exits 0 on SIGTERM."""
-        argv = [sys.executable, "-m", "mailoauthd.devprovider", "--port", "0", "--rotation", "none"]
+        argv = [sys.executable, "-m", "mailoauthd.testing", "--port", "0", "--rotation", "none"]
         with subprocess.Popen(
             argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         ) as proc:

@@ -19,11 +19,11 @@ from conftest import USER, DaemonProcess, config_text, helper, in_process_daemon
 from test_authorize import Conversation, browse
 
 from mailoauthd import config, state
-from mailoauthd.devprovider import DevProvider
 from mailoauthd.discovery import Discovery, metadata_urls, parse_metadata
 from mailoauthd.errors import Misconfigured, TransientGrantError
 from mailoauthd.secret import Secret
 from mailoauthd.state import TokenStore
+from mailoauthd.testing import DevProvider
 
 OIDC = "/.well-known/openid-configuration"
 RFC8414 = "/.well-known/oauth-authorization-server"

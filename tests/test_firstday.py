@@ -19,7 +19,7 @@ import pytest
 from conftest import MAILOAUTH, MAILOAUTHD, DaemonProcess, config_text, helper
 
 from mailoauthd import __version__, paths
-from mailoauthd.devprovider import DevProvider
+from mailoauthd.testing import DevProvider
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "etc" / "mailoauthd.toml"

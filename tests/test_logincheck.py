@@ -11,8 +11,8 @@ import pytest
 from conftest import USER, DaemonProcess, config_text, helper
 
 from mailoauthd import client, logincheck
-from mailoauthd.devprovider import DevProvider
 from mailoauthd.logincheck import Server, parse_server
+from mailoauthd.testing import DevProvider
 
 
 class TestServers:

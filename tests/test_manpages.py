@@ -16,7 +16,7 @@ import pytest
 from conftest import BIN, DaemonProcess, config_text
 
 from mailoauthd import config, manpages
-from mailoauthd.devprovider import DevProvider
+from mailoauthd.testing import DevProvider
 
 SHARE = Path(__file__).resolve().parents[1] / "share"
 PAGES = ["man/man1/mailoauth.1", "man/man8/mailoauthd.8", "man/man5/mailoauthd.toml.5"]

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from conftest import MAILOAUTH, USER, DaemonProcess, config_text
 
-from mailoauthd.devprovider import DevProvider
+from mailoauthd.testing import DevProvider
 
 Start = Callable[..., DaemonProcess]
 MUTT_OAUTH2 = Path("/usr/share/doc/mutt/examples/mutt_oauth2.py")

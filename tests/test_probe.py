@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import MAILOAUTHD
 
-from mailoauthd.devprovider import DevProvider
+from mailoauthd.testing import DevProvider
 
 CLIENTS = {"demo-client": "demo-secret", "old-client": "old-secret", "public-client": None}
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import DaemonProcess, config_text
 
-from mailoauthd.devprovider import DevProvider
+from mailoauthd.testing import DevProvider
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl and /proc are Linux's")

@@ -5,7 +5,7 @@ the classification of errors, and grants that are never lost nor retried forever
 
 Pure parsing is tested on httpx.Response objects (oauth.py is sans-I/O); everything the
 daemon does with an answer runs in-process against the development provider over real
-HTTP, its hostile mode (devprovider_hostile.py) sending what no honest provider would.
+HTTP, its hostile mode (mailoauthd/testing/hostile.py) sending what no honest provider would.
 """
 
 from __future__ import annotations
@@ -38,8 +38,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mailoauthd import authorize, config, discovery, oauth, provider_input, scheduler, state
-from mailoauthd.devprovider import DevProvider
-from mailoauthd.devprovider_hostile import HostileAnswer
 from mailoauthd.errors import (
     AuthorizationFailed,
     ConfigError,
@@ -49,6 +47,7 @@ from mailoauthd.errors import (
 )
 from mailoauthd.secret import Secret
 from mailoauthd.state import TokenStore
+from mailoauthd.testing import DevProvider, HostileAnswer
 
 FAST = 'refresh_spread = "0s"'
 BAD_TOKEN = 'tok"\nurl = "file:///home/u/.secret"\noutput = "/tmp/x"\n#'  # noqa: S105

@@ -12,7 +12,7 @@ from conftest import DaemonProcess, config_text, helper
 from e2e.recipes import DOCS, recipe
 
 from mailoauthd import recipes
-from mailoauthd.devprovider import DevProvider
+from mailoauthd.testing import DevProvider
 
 ROOT = Path(__file__).resolve().parents[1]
 Start = Callable[..., DaemonProcess]

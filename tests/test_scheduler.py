@@ -17,10 +17,10 @@ import trio.testing
 from conftest import T0, USER, eventually, in_process_daemon, make_config, mock_now
 
 from mailoauthd import state
-from mailoauthd.devprovider import DevProvider
 from mailoauthd.errors import ReauthorizationRequired, StateError
 from mailoauthd.secret import Secret
 from mailoauthd.state import TokenStore
+from mailoauthd.testing import DevProvider
 
 FAST = 'refresh_spread = "0s"'
 

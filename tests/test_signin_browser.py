@@ -21,7 +21,7 @@ from conftest import MAILOAUTH, USER, DaemonProcess, config_text, in_process_dae
 from test_authorize import Conversation, browse, finish, query, read_until, sign_in_keys
 
 from mailoauthd import signin_page
-from mailoauthd.devprovider import DevProvider
+from mailoauthd.testing import DevProvider
 
 Start = Callable[..., DaemonProcess]
 

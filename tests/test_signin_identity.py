@@ -22,9 +22,9 @@ from hypothesis import strategies as st
 from test_authorize import Conversation, browse, flow_config, state_file
 
 from mailoauthd import authorize, config
-from mailoauthd.devprovider import DevProvider
 from mailoauthd.errors import AuthorizationFailed
 from mailoauthd.secret import Secret
+from mailoauthd.testing import DevProvider
 
 OPENID = 'scopes = ["openid", "mail"]\n'
 OTHER = "bob@example.com"

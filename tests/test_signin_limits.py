@@ -17,8 +17,8 @@ import trio
 from conftest import in_process_daemon
 from test_authorize import Conversation, browse, flow_config, free_port
 
-from mailoauthd.devprovider import DevProvider
 from mailoauthd.signin import MAX_BROWSER_CONNECTIONS
+from mailoauthd.testing import DevProvider
 
 FLOOD = 300
 

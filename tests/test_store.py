@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 
 from mailoauthd import config, seal, state
-from mailoauthd.devprovider import DevProvider
 from mailoauthd.errors import StateError
 from mailoauthd.secret import Secret
 from mailoauthd.store import FilesStore, GrantStore, rekey
+from mailoauthd.testing import DevProvider
 from tests.conftest import MAILOAUTHD, USER, DaemonProcess, config_text, helper
 from tests.test_state import ACCESS, REFRESH, full_state
 

@@ -31,10 +31,10 @@ import trio.testing
 from conftest import MAILOAUTH, MAILOAUTHD, USER, DaemonProcess, config_text, helper, mock_now
 
 from mailoauthd import config, daemon, logs, paths, server, state
-from mailoauthd.devprovider import DevProvider
 from mailoauthd.errors import MailoauthdError
 from mailoauthd.secret import Secret
 from mailoauthd.state import TokenStore
+from mailoauthd.testing import DevProvider
 
 ROOT = Path(__file__).resolve().parents[1]
 UNITS = ROOT / "systemd"

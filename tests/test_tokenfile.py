@@ -15,8 +15,8 @@ from conftest import USER, in_process_daemon, make_config, mock_now
 
 from mailoauthd import tokenfile
 from mailoauthd.config import Account, Provider
-from mailoauthd.devprovider import DevProvider
 from mailoauthd.secret import Secret
+from mailoauthd.testing import DevProvider
 
 
 def account(path: Path | None, **kw: object) -> Account:

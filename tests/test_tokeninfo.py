@@ -17,7 +17,7 @@ import pytest
 from conftest import USER, DaemonProcess, config_text, helper
 
 from mailoauthd import tokeninfo
-from mailoauthd.devprovider import DevProvider
+from mailoauthd.testing import DevProvider
 
 Start = Callable[..., DaemonProcess]
 TENANT = "72f988bf-86f1-41af-91ab-2d7cd011db47"

@@ -16,7 +16,7 @@ import pytest
 from conftest import MAILOAUTH, config_text
 from test_authorize import finish, read_until, sign_in_keys
 
-from mailoauthd.devprovider import DEFAULT_USER, DevProvider
+from mailoauthd.testing import DEFAULT_USER, DevProvider
 
 
 def write_config(tmp: Path, provider: DevProvider, scopes: str) -> Path:

@@ -69,14 +69,14 @@ def wait_for_port(port: int, seconds: float = 10.0) -> None:
 
 
 class ProviderProcess:
-    """`python -m mailoauthd.devprovider` as a subprocess, driven through /admin/... over HTTP."""
+    """`python -m mailoauthd.testing` as a subprocess, driven through /admin/... over HTTP."""
 
     def __init__(self, *, access_token_lifetime: float) -> None:
         self.proc = subprocess.Popen(
             [
                 sys.executable,
                 "-m",
-                "mailoauthd.devprovider",
+                "mailoauthd.testing",
                 "--port",
                 "0",
                 "--access-token-lifetime",

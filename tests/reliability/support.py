@@ -28,8 +28,8 @@ from typing import ClassVar
 from conftest import MAILOAUTHD, USER, config_text
 
 from mailoauthd import state
-from mailoauthd.devprovider import DevProvider
 from mailoauthd.secret import Secret
+from mailoauthd.testing import DevProvider
 
 SOAK = os.environ.get("MAILOAUTHD_SOAK") == "1"
 

@@ -26,9 +26,9 @@ from conftest import MAILOAUTH, helper
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mailoauthd.devprovider import DevProvider
 from mailoauthd.protocol import MAX_LINE
 from mailoauthd.server import MAX_CONNECTIONS, READ_TIMEOUT
+from mailoauthd.testing import DevProvider
 
 from .support import (
     Daemon,

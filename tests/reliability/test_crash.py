@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mailoauthd.devprovider import DevProvider, Rotation
+from mailoauthd.testing import DevProvider, Rotation
 
 from .support import (
     Daemon,

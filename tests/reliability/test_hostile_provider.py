@@ -1,5 +1,5 @@
 """
-A hostile provider: the development provider's hostile mode (mailoauthd/devprovider_hostile.py)
+A hostile provider: the development provider's hostile mode (mailoauthd/testing/hostile.py)
 answers the token, device authorization, discovery and revocation endpoints with
 Hypothesis-generated responses (any status, any JSON shape and nesting, huge and
 non-finite numbers, control characters, wrong types, bodies streamed up to hundreds
@@ -22,8 +22,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from mailoauthd.devprovider import DevProvider
-from mailoauthd.devprovider_hostile import HostileAnswer
+from mailoauthd.testing import DevProvider, HostileAnswer
 
 from .support import (
     Daemon,

@@ -29,9 +29,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mailoauthd.devprovider import DevProvider
 from mailoauthd.limits import BURST
 from mailoauthd.server import ADMIN_RESERVE, MAX_CONNECTIONS, MAX_PER_UID
+from mailoauthd.testing import DevProvider
 
 from .support import (
     Daemon,

@@ -19,7 +19,7 @@ import httpx
 import pytest
 from conftest import MAILOAUTH, USER, helper
 
-from mailoauthd.devprovider import DevProvider
+from mailoauthd.testing import DevProvider
 
 from .support import (
     Daemon,

@@ -1,4 +1,8 @@
-"""systemd readiness, status and watchdog over sd_notify; a no-op without NOTIFY_SOCKET."""
+"""
+Telling systemd: readiness, status and watchdog over sd_notify; a no-op without NOTIFY_SOCKET.
+
+The daemon's other audience, a person, is told in alerts.py (`notify_command`).
+"""
 
 from __future__ import annotations
 

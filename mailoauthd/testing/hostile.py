@@ -6,7 +6,7 @@ the next requests on that path get them instead of the provider's own answer:
 any status, any headers, any bytes for a body, and optionally a body of any
 size streamed after it (hundreds of MB cost nothing here: the bytes are written
 as the client reads them, and a client that hangs up ends the answer). What the
-answers hold is up to the test (tests/reliability/test_hostile.py generates them
+answers hold is up to the test (tests/reliability/test_hostile_provider.py generates them
 with Hypothesis). Standard library only, like the provider.
 """
 

@@ -1,11 +1,11 @@
 """
-Telling a human: `notify_command` runs when an account newly needs a person, and again
+Telling a person: `notify_command` runs when an account newly needs a person, and again
 every `notify_interval` until it is fixed; refresh-token cut-offs and the warning before them.
 
 The command is an argv list from the configuration, run without a shell; it
 learns the account, the event and what to do from MAILOAUTHD_* environment
 variables. Nothing secret is ever put there or on its command line: messages
-are the same words `mailoauth status` shows.
+are the same words `mailoauth status` shows. (Telling systemd is systemd.py.)
 """
 
 from __future__ import annotations

@@ -20,10 +20,10 @@ from conftest import T0, USER, eventually, in_process_daemon, make_config, mock_
 from test_authorize import Conversation, browse, run_helper, sign_in_keys
 
 from mailoauthd import config, state
-from mailoauthd.devprovider import DevProvider
-from mailoauthd.notify_command import command_env, refresh_token_deadline, warning_time
+from mailoauthd.alerts import command_env, refresh_token_deadline, warning_time
 from mailoauthd.secret import Secret
 from mailoauthd.state import TokenStore
+from mailoauthd.testing import DevProvider
 
 DAY = timedelta(days=1)
 # The command: appends its argv and environment to a file, one JSON line a run.
