@@ -25,44 +25,25 @@ from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
-from mailoauthd import provider_checks
+from mailoauthd import presets, provider_checks
 from mailoauthd.errors import ConfigError
 from mailoauthd.secret import Secret
 
 # Names become file names in the state directory and words in mail programs' commands.
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-PRESETS = ("microsoft", "google", "generic")
+PRESETS = tuple(presets.PRESETS)
 FLOWS = ("authorization_code", "device_code", "client_credentials")
 # How `mailoauth test` reaches a mail server: implicit TLS, STARTTLS, or in the clear
 # ("none", allowed to loopback addresses only: a test server on this machine).
 MAIL_SECURITY = ("tls", "starttls", "none")
-# preset -> (IMAP, SMTP submission) of the provider's mail service.
-_MAIL_SERVERS = {
-    "microsoft": ("outlook.office365.com:993", "smtp.office365.com:587"),
-    "google": ("imap.gmail.com:993", "smtp.gmail.com:587"),
-}
-_POP3_SERVERS = {"microsoft": "outlook.office365.com:995", "google": "pop.gmail.com:995"}
 # 30 s: a password manager may wait for a GPG agent or a hardware key's touch;
 # beyond that nobody is coming, and the daemon must not hang.
 SECRET_COMMAND_TIMEOUT_SECONDS = 30
 # sun_path holds 108 bytes on Linux, one of them the terminating NUL.
 MAX_SOCKET_PATH_BYTES = 107
-# cloud: login host, delegated mail host, app-only mail host. The global cloud grants
-# delegated mail scopes on outlook.office.com but app-only ones on outlook.office365.com.
-_MICROSOFT_CLOUDS = {
-    "global": ("login.microsoftonline.com", "outlook.office.com", "outlook.office365.com"),
-    "usgov": ("login.microsoftonline.us", "outlook.office365.us", "outlook.office365.us"),
-    "china": ("login.chinacloudapi.cn", "partner.outlook.cn", "partner.outlook.cn"),
-}
-# These name no single directory, and client_credentials needs one.
-_SHARED_TENANTS = ("common", "organizations", "consumers")
-_GOOGLE = {
-    "authorization_endpoint": "https://accounts.google.com/o/oauth2/v2/auth",
-    "token_endpoint": "https://oauth2.googleapis.com/token",
-    "device_authorization_endpoint": "https://oauth2.googleapis.com/device/code",
-    "revocation_endpoint": "https://oauth2.googleapis.com/revoke",
-}
-_ENDPOINT_KEYS = tuple(_GOOGLE)
+# Every preset's clouds (Microsoft's today), and the tenants that name no single directory.
+_CLOUDS = tuple(dict.fromkeys(name for p in presets.PRESETS.values() for name in p.clouds))
+_SHARED_TENANTS = tuple(t for p in presets.PRESETS.values() for t in p.shared_tenants)
 _SECRET_KEYS = ("client_secret", "client_secret_file", "client_secret_command")
 _GUID = re.compile(r"[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}")
 _DOMAIN = re.compile(r"([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z0-9-]{2,63}")
@@ -566,9 +547,9 @@ _PROVIDER_KEYS = {
     "client_secret_command": _Key(_argv, None),
     "scopes": _Key(_scopes, list),
     "tenant": _Key(_tenant),
-    "cloud": _Key(_one_of(*_MICROSOFT_CLOUDS)),
+    "cloud": _Key(_one_of(*_CLOUDS)),
     "issuer": _Key(_url),
-    **{key: _Key(_url) for key in _ENDPOINT_KEYS},
+    **{key: _Key(_url) for key in presets.ENDPOINT_KEYS},
     "token_auth_method": _Key(_one_of("client_secret_post", "client_secret_basic")),
     "authorize_params": _Key(_params, dict),
     "redirect_port": _Key(_port),
@@ -679,22 +660,10 @@ def _read(
     return values
 
 
-def _preset_defaults(preset: str, tenant: str, cloud: str) -> dict[str, Any]:
-    if preset == "google":
-        return {**_GOOGLE, "scopes": ("https://mail.google.com/",)}
-    if preset != "microsoft":
-        return {"scopes": ()}
-    login, mail, _ = _MICROSOFT_CLOUDS[cloud]
-    base = f"https://{login}/{tenant}/oauth2/v2.0"
-    grants = ("IMAP.AccessAsUser.All", "POP.AccessAsUser.All", "SMTP.Send")
-    return {
-        "authorization_endpoint": f"{base}/authorize",
-        "token_endpoint": f"{base}/token",
-        "device_authorization_endpoint": f"{base}/devicecode",
-        "scopes": (*(f"https://{mail}/{grant}" for grant in grants), "offline_access"),
-        # Microsoft's refresh tokens die after 90 days unused.
-        "refresh_token_max_idle": timedelta(days=90),
-    }
+def _only(has: Callable[[presets.Preset], object]) -> str:
+    """The presets with a feature, for "only the 'microsoft' preset has one"."""
+    names = [f"'{p.name}'" for p in presets.PRESETS.values() if has(p)]
+    return f"only the {' or '.join(names)} preset{'s' if len(names) > 1 else ''}"
 
 
 def _build_provider(
@@ -704,7 +673,8 @@ def _build_provider(
     values = _read(problems, table, raw, _PROVIDER_KEYS)
     if "preset" in raw and "preset" not in values:
         return None  # every default depends on the preset
-    preset = values.pop("preset", "generic")
+    preset = values.pop("preset", presets.GENERIC)
+    facts = presets.PRESETS[preset]
     if len(given := [key for key in _SECRET_KEYS if key in raw]) > 1:
         problems.add(table, given[1], f"set only one of {', '.join(given)}")
     secret = None
@@ -717,23 +687,25 @@ def _build_provider(
         secret = SecretSource(file=Path(path) if path.startswith("$") else base_dir / path)
     elif "client_secret_command" in values:
         secret = SecretSource(command=values.pop("client_secret_command"))
-    if preset == "microsoft":
-        values = {"tenant": "common", "cloud": "global", **values}
-    for key in [key for key in ("tenant", "cloud") if key in raw and preset != "microsoft"]:
-        problems.add(table, key, f"only the 'microsoft' preset has one; this one is '{preset}'")
-    if values.get("testing") and preset != "google":
-        problems.add(table, "testing", f"only the 'google' preset has it; this one is '{preset}'")
+    if facts.clouds:
+        default_cloud = next(iter(facts.clouds))
+        values = {"tenant": facts.default_tenant, "cloud": default_cloud, **values}
+    for key in [key for key in ("tenant", "cloud") if key in raw and not facts.clouds]:
+        only = _only(lambda p: p.clouds)
+        problems.add(table, key, f"{only} has one; this one is '{preset}'")
+    if values.get("testing") and facts.testing_max_age is None:
+        only = _only(lambda p: p.testing_max_age)
+        problems.add(table, "testing", f"{only} has it; this one is '{preset}'")
     elif values.get("testing"):
-        # Google revokes the refresh tokens of apps in "testing" status after 7 days.
-        values = {"refresh_token_max_age": timedelta(days=7), **values}
-    if "issuer" in raw and preset != "generic":
+        values = {"refresh_token_max_age": facts.testing_max_age, **values}
+    if "issuer" in raw and preset != presets.GENERIC:
         why = f"the '{preset}' preset knows its endpoints; override single ones instead"
         problems.add(table, "issuer", f"is for discovery with preset 'generic' only; {why}")
-    if preset == "generic" and not {"token_endpoint", "issuer"} & set(raw):
+    if preset == presets.GENERIC and not {"token_endpoint", "issuer"} & set(raw):
         need = "a generic provider needs token_endpoint (and authorization_endpoint or"
         need += " device_authorization_endpoint to sign in), or issuer to discover them"
         problems.add(table, "token_endpoint", f"required key is missing; {need}")
-    defaults = _preset_defaults(preset, values.get("tenant", ""), values.get("cloud", ""))
+    defaults = presets.defaults(facts, values.get("tenant"), values.get("cloud"))
     for key, problem in provider_checks.provider_problems(preset, secret is not None):
         problems.add(table, key, problem, warn=True)
     if len(problems.lines) > before:
@@ -775,34 +747,34 @@ def _build_account(
         expected = "the mailbox address, e.g. 'alice@example.com' (the SASL user and login hint)"
         problems.add(table, "username", f"required key is missing; expected {expected}")
     provider = providers.get(str(ref))
-    if provider is not None and flow == "client_credentials":
-        if provider.preset == "google":
-            problems.add(table, "flow", "Google offers no client_credentials grant for Gmail")
+    facts = presets.PRESETS[provider.preset] if provider is not None else None
+    if provider is not None and facts is not None and flow == "client_credentials":
+        if facts.client_credentials_refused:
+            problems.add(table, "flow", facts.client_credentials_refused)
         elif provider.client_secret is None:
             fix = "set client_secret_file or client_secret_command there"
             problems.add(
                 table, "flow", f"client_credentials needs a client secret; {there} has none; {fix}"
             )
-        elif (tenant := provider.tenant) in _SHARED_TENANTS and provider.token_endpoint == (
-            _preset_defaults("microsoft", str(tenant), provider.cloud or "global")["token_endpoint"]
+        elif (tenant := provider.tenant) in facts.shared_tenants and provider.token_endpoint == (
+            presets.defaults(facts, tenant, provider.cloud).get("token_endpoint")
         ):
             fix = f"set tenant in {there} to your directory's domain or ID"
             problems.add(
                 table, "flow", f"client_credentials needs a directory, not {tenant!r}; {fix}"
             )
-    if len(problems.lines) > before or provider is None:
+    if len(problems.lines) > before or provider is None or facts is None:
         return None
     if "scopes" not in values:
-        app_only = flow == "client_credentials" and provider.preset == "microsoft"
-        app_host = _MICROSOFT_CLOUDS[provider.cloud or "global"][2]
-        values["scopes"] = (f"https://{app_host}/.default",) if app_only else provider.scopes
+        app_only = presets.app_only_scopes(facts, provider.cloud)
+        use_app = flow == "client_credentials" and app_only is not None
+        values["scopes"] = app_only if use_app else provider.scopes
     for key, problem in provider_checks.account_problems(provider.preset, flow, values["scopes"]):
         problems.add(table, key, problem)
     if len(problems.lines) > before:
         return None
-    if provider.preset in _MAIL_SERVERS and provider.cloud in (None, "global"):
-        imap, smtp = _MAIL_SERVERS[provider.preset]
-        pop3 = _POP3_SERVERS[provider.preset]
+    if (servers := presets.mail_servers(facts, provider.cloud)) is not None:
+        imap, smtp, pop3 = servers.imap, servers.smtp, servers.pop3
         values = {"imap_server": imap, "smtp_server": smtp, "pop3_server": pop3, **values}
     for kind in ("imap", "smtp", "pop3"):
         host = str(values.get(f"{kind}_server", "")).rpartition(":")[0].strip("[]")
