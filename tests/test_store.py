@@ -19,7 +19,7 @@ import pytest
 
 from mailoauthd import config, seal, state
 from mailoauthd.devprovider import DevProvider
-from mailoauthd.errors import StateError
+from mailoauthd.errors import ConfigError, StateError
 from mailoauthd.secret import Secret
 from mailoauthd.store import FilesStore, GrantStore, rekey
 from tests.conftest import MAILOAUTHD, USER, DaemonProcess, config_text, helper
@@ -375,7 +375,7 @@ class TestStoreConfig:
         ],
     )
     def test_mistakes_name_the_table_and_key(self, text: str, message: str) -> None:
-        with pytest.raises(config.ConfigError) as caught:
+        with pytest.raises(ConfigError) as caught:
             config.parse(f"[store]\n{text}\n", source="c")
         assert message in caught.value.message
 
