@@ -228,11 +228,8 @@ def explain(
         return f"AADSTS{match.group(1)}: {what}", todo.format(account=account)
     if testing and oauth_error == "invalid_grant" and presets.GOOGLE_TESTING_EXPIRED in description:
         # Google's wording; apps in "testing" publishing status get 7-day refresh tokens.
-        return (
-            f"invalid_grant: {description}; Google revokes refresh tokens of apps in "
-            "'testing' status after 7 days",
-            f"run 'mailoauth authorize {account}'; publish the app to avoid the 7-day limit",
-        )
+        what, todo = presets.GOOGLE_TESTING_EXPLANATION
+        return f"invalid_grant: {description}; {what}", todo.format(account=account)
     text = f"{oauth_error}: {description}" if description else oauth_error
     return text, None
 

@@ -79,6 +79,8 @@ class Preset:
     # check-config: scope fragments the device flow refuses.
     device_flow_refuses: tuple[str, ...] = ()
     one_resource_per_token: bool = False
+    # The access-token audiences (JWT `aud`) its mail servers take; empty: unknown.
+    mail_audiences: frozenset[str] = frozenset()
 
 
 # Microsoft's national clouds. The global cloud grants delegated mail scopes on
@@ -137,6 +139,13 @@ MICROSOFT = Preset(
     # https://login.microsoftonline.com/{tid}/v2.0, on the cloud's own host.
     id_token_issuer_per_tenant=True,
     one_resource_per_token=True,
+    mail_audiences=frozenset(
+        {
+            "https://outlook.office.com",
+            "https://outlook.office365.com",
+            "00000002-0000-0ff1-ce00-000000000000",
+        }
+    ),
 )
 
 GOOGLE = Preset(
@@ -322,7 +331,18 @@ MICROSOFT_CLIENT_CODES = MappingProxyType(
     }
 )
 
+# Microsoft Graph's audiences: Microsoft's mail servers refuse its tokens.
+MICROSOFT_GRAPH_AUDIENCES = frozenset(
+    {"https://graph.microsoft.com", "00000003-0000-0000-c000-000000000000"}
+)
+
 # --- Google -------------------------------------------------------------------------
 
 # Google's wording of invalid_grant for a refresh token past an app's testing limit.
 GOOGLE_TESTING_EXPIRED = "Token has been expired or revoked"
+
+# Google's invalid_grant for a refresh token of an app in testing status, explained.
+GOOGLE_TESTING_EXPLANATION = (
+    "Google revokes refresh tokens of apps in 'testing' status after 7 days",
+    "run 'mailoauth authorize {account}'; publish the app to avoid the 7-day limit",
+)
