@@ -24,7 +24,7 @@ from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
 import httpx
 
-from mailoauthd import oauth, provider_input
+from mailoauthd import oauth, presets, provider_input
 from mailoauthd.config import Account, Provider
 from mailoauthd.errors import AuthorizationFailed, Misconfigured, TransientGrantError
 from mailoauthd.secret import Secret
@@ -43,15 +43,6 @@ MIN_DEVICE_INTERVAL = 1
 MAX_DEVICE_SECONDS = 1800
 # A provider's poll interval beyond this is nonsense (RFC 8628 suggests 5 s).
 MAX_DEVICE_INTERVAL = 60
-# What a preset needs at /authorize for the grant to be of use to a daemon:
-# Google issues a refresh token only with access_type=offline, and on a second
-# sign-in only with prompt=consent. A profile's authorize_params override these.
-PRESET_PARAMS = {"google": {"access_type": "offline", "prompt": "consent"}}
-
-# The host of the loopback redirect URI. RFC 8252 §8.3 prefers the IP literal,
-# and Google takes it; Microsoft's app registration portal accepts only
-# http://localhost for loopback redirects (any port), not http://127.0.0.1.
-_REDIRECT_HOSTS = {"microsoft": "localhost"}
 
 # Device-poll answers that mean "keep polling" (RFC 8628 §3.5).
 PENDING = "authorization_pending"
@@ -86,8 +77,8 @@ def _b64url(data: bytes) -> str:
 
 
 def redirect_host(provider: Provider) -> str:
-    """The host name for the loopback redirect URI: 127.0.0.1, or localhost for Microsoft."""
-    return _REDIRECT_HOSTS.get(provider.preset, "127.0.0.1")
+    """The host name for the loopback redirect URI: 127.0.0.1, or the preset's (localhost)."""
+    return presets.PRESETS[provider.preset].redirect_host
 
 
 def challenge(verifier: Secret) -> str:
@@ -123,7 +114,9 @@ def start(
     state, verifier = Secret(token(STATE_BYTES)), Secret(token(VERIFIER_BYTES))
     # Some identity providers refuse an OpenID request without a nonce.
     nonce = Secret(token(NONCE_BYTES)) if "openid" in account.scopes else None
-    params = dict(PRESET_PARAMS.get(provider.preset, {}))
+    # What a preset needs at /authorize for the grant to be of use to a daemon; a
+    # profile's authorize_params override these.
+    params = dict(presets.PRESETS[provider.preset].authorize_params)
     if account.username:
         params["login_hint"] = account.username
     params.update(provider.authorize_params)
@@ -243,7 +236,6 @@ def _check_response_issuer(iss: str | None, auth: Authorization, *, account: str
 # The claims that may name the mailbox signed in to: `email` (Google, most), then
 # Microsoft's `preferred_username` and `upn`.
 IDENTITY_CLAIMS = ("email", "preferred_username", "upn")
-_GOOGLE_ISSUERS = frozenset({"https://accounts.google.com", "accounts.google.com"})
 
 
 def id_token_claims(id_token: Secret) -> dict[str, object] | None:
@@ -262,9 +254,10 @@ def _issuer_ok(provider: Provider, claims: dict[str, object]) -> bool | None:
     iss = claims.get("iss")
     if provider.issuer:
         return isinstance(iss, str) and iss.rstrip("/") == provider.issuer.rstrip("/")
-    if provider.preset == "google":
-        return iss in _GOOGLE_ISSUERS
-    if provider.preset == "microsoft":
+    facts = presets.PRESETS[provider.preset]
+    if facts.id_token_issuers:
+        return iss in facts.id_token_issuers
+    if facts.id_token_issuer_per_tenant:
         # https://login.microsoftonline.com/{tid}/v2.0, on the cloud's own host.
         tid = claims.get("tid")
         parts = urlsplit(provider.authorization_endpoint or provider.token_endpoint or "")

@@ -7,7 +7,7 @@ completions say what `--help` says:
 - mailoauth(1) and the completions of `mailoauth`: the helper's argument parser
   (manage.py), which `mailoauth --help` prints;
 - mailoauthd(8) and the completions of `mailoauthd`: the daemon's (cli.py);
-- mailoauthd.toml(5): the keys the configuration checker accepts (config.py's key
+- mailoauthd.toml(5): the keys the configuration checker accepts (config/schema.py's key
   tables), each with its meaning from README.md's key tables.
 
 tests/test_manpages.py fails when the files in share/ differ from what this writes.
@@ -154,7 +154,7 @@ def config_keys() -> list[tuple[str, str, list[tuple[str, str]]]]:
     """(table, its heading, [(key, meaning)]) for every table the configuration checker knows."""
     meanings = _readme_meanings()
     tables = []
-    for name, (heading, keys) in config._TABLES.items():
+    for name, (heading, keys) in config.TABLES.items():
         known = meanings.get(name, {})
         rows = [(key, known.get(key, "")) for key in keys]
         tables.append((name, heading, rows))

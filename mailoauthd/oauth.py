@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import email.utils
-import re
 import ssl
 import urllib.parse
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from datetime import UTC, datetime, timedelta
 
 import httpx
 
-from mailoauthd import provider_input
+from mailoauthd import presets, provider_input
 from mailoauthd.errors import (
     GrantError,
     Misconfigured,
@@ -72,83 +71,6 @@ _MISCONFIGURED = frozenset(
     }
 )
 _TRANSIENT = frozenset({"temporarily_unavailable", "server_error", "slow_down"})
-# Microsoft codes that are not what their OAuth error code says.
-_AADSTS_THROTTLE = frozenset({"50196"})  # "the server terminated an operation" (a loop)
-_AADSTS_MISCONFIGURED = frozenset({"9001023", "90009", "900144", "700016", "7000215"})
-
-# Microsoft identity platform codes people actually hit, as "what happened; what to do".
-AADSTS_EXPLANATIONS = {
-    "70008": (
-        "the refresh token has expired or was revoked",
-        "run 'mailoauth authorize {account}' to sign in again",
-    ),
-    "700082": (
-        "the refresh token expired after a long time unused, past the inactivity limit",
-        "run 'mailoauth authorize {account}' to sign in again",
-    ),
-    "50076": (
-        "the tenant now requires multi-factor authentication for this sign-in",
-        "run 'mailoauth authorize {account}' and complete MFA in the browser",
-    ),
-    "65001": (
-        "the user or an administrator has not consented to the app's permissions",
-        "have an administrator grant consent, then run 'mailoauth authorize {account}'",
-    ),
-    "7000215": (
-        "the client secret is wrong",
-        "check client_secret_file / client_secret_command (copy the secret's value, not its ID)",
-    ),
-    "7000222": (
-        "the client secret has expired",
-        "create a new client secret in the app registration and update the config",
-    ),
-    "700016": (
-        "the app (client_id) was not found in this tenant",
-        "check client_id and tenant, or have the app consented in this tenant",
-    ),
-    "70011": (
-        "a requested scope is invalid for this app",
-        "check the scopes configured for this provider",
-    ),
-    "50196": (
-        "Microsoft throttled repeated requests for this account (a request loop)",
-        "mailoauthd waits before it asks again; check what asks for tokens so often",
-    ),
-    "9001023": (
-        "the requested scopes belong to more than one resource",
-        "ask for the scopes of one resource only (e.g. only outlook.office.com ones)",
-    ),
-    "9002313": (
-        "the request was malformed or invalid",
-        "check tenant, client_id and scopes in the configuration",
-    ),
-    # Codes people meet while signing in rather than while refreshing.
-    "50173": (
-        "the grant expired because the password was changed or reset",
-        "run 'mailoauth authorize {account}' to sign in again",
-    ),
-    "50011": (
-        "the redirect URI is not registered for this app",
-        "add http://localhost as a 'Mobile and desktop applications' redirect URI",
-    ),
-    "500113": (
-        "the app registration has no redirect URI",
-        "add http://localhost as a 'Mobile and desktop applications' redirect URI",
-    ),
-    "7000218": (
-        "the app needs a client secret, or must allow public client flows",
-        "set client_secret_file, or enable 'Allow public client flows' in the app registration",
-    ),
-    "50020": (
-        "this user's account is not in the app's tenant",
-        "sign in with an account of that tenant, or set tenant to 'common' or 'organizations'",
-    ),
-    "53003": (
-        "a Conditional Access policy blocked the sign-in",
-        "ask your administrator which policy applies to this app and device",
-    ),
-}
-_AADSTS = re.compile(r"AADSTS(\d+)")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -300,21 +222,14 @@ def explain(
     Returns:
         (message, hint): the hint is None when we have nothing better than the default.
     """
-    match = _AADSTS.search(description)
-    if match and match.group(1) in AADSTS_EXPLANATIONS:
-        what, todo = AADSTS_EXPLANATIONS[match.group(1)]
+    match = presets.MICROSOFT_CODE.search(description)
+    if match and match.group(1) in presets.MICROSOFT_EXPLANATIONS:
+        what, todo = presets.MICROSOFT_EXPLANATIONS[match.group(1)]
         return f"AADSTS{match.group(1)}: {what}", todo.format(account=account)
-    if (
-        testing
-        and oauth_error == "invalid_grant"
-        and "Token has been expired or revoked" in description
-    ):
+    if testing and oauth_error == "invalid_grant" and presets.GOOGLE_TESTING_EXPIRED in description:
         # Google's wording; apps in "testing" publishing status get 7-day refresh tokens.
-        return (
-            f"invalid_grant: {description}; Google revokes refresh tokens of apps in "
-            "'testing' status after 7 days",
-            f"run 'mailoauth authorize {account}'; publish the app to avoid the 7-day limit",
-        )
+        what, todo = presets.GOOGLE_TESTING_EXPLANATION
+        return f"invalid_grant: {description}; {what}", todo.format(account=account)
     text = f"{oauth_error}: {description}" if description else oauth_error
     return text, None
 
@@ -366,9 +281,9 @@ def parse_token_response(
         oauth_error = _one_line(body["error"])[:80] or "unnamed_error"
         description = _one_line(body.get("error_description") or "")
         message, hint = explain(oauth_error, description, account, testing=testing)
-        aadsts = _AADSTS.search(description)
+        aadsts = presets.MICROSOFT_CODE.search(description)
         code = aadsts.group(1) if aadsts else None
-        if code in _AADSTS_THROTTLE:
+        if code in presets.MICROSOFT_THROTTLE:
             raise TransientGrantError(
                 f"the provider is throttling us (HTTP {status}, {message})",
                 retry_after=max(wait or 0.0, THROTTLE_SECONDS),
@@ -381,7 +296,7 @@ def parse_token_response(
                 retry_after=wait,
                 oauth_error=oauth_error,
             )
-        if code in _AADSTS_MISCONFIGURED or oauth_error in _MISCONFIGURED:
+        if code in presets.MICROSOFT_MISCONFIGURED or oauth_error in _MISCONFIGURED:
             raise Misconfigured(
                 f"the provider refused the request ({message})",
                 hint=hint,

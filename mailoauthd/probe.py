@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import trio
 
-from mailoauthd import authorize, config, discovery, oauth
+from mailoauthd import authorize, config, discovery, oauth, presets
 from mailoauthd.errors import GrantError, MailoauthdError
 from mailoauthd.secret import Secret
 
@@ -30,26 +30,6 @@ from mailoauthd.secret import Secret
 # refuses says whether it accepted the client.
 PROBE_REFRESH_TOKEN = Secret("mailoauthd-check-config-probe.not-a-refresh-token")
 
-# Microsoft codes that say the client, not the grant, is wrong: what, and what to change.
-MICROSOFT_CLIENT_CODES = {
-    "90002": (
-        "the tenant was not found",
-        "check tenant: your directory's domain (contoso.onmicrosoft.com) or its ID",
-    ),
-    "700016": (
-        "the application (client_id) was not found in this tenant",
-        "check client_id (the app registration's 'Application (client) ID') and tenant",
-    ),
-    "7000215": (
-        "the client secret is wrong",
-        "copy the secret's Value, not its Secret ID, into client_secret_file",
-    ),
-    "7000222": (
-        "the client secret has expired",
-        "create a new client secret in the app registration and put its value in "
-        "client_secret_file",
-    ),
-}
 _REFUSED_CLIENT = frozenset({"invalid_client", "unauthorized_client"})
 _MARK = {True: "✓", False: "✗", None: "·"}
 
@@ -85,14 +65,14 @@ def _json(response: httpx.Response) -> dict[str, object] | None:
 
 def _microsoft(description: str) -> tuple[str, str, str] | None:
     """(AADSTS code, what, fix) for a Microsoft code that names a client problem."""
-    match = oauth._AADSTS.search(description)
+    match = presets.MICROSOFT_CODE.search(description)
     if match is None:
         return None
     code = match.group(1)
-    if code in MICROSOFT_CLIENT_CODES:
-        return (code, *MICROSOFT_CLIENT_CODES[code])
-    if code in oauth.AADSTS_EXPLANATIONS:
-        what, fix = oauth.AADSTS_EXPLANATIONS[code]
+    if code in presets.MICROSOFT_CLIENT_CODES:
+        return (code, *presets.MICROSOFT_CLIENT_CODES[code])
+    if code in presets.MICROSOFT_EXPLANATIONS:
+        what, fix = presets.MICROSOFT_EXPLANATIONS[code]
         return code, what, fix.format(account="ACCOUNT")
     return None
 

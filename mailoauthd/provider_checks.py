@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
+from mailoauthd import presets
+
 # Scopes that are no resource's: OpenID Connect's and Microsoft's refresh-token scope.
 _NO_RESOURCE = frozenset({"openid", "profile", "email", "offline_access"})
 # A bare Microsoft scope ("Mail.Read") is Microsoft Graph's.
@@ -17,24 +19,17 @@ _GRAPH = "https://graph.microsoft.com"
 
 def provider_problems(preset: str, has_secret: bool) -> list[tuple[str, str]]:
     """(key, problem) pairs for a [providers.NAME] table."""
-    if preset == "google" and not has_secret:
-        return [
-            (
-                "client_secret_file",
-                "Google's token endpoint wants the client secret even of a desktop app; "
-                "set client_secret_file or client_secret_command (the secret is in the "
-                "OAuth client's JSON download)",
-            )
-        ]
-    return []
+    required = presets.PRESETS[preset].public_client_problem
+    return [("client_secret_file", required)] if required and not has_secret else []
 
 
 def account_problems(preset: str, flow: str, scopes: Iterable[str]) -> list[tuple[str, str]]:
     """(key, problem) pairs for an [accounts.NAME] table, given its profile's preset."""
     scopes = tuple(scopes)
     found: list[tuple[str, str]] = []
-    if preset == "google" and flow == "device_code":
-        mail = [s for s in scopes if "mail.google.com" in s or "/auth/gmail" in s]
+    facts = presets.PRESETS[preset]
+    if facts.device_flow_refuses and flow == "device_code":
+        mail = [s for s in scopes if any(part in s for part in facts.device_flow_refuses)]
         if mail:
             found.append(
                 (
@@ -43,7 +38,7 @@ def account_problems(preset: str, flow: str, scopes: Iterable[str]) -> list[tupl
                     'use flow = "authorization_code" (with --no-browser on a headless machine)',
                 )
             )
-    if preset == "microsoft":
+    if facts.one_resource_per_token:
         resources = sorted(microsoft_resources(scopes))
         if len(resources) > 1:
             found.append(

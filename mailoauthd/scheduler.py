@@ -37,6 +37,7 @@ from mailoauthd.errors import (
     UsageError,
 )
 from mailoauthd.lastresort import guarded
+from mailoauthd.presets import PRESETS
 from mailoauthd.secret import Secret
 from mailoauthd.state import AccountState
 from mailoauthd.store import GrantStore
@@ -386,9 +387,9 @@ class Scheduler:
                 hint=f"run 'mailoauth authorize {account.name}' "
                 f"or 'mailoauth import {account.name}'",
             )
-        # Microsoft issues a token for one resource at a time and wants the
-        # scopes named on refresh; elsewhere we keep what was granted.
-        scopes = account.scopes if account.provider.preset == "microsoft" else None
+        # Some providers (Microsoft) want the scopes named on refresh; elsewhere we
+        # keep what was granted.
+        scopes = account.scopes if PRESETS[account.provider.preset].scopes_on_refresh else None
         return oauth.refresh_request(client, current.refresh_token, scopes)
 
     async def _attempt(self, slot: _Slot) -> None:

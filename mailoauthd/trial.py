@@ -31,6 +31,7 @@ from mailoauthd import (
     discovery,
     oauth,
     paths,
+    presets,
     proc,
     signin,
     signin_client,
@@ -45,15 +46,6 @@ from mailoauthd.state import refreshed as refreshed_state
 # permissions (and .default of the Outlook resource, for app-only), the development
 # provider's "mail".
 MAIL_SCOPE_MARKS = ("mail.google.com", "imap.", "pop.", "smtp.", "outlook.office", "mail")
-# Audiences Microsoft's mail servers take, and Microsoft Graph's, which they refuse.
-OUTLOOK_AUDIENCES = frozenset(
-    {
-        "https://outlook.office.com",
-        "https://outlook.office365.com",
-        "00000002-0000-0ff1-ce00-000000000000",
-    }
-)
-GRAPH_AUDIENCES = frozenset({"https://graph.microsoft.com", "00000003-0000-0000-c000-000000000000"})
 # Scopes providers grant without echoing them back: not "missing" when absent.
 _UNECHOED = frozenset({"openid", "offline_access", "profile", "email"})
 
@@ -150,13 +142,14 @@ def report(
             + (f"; permissions {_text(permissions)}" if permissions else "")
         )
         audiences = set(audience if isinstance(audience, list) else [audience])
-        if audiences & GRAPH_AUDIENCES:
+        mail_audiences = presets.PRESETS[provider.preset].mail_audiences
+        if audiences & presets.MICROSOFT_GRAPH_AUDIENCES:
             warnings.append(
                 "the access token is for Microsoft Graph, which IMAP and SMTP refuse: ask for "
                 "https://outlook.office.com/IMAP.AccessAsUser.All and "
                 "https://outlook.office.com/SMTP.Send instead of Graph's Mail.* scopes"
             )
-        elif provider.preset == "microsoft" and not audiences & OUTLOOK_AUDIENCES:
+        elif mail_audiences and not audiences & mail_audiences:
             warnings.append(
                 f"the access token's audience {_text(audience)} is not Outlook's "
                 "(https://outlook.office.com): the mail servers will refuse it"

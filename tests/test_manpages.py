@@ -35,7 +35,7 @@ def test_committed_files_are_current() -> None:
 def test_every_config_key_has_a_meaning() -> None:
     """mailoauthd.toml(5) describes every key the checker accepts (from README.md's tables)."""
     page = manpages.config_page()
-    for table, (_, keys) in config._TABLES.items():
+    for table, (_, keys) in config.TABLES.items():
         for key in keys:
             assert f"\\fB{key.replace('-', chr(92) + '-')}\\fR" in page, (table, key)
     missing = [

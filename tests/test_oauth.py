@@ -22,7 +22,8 @@ from mailoauthd.errors import (
     ReauthorizationRequired,
     TransientGrantError,
 )
-from mailoauthd.oauth import AADSTS_EXPLANATIONS, Client, explain, parse_token_response
+from mailoauthd.oauth import Client, explain, parse_token_response
+from mailoauthd.presets import MICROSOFT_EXPLANATIONS
 from mailoauthd.secret import Secret
 
 T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
@@ -491,7 +492,7 @@ class TestUnusableExpiry:
 
 
 class TestExplain:
-    @pytest.mark.parametrize(("code", "words"), sorted(AADSTS_EXPLANATIONS.items()))
+    @pytest.mark.parametrize(("code", "words"), sorted(MICROSOFT_EXPLANATIONS.items()))
     def test_aadsts_codes(self, code: str, words: tuple[str, str]) -> None:
         """Each known AADSTS code gives its own message and hint, with the account filled in."""
         description = f"AADSTS{code}: Something went wrong. Trace ID: 0f3e Timestamp: 2026-11-01"
@@ -506,14 +507,14 @@ class TestExplain:
         "code",
         sorted(
             long
-            for long in AADSTS_EXPLANATIONS
-            if any(long != short and long.startswith(short) for short in AADSTS_EXPLANATIONS)
+            for long in MICROSOFT_EXPLANATIONS
+            if any(long != short and long.startswith(short) for short in MICROSOFT_EXPLANATIONS)
         ),
     )
     def test_longer_code_is_not_mistaken_for_a_prefix(self, code: str) -> None:
         """A code such as AADSTS700082 is explained as itself, not as its prefix AADSTS70008."""
         message, _ = explain("invalid_grant", f"AADSTS{code}: Something went wrong", "w")
-        assert f"AADSTS{code}: {AADSTS_EXPLANATIONS[code][0]}" == message
+        assert f"AADSTS{code}: {MICROSOFT_EXPLANATIONS[code][0]}" == message
 
     def test_unknown_aadsts_code(self) -> None:
         """An AADSTS code we have no words for is passed on as the provider said it."""
@@ -550,7 +551,7 @@ class TestExplain:
         """A wrong client secret (AADSTS7000215) is Misconfigured with the secret-checking hint."""
         with pytest.raises(Misconfigured) as info:
             parse(error_reply("invalid_client", "AADSTS7000215: Invalid client secret provided."))
-        assert AADSTS_EXPLANATIONS["7000215"][1] == info.value.hint
+        assert MICROSOFT_EXPLANATIONS["7000215"][1] == info.value.hint
 
     def test_google_in_a_response(self) -> None:
         """Google's revoked-token answer is ReauthorizationRequired naming the 7-day limit."""

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from mailoauthd import config, seal, state
-from mailoauthd.errors import StateError
+from mailoauthd.errors import ConfigError, StateError
 from mailoauthd.secret import Secret
 from mailoauthd.store import FilesStore, GrantStore, rekey
 from mailoauthd.testing import DevProvider
@@ -375,7 +375,7 @@ class TestStoreConfig:
         ],
     )
     def test_mistakes_name_the_table_and_key(self, text: str, message: str) -> None:
-        with pytest.raises(config.ConfigError) as caught:
+        with pytest.raises(ConfigError) as caught:
             config.parse(f"[store]\n{text}\n", source="c")
         assert message in caught.value.message
 
