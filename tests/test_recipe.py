@@ -11,8 +11,8 @@ import pytest
 from conftest import DaemonProcess, config_text, helper
 from e2e.recipes import DOCS, recipe
 
-from mailoauthd import recipes
 from mailoauthd.devprovider import DevProvider
+from mailoauthd.helper import recipes
 
 ROOT = Path(__file__).resolve().parents[1]
 Start = Callable[..., DaemonProcess]

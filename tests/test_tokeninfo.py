@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from conftest import USER, DaemonProcess, config_text, helper
 
-from mailoauthd import tokeninfo
 from mailoauthd.devprovider import DevProvider
+from mailoauthd.helper import tokeninfo
 
 Start = Callable[..., DaemonProcess]
 TENANT = "72f988bf-86f1-41af-91ab-2d7cd011db47"
