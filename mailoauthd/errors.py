@@ -27,8 +27,6 @@ its exit status through `exit_code` (EXIT_CODES below, the only such mapping); a
 error the daemon reports comes back as its class through `from_reply`.
 """
 
-from __future__ import annotations
-
 # Exit codes of the `mailoauth` helper, by wire code.
 EXIT_OK = 0
 EXIT_ERROR = 1

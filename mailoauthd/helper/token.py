@@ -4,7 +4,9 @@
 Mail programs spawn `mailoauth token ACCOUNT` once per connection, so the
 `token` and `sasl` paths import nothing beyond what the interpreter has already
 loaded plus two C modules (`_socket`, `_json`) and `binascii`; no argparse, no
-json, no pathlib. A test holds us to that. Every other command goes to
+json, no pathlib, and not even `__future__` (this module, transport, errors,
+protocol and paths spell their annotations for Python 3.11 as it runs them).
+A test holds us to that. Every other command goes to
 commands.py, imported only then.
 
 Every failure is a MailoauthdError; `main` is the one place that turns it into
@@ -12,8 +14,6 @@ one line on stderr and its exit status (errors.EXIT_CODES): 0 success, 1 error
 reported by the daemon, 2 usage, 3 daemon unreachable, 4 needs authorization,
 5 provider temporarily failing.
 """
-
-from __future__ import annotations
 
 import sys
 

@@ -7,8 +7,6 @@ A failure is raised as the errors.py class it is: DaemonUnreachable, TimedOut,
 or the one the daemon's reply names.
 """
 
-from __future__ import annotations
-
 import _socket  # the C module: `socket` costs the helper a visible share of its start-up
 import os
 
