@@ -210,7 +210,7 @@ def console_script_wrapper(base: Path, install: Install) -> Path:
         "# -*- coding: utf-8 -*-\n"
         "import re\n"
         "import sys\n"
-        "from mailoauthd.client import main\n"
+        "from mailoauthd.helper.token import main\n"
         "if __name__ == '__main__':\n"
         "    sys.argv[0] = re.sub(r'(-script\\.pyw|\\.exe)?$', '', sys.argv[0])\n"
         "    sys.exit(main(sys.argv[1:]))\n"

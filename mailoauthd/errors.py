@@ -21,9 +21,11 @@ Every error has a `message` (what happened) and a `hint` (what to do). The
 `code` travels on the wire and is API: never rename one. Transient failures and
 "a human must sign in again" are different classes because callers do different
 things with them: retry later, or stop and tell someone.
-"""
 
-from __future__ import annotations
+The helper raises these too, and its one `except MailoauthdError` turns them into
+its exit status through `exit_code` (EXIT_CODES below, the only such mapping); an
+error the daemon reports comes back as its class through `from_reply`.
+"""
 
 # Exit codes of the `mailoauth` helper, by wire code.
 EXIT_OK = 0
@@ -62,6 +64,7 @@ class MailoauthdError(Exception):
 
     @property
     def exit_code(self) -> int:
+        """The `mailoauth` helper's exit status for this error (EXIT_CODES)."""
         return exit_code_for(self.code)
 
     def __str__(self) -> str:
@@ -165,3 +168,25 @@ class AuthorizationFailed(GrantError):
 
     code = "authorization-failed"
     hint = "run 'mailoauth authorize ACCOUNT' again"
+
+
+def from_reply(code: str, message: str, hint: str) -> MailoauthdError:
+    """
+    The error a daemon's failure reply names, as its class (its wire code kept when unknown).
+
+    Args:
+        code: the reply's "error" field.
+        message: its "message".
+        hint: its "hint" ("" for none: the class's own hint is not added).
+    """
+    kind = _by_code(MailoauthdError).get(code, MailoauthdError)
+    error = kind(message, hint=hint)
+    error.code = code
+    return error
+
+
+def _by_code(root: type[MailoauthdError]) -> dict[str, type[MailoauthdError]]:
+    found = {root.code: root}
+    for sub in root.__subclasses__():
+        found.update(_by_code(sub))
+    return found

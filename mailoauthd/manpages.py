@@ -5,7 +5,7 @@ Everything comes from what the programs themselves use, so that the pages and th
 completions say what `--help` says:
 
 - mailoauth(1) and the completions of `mailoauth`: the helper's argument parser
-  (manage.py), which `mailoauth --help` prints;
+  (helper/commands.py), which `mailoauth --help` prints;
 - mailoauthd(8) and the completions of `mailoauthd`: the daemon's (cli.py);
 - mailoauthd.toml(5): the keys the configuration checker accepts (config/schema.py's key
   tables), each with its meaning from README.md's key tables.
@@ -22,7 +22,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mailoauthd import __version__, cli, config, manage
+from mailoauthd import __version__, cli, config
+from mailoauthd.helper.commands import build_parser as helper_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -116,7 +117,7 @@ def _subcommands(parser: argparse.ArgumentParser) -> tuple[list[Option], list[Co
 def _first_choices(command: str, positionals: list[tuple[str, str]]) -> list[str]:
     """`mailoauth recipe CLIENT`: the clients with recipes, from the pages it reads."""
     if command == "recipe" and positionals and positionals[0][0] == "client":
-        from mailoauthd import recipes
+        from mailoauthd.helper import recipes
 
         return list(recipes.pages())
     return []
@@ -193,7 +194,7 @@ def _option_lines(options: list[Option]) -> list[str]:
 
 
 def helper_page() -> str:
-    parser = manage._parser()
+    parser = helper_parser()
     options, commands = _subcommands(parser)
     lines = _header("mailoauth", 1, "User Commands")
     lines += [
@@ -547,7 +548,7 @@ def fish_completion(program: str, parser: argparse.ArgumentParser) -> str:
 
 def generated() -> dict[str, str]:
     """Path below share/ -> content, for every generated file."""
-    helper, daemon = manage._parser(), cli._parser()
+    helper, daemon = helper_parser(), cli._parser()
     return {
         "man/man1/mailoauth.1": helper_page(),
         "man/man8/mailoauthd.8": daemon_page(),

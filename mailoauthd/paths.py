@@ -7,8 +7,6 @@ create. Every function takes the environment as an argument so that nothing
 here reads the process environment at import time.
 """
 
-from __future__ import annotations
-
 import os.path
 
 # Paths are plain strings here: pathlib costs the helper a measurable share of

@@ -10,8 +10,6 @@ the `json` package: it uses the C scanner and string encoder that `json` itself
 is built on, which cost nothing to import.
 """
 
-from __future__ import annotations
-
 import _json
 
 VERSION = 1
@@ -90,7 +88,7 @@ if TYPE_CHECKING:
 # Made on first use: the helper's hot path never encodes with json. One for the
 # process, because json.dumps with separators makes a new encoder every call,
 # a visible share of the daemon's quick answers (docs/performance.md).
-_encoder: json.JSONEncoder | None = None
+_encoder: "json.JSONEncoder | None" = None
 
 
 def encode(message: dict[str, object]) -> bytes:

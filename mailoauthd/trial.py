@@ -10,7 +10,8 @@ audience and permissions when it is a JWT. It warns about the mistakes that othe
 surface only later as a provider code in a log, then revokes what it got where the
 provider can (RFC 7009) and forgets it. Nothing is written anywhere; no token is printed.
 
-Imported only by `mailoauth authorize --test` (manage.py), never on the token path.
+Run by `mailoauth authorize --test` (helper/commands.py) as `python -m mailoauthd.trial`:
+the helper imports only the standard library, and this needs trio and httpx.
 """
 
 from __future__ import annotations
@@ -34,10 +35,10 @@ from mailoauthd import (
     presets,
     proc,
     signin,
-    signin_client,
     signin_page,
 )
 from mailoauthd.errors import MailoauthdError
+from mailoauthd.helper import signin_terminal
 from mailoauthd.secret import Secret
 from mailoauthd.state import AccountState
 from mailoauthd.state import refreshed as refreshed_state
@@ -60,7 +61,7 @@ class _Console:
         self.browser_command = browser_command
 
     async def send(self, message: dict[str, object]) -> None:
-        signin_client._event(
+        signin_terminal.event(
             self.label,
             message,
             open_browser=self.open_browser,
@@ -73,7 +74,7 @@ class _Console:
             if not line:
                 await trio.sleep_forever()  # no more input: only the browser can answer
             if text := line.strip():
-                signin_client._say("Checking that address...")
+                signin_terminal.say("Checking that address...")
                 return {"op": "redirect", "url": text}
 
 
@@ -229,7 +230,7 @@ async def _trial(
         tokens = got[0]
         lines, warnings = report(account, tokens, oauth.now_utc())
         outcome = await _revoke(client, provider.revocation_endpoint, tokens, http)
-    say = signin_client._say
+    say = signin_terminal.say
     say()
     say(f"Trial sign-in with [providers.{provider.name}]: the provider answered")
     for line in lines:
@@ -288,3 +289,30 @@ def run(
     except MailoauthdError as exc:
         sys.stderr.write(f"mailoauth: {exc}\n")
         return 1
+
+
+def main(argv: list[str]) -> int:
+    """`python -m mailoauthd.trial PROFILE [options]`: what `mailoauth authorize --test` runs."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="mailoauth authorize --test")
+    parser.add_argument("profile")
+    parser.add_argument("--config")
+    parser.add_argument("--flow", choices=("authorization_code", "device_code"))
+    parser.add_argument("--no-browser", action="store_true")
+    parser.add_argument("--browser-command")
+    args = parser.parse_args(argv)
+    try:
+        return run(
+            args.profile,
+            config_path=args.config,
+            flow=args.flow,
+            open_browser=not args.no_browser,
+            browser_command=args.browser_command,
+        )
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -149,7 +149,7 @@ def as_user(
     people: People, system: System, role: str, *args: str, groups: str = "init"
 ) -> subprocess.CompletedProcess[str]:
     """
-    The real helper (mailoauthd.client.main) run as `role` with its uid, primary gid and
+    The real helper (mailoauthd.helper.token.main) run as `role` with its uid, primary gid and
     (groups="init") its supplementary groups from the user database, or none ("clear").
     """
     if role == "root":
@@ -157,7 +157,7 @@ def as_user(
     entry = pwd.getpwnam(people.users[role])
     code = (
         f"import sys; sys.path.insert(0, {str(system.package)!r}); "
-        "from mailoauthd.client import main; "
+        "from mailoauthd.helper.token import main; "
         f"sys.exit(main(['--socket', {str(system.socket)!r}, *{list(args)!r}]))"
     )
     assert SYSTEM_PYTHON is not None
@@ -298,7 +298,8 @@ class TestManagement:
         stolen = system.provider.issue_refresh_token("mallory@example.com")
         code = (
             f"import sys; sys.path.insert(0, {str(system.package)!r}); "
-            "from mailoauthd.client import request_reply; from mailoauthd import protocol; "
+            "from mailoauthd.helper.transport import request_reply; "
+            "from mailoauthd import protocol; "
             f"request_reply(protocol.encode({{'v': 1, 'op': 'import', 'account': 'shared', "
             f"'refresh_token': {stolen!r}}}), {str(system.socket)!r}, 10)"
         )

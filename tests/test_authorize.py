@@ -34,8 +34,9 @@ from conftest import (
     mock_now,
 )
 
-from mailoauthd import authorize, client, config, daemon, oauth, protocol, state
+from mailoauthd import authorize, config, daemon, oauth, protocol, state
 from mailoauthd.errors import AuthorizationFailed, Misconfigured, TransientGrantError
+from mailoauthd.helper import token as helper_token
 from mailoauthd.oauth import TokenSet
 from mailoauthd.secret import Secret
 from mailoauthd.testing import DevProvider
@@ -891,7 +892,7 @@ class TestHelper:
         assert bad.returncode == 2
         assert "--wait takes a number of seconds" in bad.stderr
         # Alone it means the default, and does not take the account for its value.
-        assert client._parse_hot(["--wait", "work"]) == ("work", {"--wait": "300.0"})
+        assert helper_token._parse_hot(["--wait", "work"]) == ("work", {"--wait": "300.0"})
 
     def test_no_secret_in_logs(
         self, setup: Path, provider: DevProvider, start_daemon: Start, tmp_path: Path

@@ -200,7 +200,7 @@ class TestExclusion:
                     "-I",
                     "-c",
                     f"import sys; sys.path.insert(0, {str(base / 'pkg')!r}); "
-                    "from mailoauthd.client import main; "
+                    "from mailoauthd.helper.token import main; "
                     f"sys.exit(main(['--socket', {str(d.socket)!r}, 'token', 'work']))",
                 ],
                 capture_output=True,

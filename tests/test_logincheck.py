@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from conftest import USER, DaemonProcess, config_text, helper
 
-from mailoauthd import client, logincheck
-from mailoauthd.logincheck import Server, parse_server
+from mailoauthd.helper import logincheck, sasl
+from mailoauthd.helper.logincheck import Server, parse_server
 from mailoauthd.testing import DevProvider
 
 
@@ -51,7 +51,7 @@ class TestInitialResponse:
         server = Server("SMTP", "smtp.example.com", 587, "starttls")
         for mechanism in ("xoauth2", "oauthbearer"):
             raw = logincheck.initial_response("a@b.c", "tok", mechanism, server)
-            expected = client.sasl_response(
+            expected = sasl.sasl_response(
                 "a@b.c", "tok", mechanism=mechanism, host="smtp.example.com", port="587"
             )
             assert base64.b64encode(raw.encode()).decode() == expected

@@ -11,7 +11,7 @@ import pytest
 from conftest import DaemonProcess, config_text, helper
 from e2e.recipes import DOCS, recipe
 
-from mailoauthd import recipes
+from mailoauthd.helper import recipes
 from mailoauthd.testing import DevProvider
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -201,6 +201,8 @@ def test_helper_path_never_loads_sealing() -> None:
         )
         return done.stdout.strip()
 
-    assert loaded("mailoauthd.client, mailoauthd.manage, mailoauthd.protocol") == "[]"
+    assert (
+        loaded("mailoauthd.helper.token, mailoauthd.helper.commands, mailoauthd.protocol") == "[]"
+    )
     # The check sees sealing when it is there: the daemon's side loads it.
     assert "'mailoauthd.seal'" in loaded("mailoauthd.store")

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import USER, DaemonProcess, config_text, helper
 
-from mailoauthd import tokeninfo
+from mailoauthd.helper import tokeninfo
 from mailoauthd.testing import DevProvider
 
 Start = Callable[..., DaemonProcess]

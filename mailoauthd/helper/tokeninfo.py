@@ -18,7 +18,8 @@ import sys
 import time
 from typing import Any
 
-from mailoauthd import client, errors, protocol
+from mailoauthd import errors, protocol
+from mailoauthd.helper import transport
 
 # Exchange Online's audiences: the resource a mail token must be issued for.
 EXCHANGE_AUDIENCES = (
@@ -156,14 +157,16 @@ def advice(protocol_name: str, answer: str, token: str, user: str) -> str | None
 def main(account: str, *, socket_path: str | None, out: Any = None) -> int:
     """`mailoauth inspect ACCOUNT`: the current access token's claims, not the token."""
     out = out or sys.stdout
-    reply = client.request_reply(
-        protocol.encode_token_request(account, min_validity=-1.0, timeout=client.DEFAULT_TIMEOUT),
+    reply = transport.request_reply(
+        protocol.encode_token_request(
+            account, min_validity=-1.0, timeout=transport.DEFAULT_TIMEOUT
+        ),
         socket_path,
-        client.DEFAULT_TIMEOUT + client.ANSWER_GRACE,
+        transport.DEFAULT_TIMEOUT + transport.ANSWER_GRACE,
     )
     token = reply.get("token")
     if not isinstance(token, str) or not token:
-        raise client._Fail(f"{account}: the daemon sent no token", errors.EXIT_ERROR)
+        raise errors.MailoauthdError(f"{account}: the daemon sent no token")
     found = claims(token)
     out.write(f"{account}: access token of {len(token)} characters\n")
     if found is None:

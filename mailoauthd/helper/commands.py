@@ -1,23 +1,26 @@
 """
-The `mailoauth` subcommands people run by hand: status, refresh, import, revoke, authorize.
+The `mailoauth` commands people run by hand: the argparse parser, and one dispatch.
 
-`token` and `sasl` never come here (client.py answers them without argparse
-or json). Standard library only, like the rest of the helper.
+`token` and `sasl` never come here (token.py answers them without argparse or
+json). Each command's work lives in its own module beside this one (status,
+signin_terminal, logincheck, tokeninfo, recipes, migrate), imported only when run.
+Standard library only, like the rest of the helper: `authorize --test` needs
+the daemon's libraries, so it runs as a child process (`python -m mailoauthd.trial`).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
-from mailoauthd import __version__, client, errors, protocol
+from mailoauthd import __version__, errors, protocol
+from mailoauthd.helper import transport
 
 # Manual operations may wait for a slow provider; a person is watching.
 ADMIN_TIMEOUT = 60.0
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mailoauth",
         description="Ask mailoauthd for OAuth2 access tokens, and manage its accounts.",
@@ -36,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument(
             "--timeout",
             type=float,
-            default=client.DEFAULT_TIMEOUT,
+            default=transport.DEFAULT_TIMEOUT,
             metavar="SECONDS",
             help="wait at most this long for a due refresh (default %(default)g)",
         )
@@ -50,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
             "--wait",
             nargs="?",
             type=float,
-            const=client.DEFAULT_WAIT,
+            const=transport.DEFAULT_WAIT,
             metavar="SECONDS",
             help="if the account needs signing in, wait for that (default %(const)g)",
         )
@@ -163,38 +166,28 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     """Run a management subcommand; returns the exit status."""
-    parser = _parser()
+    parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse's usage errors exit 2, --help exits 0
         return int(exc.code or 0)
     command = args.command
     if command in ("token", "sasl"):
-        # client.py answers these before argparse is ever imported; we get here
+        # token.py answers these before argparse is ever imported; we get here
         # only with options it does not know, in an order it does not take.
-        raise client._Fail(
-            f"usage: mailoauth [--socket PATH] {command} ACCOUNT [--timeout S] [--min-validity S]",
-            errors.EXIT_USAGE,
+        raise errors.UsageError(
+            f"usage: mailoauth [--socket PATH] {command} ACCOUNT [--timeout S] [--min-validity S]"
         )
     if command == "authorize" and (args.test is None) == (args.account is None):
-        raise client._Fail(
-            "usage: mailoauth authorize ACCOUNT | mailoauth authorize --test PROFILE",
-            errors.EXIT_USAGE,
+        raise errors.UsageError(
+            "usage: mailoauth authorize ACCOUNT | mailoauth authorize --test PROFILE"
         )
     if command == "authorize" and args.test is not None:
-        from mailoauthd import trial
-
-        return trial.run(
-            args.test,
-            config_path=args.config,
-            flow=args.flow,
-            open_browser=not args.no_browser,
-            browser_command=args.browser_command,
-        )
+        return _trial(args)
     if command == "authorize":
-        from mailoauthd import signin_client
+        from mailoauthd.helper import signin_terminal
 
-        return signin_client.run(
+        return signin_terminal.run(
             args.account,
             socket_path=args.socket,
             flow=args.flow,
@@ -202,23 +195,33 @@ def main(argv: list[str]) -> int:
             browser_command=args.browser_command,
         )
     if command == "status":
-        return _status(args)
+        from mailoauthd.helper import status
+
+        return status.main(
+            args.account,
+            socket_path=args.socket,
+            names=args.names,
+            check=args.check,
+            as_json=args.json,
+        )
     if command == "inspect":
-        from mailoauthd import tokeninfo
+        from mailoauthd.helper import tokeninfo
 
         return tokeninfo.main(args.account, socket_path=args.socket)
     if command == "recipe":
-        from mailoauthd import recipes
+        from mailoauthd.helper import recipes
 
         return recipes.main(args.client, args.account, socket_path=args.socket)
     if command == "reload":
         line = protocol.encode({"v": protocol.VERSION, "op": "reload"})
-        reply = client.request_reply(line, args.socket, ADMIN_TIMEOUT)
+        from mailoauthd.helper.status import plural
+
+        reply = transport.request_reply(line, args.socket, ADMIN_TIMEOUT)
         count = reply.get("accounts")
         sys.stderr.write(f"mailoauth: configuration reloaded: {plural(count, 'account')}\n")
         return 0
     if command == "test":
-        from mailoauthd import logincheck
+        from mailoauthd.helper import logincheck
 
         return logincheck.main(
             args.account,
@@ -231,17 +234,16 @@ def main(argv: list[str]) -> int:
     timeout = getattr(args, "timeout", ADMIN_TIMEOUT)
     request["timeout"] = timeout
     if command == "import" and args.from_tool:
-        from mailoauthd import migrate
+        from mailoauthd.helper import migrate
 
         tool, *sources = args.from_tool
         if tool not in migrate.SOURCES or len(sources) > 1:
-            raise client._Fail(
-                f"--from takes one of {', '.join(migrate.SOURCES)} and at most one file",
-                errors.EXIT_USAGE,
+            raise errors.UsageError(
+                f"--from takes one of {', '.join(migrate.SOURCES)} and at most one file"
             )
 
         asked = {"v": protocol.VERSION, "op": "servers", "account": args.account}
-        servers = client.request_reply(protocol.encode(asked), args.socket, ADMIN_TIMEOUT)
+        servers = transport.request_reply(protocol.encode(asked), args.socket, ADMIN_TIMEOUT)
         found = migrate.read(
             tool,
             sources[0] if sources else None,
@@ -257,13 +259,12 @@ def main(argv: list[str]) -> int:
     elif command == "import":
         token = sys.stdin.readline().strip()
         if not token:
-            raise client._Fail(
+            raise errors.UsageError(
                 "no refresh token on stdin (paste it, or pipe it in: "
-                f"'mailoauth import {args.account} < file')",
-                errors.EXIT_USAGE,
+                f"'mailoauth import {args.account} < file')"
             )
         request["refresh_token"] = token
-    reply = client.request_reply(protocol.encode(request), args.socket, timeout + 5)
+    reply = transport.request_reply(protocol.encode(request), args.socket, timeout + 5)
     if command == "revoke":
         sys.stderr.write(f"mailoauth: {args.account}: {reply.get('note', 'done')}\n")
     elif command == "refresh":
@@ -276,126 +277,22 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _status(args: argparse.Namespace) -> int:
-    request = protocol.encode({"v": protocol.VERSION, "op": "status"})
-    reply = client.request_reply(request, args.socket, 10.0)
-    rows = reply.get("accounts")
-    if not isinstance(rows, list):
-        raise client._Fail("mailoauthd sent a status without accounts", errors.EXIT_ERROR)
-    if args.account:
-        rows = [row for row in rows if row.get("account") == args.account]
-        if not rows:
-            raise client._Fail(f"{args.account}: no such account", errors.EXIT_ERROR)
-    if args.names:
-        sys.stdout.write("".join(f"{row.get('account')}\n" for row in rows))
-        return 0
-    if args.check:
-        return _check(rows, as_json=args.json)
-    if args.json:
-        shown = {"version": reply.get("version"), "accounts": rows}
-        if isinstance(reply.get("listeners"), dict):
-            shown["listeners"] = reply["listeners"]  # the proxy's (docs/proxy.md)
-        json.dump(shown, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-        return 0
-    header = ("ACCOUNT", "STATE", "EXPIRES IN", "LAST REFRESH", "NEXT CHECK", "LAST ERROR")
-    table = [header]
-    for row in rows:
-        table.append(
-            (
-                str(row.get("account")),
-                str(row.get("status")),
-                _duration(row.get("expires_in")),
-                _short_time(row.get("last_refresh")),
-                _short_time(row.get("next_check")),
-                str(row.get("last_error") or "-"),
-            )
-        )
-    widths = [max(len(r[i]) for r in table) for i in range(len(header) - 1)]
-    for r in table:
-        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=False)) + "  " + r[-1])
-    for row in rows:
-        if row.get("hint") and row.get("status") != "ok":
-            print(f"{row.get('account')}: {row.get('hint')}")
-        if row.get("scope_warning"):
-            print(f"{row.get('account')}: warning: {row.get('scope_warning')}")
-        if row.get("refresh_token_expiring"):
-            name = row.get("account")
-            issued = _short_time(row.get("refresh_token_issued_at"))
-            used = _short_time(row.get("refresh_token_last_used"))
-            print(
-                f"{name}: the refresh token (issued {issued}, last used {used}) stops working "
-                f"around {_short_time(row.get('refresh_token_expires_at'))}; "
-                f"run 'mailoauth authorize {name}' before then"
-            )
-    _proxy_status(reply, rows)
-    return 0
+def _trial(args: argparse.Namespace) -> int:
+    """
+    `authorize --test PROFILE`, in a child interpreter: the trial sign-in reads the
+    configuration and talks to the provider with the daemon's libraries (trio, httpx),
+    which the helper never imports. The child shares our terminal and exits with the
+    status we return.
+    """
+    import subprocess
 
-
-def _proxy_status(reply: dict[str, object], rows: list[dict[str, object]]) -> None:
-    """The proxy's listeners, and each account's proxied sessions (when it runs)."""
-    listeners = reply.get("listeners")
-    if not isinstance(listeners, dict):
-        return
-    print("proxy: " + (", ".join(f"{k} {v}" for k, v in listeners.items()) or "no listeners"))
-    for row in rows:
-        if row.get("proxy_sessions_total"):
-            print(
-                f"{row.get('account')}: proxied sessions {row.get('proxy_sessions_open')} open, "
-                f"{row.get('proxy_sessions_total')} since start"
-            )
-
-
-# `status --check`: the exit status for an unhealthy account's state; the most
-# urgent wins: a broken configuration or state file, then a person to sign in.
-_CHECK_EXITS = {"needs_authorization": errors.EXIT_NEEDS_AUTH, "failing": errors.EXIT_TEMPORARY}
-_CHECK_ORDER = (errors.EXIT_ERROR, errors.EXIT_NEEDS_AUTH, errors.EXIT_TEMPORARY)
-
-
-def _check(rows: list[dict[str, object]], *, as_json: bool) -> int:
-    """Report the accounts that need attention; the exit status says which kind."""
-    # A daemon that predates `healthy` is judged by the state alone.
-    sick = [row for row in rows if not row.get("healthy", row.get("status") == "ok")]
-    status = errors.EXIT_OK
-    if sick:
-        found = {_CHECK_EXITS.get(str(row.get("status")), errors.EXIT_ERROR) for row in sick}
-        status = next(code for code in _CHECK_ORDER if code in found)
-    if as_json:
-        json.dump({"healthy": not sick, "accounts": rows}, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-        return status
-    if not sick:
-        print(f"OK: {plural(len(rows), 'account')} healthy")
-        return status
-    names = ", ".join(f"{row.get('account')} {row.get('status')}" for row in sick)
-    print(f"UNHEALTHY: {len(sick)} of {plural(len(rows), 'account')}: {names}")
-    for row in sick:
-        since = f" since {_short_time(row['error_since'])}" if row.get("error_since") else ""
-        why = f": {row['last_error']}" if row.get("last_error") else ""
-        hint = row.get("hint")
-        if not hint and row.get("status") == "needs_authorization":
-            hint = f"run 'mailoauth authorize {row.get('account')}'"
-        hint = f"; {hint}" if hint else ""
-        print(f"{row.get('account')}: {row.get('status')}{since}{why}{hint}")
-    return status
-
-
-def plural(count: object, noun: str) -> str:
-    """ "1 account", "3 accounts"."""
-    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
-
-
-def _duration(seconds: object) -> str:
-    if not isinstance(seconds, int):
-        return "-"
-    if seconds <= 0:
-        return "expired"
-    minutes, secs = divmod(seconds, 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
-
-
-def _short_time(value: object) -> str:
-    if not isinstance(value, str):
-        return "-"
-    return value.replace("+00:00", "Z")
+    command = [sys.executable, "-P", "-m", "mailoauthd.trial", args.test]
+    if args.config is not None:
+        command += ["--config", args.config]
+    if args.flow is not None:
+        command += ["--flow", args.flow]
+    if args.no_browser:
+        command.append("--no-browser")
+    if args.browser_command is not None:
+        command += ["--browser-command", args.browser_command]
+    return subprocess.run(command, check=False).returncode

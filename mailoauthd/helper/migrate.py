@@ -17,12 +17,12 @@ the import when that is not the account's client_id (`import` with `client_id`).
   Fernet); the password is asked for. Needs the `cryptography` package.
 - getmail: getmail-gmail-xoauth-tokens's JSON token file (client_id, refresh_token).
 
-Standard library only, but for email-oauth2-proxy's cryptography, imported there.
+Standard library only: email-oauth2-proxy's Fernet needs `cryptography`, so
+mailoauthd/migrate_fernet.py opens it in a child interpreter.
 """
 
 from __future__ import annotations
 
-import base64
 import configparser
 import json
 import os
@@ -31,7 +31,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mailoauthd import client, errors
+from mailoauthd import errors
 
 SOURCES = ("mutt_oauth2", "oama", "email-oauth2-proxy", "getmail")
 DECRYPT = ["gpg", "--quiet", "--batch", "--decrypt"]
@@ -49,8 +49,8 @@ class Found:
     notes: list[str] = field(default_factory=list)
 
 
-def _fail(message: str) -> client._Fail:
-    return client._Fail(message, errors.EXIT_ERROR)
+def _fail(message: str) -> errors.MailoauthdError:
+    return errors.MailoauthdError(message)
 
 
 def _decrypt(path: Path, command: list[str]) -> bytes:
@@ -189,29 +189,37 @@ def email_oauth2_proxy(config: Path, username: str, password: str) -> Found:
     sealed, salt = entry.get("refresh_token"), entry.get("token_salt")
     if not sealed or not salt:
         raise _fail(f"{config}: [{username}] holds no cached refresh token yet")
-    try:
-        from cryptography.fernet import Fernet, InvalidToken
-        from cryptography.hazmat.primitives import hashes
-        from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
-    except ImportError:
+    iterations = int(entry.get("token_iterations") or EMAILPROXY_ITERATIONS)
+    token = _open_sealed(password, salt, sealed, iterations)
+    if token is None:
+        raise _fail(f"wrong password for {username}: {config}'s token does not open")
+    client_id = entry.get("client_id") or _catch_all(parser, "client_id")
+    return Found(token, client_id or None, f"email-oauth2-proxy {config} [{username}]")
+
+
+def _open_sealed(password: str, salt: str, sealed: str, iterations: int) -> str | None:
+    """
+    Fernet needs `cryptography`, which the helper never imports: a child interpreter
+    (mailoauthd/migrate_fernet.py) opens the token; the secrets go over its stdin.
+    """
+    asked = {"password": password, "salt": salt, "sealed": sealed, "iterations": iterations}
+    done = subprocess.run(
+        [sys.executable, "-P", "-m", "mailoauthd.migrate_fernet"],
+        input=json.dumps(asked),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode == 1:  # migrate_fernet.WRONG_PASSWORD
+        return None
+    if done.returncode == 2:  # migrate_fernet.NO_CRYPTOGRAPHY
         raise _fail(
             "reading email-oauth2-proxy's tokens needs the 'cryptography' package: "
             "pip install cryptography, into the environment mailoauth runs from"
-        ) from None
-    iterations = int(entry.get("token_iterations") or EMAILPROXY_ITERATIONS)
-    kdf = PBKDF2HMAC(
-        algorithm=hashes.SHA256(),
-        length=32,
-        salt=base64.b64decode(salt),
-        iterations=iterations,
-    )
-    key = base64.urlsafe_b64encode(kdf.derive(password.encode("utf-8")))
-    try:
-        token = Fernet(key).decrypt(sealed.encode("utf-8")).decode("utf-8")
-    except InvalidToken:
-        raise _fail(f"wrong password for {username}: {config}'s token does not open") from None
-    client_id = entry.get("client_id") or _catch_all(parser, "client_id")
-    return Found(token, client_id or None, f"email-oauth2-proxy {config} [{username}]")
+        )
+    if done.returncode:
+        raise _fail(f"could not open email-oauth2-proxy's token: {done.stderr.strip()}")
+    return done.stdout
 
 
 def _catch_all(parser: configparser.ConfigParser, key: str) -> str | None:
@@ -252,14 +260,14 @@ def read(
         return oama(source, username, dict(os.environ), command)
     if not source:
         what = "CONFIG" if kind == "email-oauth2-proxy" else "FILE"
-        raise client._Fail(f"--from {kind} needs the {what} to read", errors.EXIT_USAGE)
+        raise errors.UsageError(f"--from {kind} needs the {what} to read")
     path = Path(os.path.expanduser(source))
     if kind == "mutt_oauth2":
         return mutt_oauth2(path, command)
     if kind == "getmail":
         return getmail(path)
     if not username:
-        raise client._Fail("the account has no username to look up", errors.EXIT_USAGE)
+        raise errors.UsageError("the account has no username to look up")
     return email_oauth2_proxy(path, username, _password(username))
 
 

@@ -15,7 +15,6 @@ refuse `AUTH` lines over about a kilobyte, and Microsoft's tokens are 1.5 to
 
 from __future__ import annotations
 
-import binascii
 import imaplib
 import smtplib
 import socket
@@ -26,7 +25,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TextIO
 
-from mailoauthd import client, errors, protocol, tokeninfo
+from mailoauthd import errors, protocol
+from mailoauthd.helper import sasl, tokeninfo, transport
 
 # RFC 5321's limit for a command line before any extension raises it: an AUTH
 # line up to this long is accepted by every server.
@@ -82,12 +82,9 @@ def parse_server(protocol_name: str, value: object, security: object) -> Server 
 
 
 def initial_response(user: str, token: str, mechanism: str, server: Server) -> str:
-    """The raw (not yet base64) SASL initial client response."""
-    if mechanism == "xoauth2":
-        return f"user={user}\x01auth=Bearer {token}\x01\x01"
-    authzid = user.replace("=", "=3D").replace(",", "=2C")
-    return (
-        f"n,a={authzid},\x01host={server.host}\x01port={server.port}\x01auth=Bearer {token}\x01\x01"
+    """The raw (not yet base64) SASL initial client response for `server` (sasl.py spells it)."""
+    return sasl.initial_response(
+        user, token, mechanism=mechanism, host=server.host, port=server.port
     )
 
 
@@ -223,7 +220,7 @@ def check_smtp(
                 "try the other --mechanism",
             )
         raw = initial_response(user, token, mechanism, server)
-        line = f"AUTH {name} {binascii.b2a_base64(raw.encode(), newline=False).decode()}"
+        line = f"AUTH {name} {sasl.encode(raw)}"
         inline = len(line) + 2 <= MAX_INITIAL_RESPONSE_LINE
         how = "with the initial response" if inline else "then the response after 334"
         say(f"AUTH {name} as {user} ({how})")
@@ -306,7 +303,7 @@ def main(
         out: where the steps are printed.
 
     Raises:
-        client._Fail: the daemon could not give the servers or a token, or a login failed.
+        MailoauthdError: the daemon could not give the servers or a token, or a login failed.
     """
 
     def say(text: str) -> None:
@@ -314,7 +311,7 @@ def main(
         out.flush()
 
     request = {"v": protocol.VERSION, "op": "servers", "account": account}
-    info = client.request_reply(protocol.encode(request), socket_path, timeout + 5)
+    info = transport.request_reply(protocol.encode(request), socket_path, timeout + 5)
     servers = [
         parse_server("IMAP", info.get("imap_server"), info.get("imap_security")),
         parse_server("SMTP", info.get("smtp_server"), info.get("smtp_security")),
@@ -322,23 +319,22 @@ def main(
     wanted = [s for s in servers if s is not None and only in (None, s.protocol.lower())]
     if not wanted:
         which = f"{only}_server" if only else "imap_server or smtp_server"
-        raise client._Fail(
+        raise errors.MailoauthdError(
             f"{account}: no {which} is configured (set it in [accounts.{account}], "
-            "e.g. imap_server = 'outlook.office365.com:993')",
-            errors.EXIT_ERROR,
+            "e.g. imap_server = 'outlook.office365.com:993')"
         )
     user = str(info.get("username") or "")
     ca_file = info.get("tls_ca_file")
     ca = ca_file if isinstance(ca_file, str) else None
     out.write(f"{account}: asking mailoauthd for a token\n")
-    reply = client.request_reply(
+    reply = transport.request_reply(
         protocol.encode_token_request(account, min_validity=-1.0, timeout=timeout),
         socket_path,
-        timeout + client.ANSWER_GRACE,
+        timeout + transport.ANSWER_GRACE,
     )
     token = reply.get("token")
     if not isinstance(token, str) or not token:
-        raise client._Fail(f"{account}: the daemon sent no token", errors.EXIT_ERROR)
+        raise errors.MailoauthdError(f"{account}: the daemon sent no token")
     expires = reply.get("expires_at")
     left = f", valid for {expires - time.time():.0f} s" if isinstance(expires, int) else ""
     say(f"got a token of {len(token)} characters for {user}{left}")
@@ -354,7 +350,7 @@ def main(
     if failed:
         first = failed[0]
         hint = f" ({first.hint})" if first.hint else ""
-        raise client._Fail(f"{account}: {first}{hint}", errors.EXIT_ERROR)
+        raise errors.MailoauthdError(f"{account}: {first}{hint}")
     names = " and ".join(s.protocol for s in wanted)
     out.write(f"{account}: {names} login with {mechanism.upper()} succeeded\n")
     return 0

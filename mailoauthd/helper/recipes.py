@@ -14,7 +14,8 @@ import re
 import sys
 from pathlib import Path
 
-from mailoauthd import client, errors, protocol, shared_files
+from mailoauthd import errors, protocol, shared_files
+from mailoauthd.helper import transport
 
 # The documentation's example account, and where its values appear in the recipes.
 DOC_USER = "alice@contoso.com"
@@ -72,12 +73,11 @@ def main(client_name: str, account: str, *, socket_path: str | None) -> int:
     """Print the client's recipes filled in for the account; returns the exit status."""
     found = pages()
     if client_name not in found:
-        raise client._Fail(
-            f"no recipe for {client_name!r}; there are recipes for: {', '.join(found)}",
-            errors.EXIT_USAGE,
+        raise errors.UsageError(
+            f"no recipe for {client_name!r}; there are recipes for: {', '.join(found)}"
         )
     request = protocol.encode({"v": protocol.VERSION, "op": "servers", "account": account})
-    servers = client.request_reply(request, socket_path, 10.0)
+    servers = transport.request_reply(request, socket_path, 10.0)
     recipes = blocks(found[client_name])
     for index, (name, text) in enumerate(recipes):
         if len(recipes) > 1:

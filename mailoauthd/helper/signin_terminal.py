@@ -1,5 +1,5 @@
 """
-The helper's side of `mailoauth authorize`. Standard library only.
+`mailoauth authorize`: the person's side of a sign-in, at a terminal. Standard library only.
 
 The daemon runs the sign-in (signin.py); this shows a person what to do and
 relays what they paste. One connection for the whole sign-in (docs/protocol.md):
@@ -18,7 +18,8 @@ import subprocess
 import sys
 import tempfile
 
-from mailoauthd import client, errors, protocol
+from mailoauthd import errors, protocol
+from mailoauthd.helper import transport
 
 # The daemon gives up on a sign-in after 10 minutes and a device code after at
 # most 30; silence for longer than this means it is gone.
@@ -28,7 +29,7 @@ IDLE_TIMEOUT = 2100.0
 OPENER_TIMEOUT = 10.0
 
 
-def _say(text: str = "") -> None:
+def say(text: str = "") -> None:
     sys.stdout.write(text + "\n")
     sys.stdout.flush()
 
@@ -130,7 +131,7 @@ def _stdin_fd() -> int | None:
         return None
 
 
-def _event(
+def event(
     account: str, message: dict[str, object], *, open_browser: bool, browser_command: str | None
 ) -> bool:
     """
@@ -142,43 +143,43 @@ def _event(
     event = message.get("event")
     if event == "authorize":
         url = str(message.get("url"))
-        _say(f"To sign in to {account}, open this address in a browser:")
-        _say()
-        _say(f"    {url}")
-        _say()
+        say(f"To sign in to {account}, open this address in a browser:")
+        say()
+        say(f"    {url}")
+        say()
         if open_browser:
             opened, why = _open_browser(url, browser_command)
             if opened is not None:
-                _say(f"(Opened it with {opened}.)")
+                say(f"(Opened it with {opened}.)")
             elif why is not None:
-                _say(f"(Could not open a browser: {why}; open the address yourself.)")
-        _say(
+                say(f"(Could not open a browser: {why}; open the address yourself.)")
+        say(
             f"Waiting up to {_minutes(message.get('expires_in'))} for the browser to come back "
             f"to {message.get('redirect_uri')}."
         )
-        _say(
+        say(
             "If the browser runs on another machine, the last page will fail to load: copy its "
             "address from the address bar, paste it here and press Enter."
         )
         return True
     if event == "device":
-        _say(f"To sign in to {account}, visit")
-        _say()
-        _say(f"    {message.get('verification_uri')}")
-        _say()
-        _say(f"and enter the code  {message.get('user_code')}")
+        say(f"To sign in to {account}, visit")
+        say()
+        say(f"    {message.get('verification_uri')}")
+        say()
+        say(f"and enter the code  {message.get('user_code')}")
         if message.get("verification_uri_complete"):
-            _say(f"(or open {message.get('verification_uri_complete')} to skip typing it).")
-        _say(f"The code is good for {_minutes(message.get('expires_in'))}; waiting for you...")
+            say(f"(or open {message.get('verification_uri_complete')} to skip typing it).")
+        say(f"The code is good for {_minutes(message.get('expires_in'))}; waiting for you...")
     elif event == "exchanging":
-        _say("Got the provider's answer; fetching the tokens...")
+        say("Got the provider's answer; fetching the tokens...")
     elif event == "rejected":
         hint = f" ({message.get('hint')})" if message.get("hint") else ""
         _warn(f"{account}: not accepted: {message.get('message')}{hint}")
     elif event == "slow_down":
-        _say(f"The provider asked us to check less often: every {message.get('interval')} s.")
+        say(f"The provider asked us to check less often: every {message.get('interval')} s.")
     elif event == "retrying":
-        _say(f"The provider is not answering ({message.get('message')}); trying again.")
+        say(f"The provider is not answering ({message.get('message')}); trying again.")
     return False
 
 
@@ -201,12 +202,12 @@ def run(
         browser_command: --browser-command, if given: open the URL with this instead.
 
     Raises:
-        client._Fail: the daemon could not be reached, or the sign-in failed.
+        MailoauthdError: the daemon could not be reached, or the sign-in failed.
     """
     request: dict[str, object] = {"v": protocol.VERSION, "op": "authorize", "account": account}
     if flow:
         request["flow"] = flow
-    sock = client.connect(socket_path, None)
+    sock = transport.connect(socket_path, None)
     try:
         sock.sendall(protocol.encode(request))
         received = b""
@@ -216,9 +217,8 @@ def run(
             watched = [sock.fileno()] + ([stdin] if stdin is not None else [])
             ready, _, _ = select.select(watched, [], [], IDLE_TIMEOUT)
             if not ready:
-                raise client._Fail(
-                    f"{account}: mailoauthd said nothing for {IDLE_TIMEOUT:g} s",
-                    errors.EXIT_TEMPORARY,
+                raise errors.TimedOut(
+                    f"{account}: mailoauthd said nothing for {IDLE_TIMEOUT:g} s", hint=""
                 )
             if stdin is not None and stdin in ready:
                 data = os.read(stdin, 65536)
@@ -229,14 +229,13 @@ def run(
                 for line in lines:
                     if text := line.decode("utf-8", "replace").strip():
                         sock.sendall(protocol.encode({"op": "redirect", "url": text}))
-                        _say("Checking that address...")
+                        say("Checking that address...")
             if sock.fileno() not in ready:
                 continue
             chunk = sock.recv(65536)
             if not chunk:
-                raise client._Fail(
-                    f"{account}: mailoauthd closed the connection before the sign-in finished",
-                    errors.EXIT_ERROR,
+                raise errors.MailoauthdError(
+                    f"{account}: mailoauthd closed the connection before the sign-in finished"
                 )
             received += chunk
             *lines, received = received.split(b"\n")
@@ -244,18 +243,20 @@ def run(
                 try:
                     message = json.loads(line)
                 except ValueError:
-                    raise client._Fail("mailoauthd sent a line that is not JSON", 1) from None
+                    raise errors.MailoauthdError(
+                        "mailoauthd sent a line that is not JSON"
+                    ) from None
                 if not isinstance(message, dict):
                     continue
                 if "ok" in message:
                     return _finish(account, message)
-                if _event(
+                if event(
                     account, message, open_browser=open_browser, browser_command=browser_command
                 ):
                     stdin = _stdin_fd()
     except OSError as exc:
-        raise client._Fail(
-            f"lost the connection to mailoauthd: {exc}", errors.EXIT_UNREACHABLE
+        raise errors.DaemonUnreachable(
+            f"lost the connection to mailoauthd: {exc}", hint=""
         ) from None
     finally:
         sock.close()
@@ -264,10 +265,10 @@ def run(
 def _finish(account: str, reply: dict[str, object]) -> int:
     if reply.get("ok") is not True:
         code = str(reply.get("error", "error"))
-        hint = f" ({reply.get('hint')})" if reply.get("hint") else ""
-        raise client._Fail(f"{reply.get('message')}{hint}", errors.exit_code_for(code))
+        hint = reply.get("hint") or ""
+        raise errors.from_reply(code, str(reply.get("message")), str(hint))
     if reply.get("expires_at"):
-        _say(f"{account}: signed in; access token valid until {reply.get('expires_at')}.")
+        say(f"{account}: signed in; access token valid until {reply.get('expires_at')}.")
     if reply.get("note"):
         _warn(f"{account}: {reply.get('note')}")
     return errors.EXIT_OK
