@@ -23,8 +23,9 @@ import httpx
 import structlog
 import trio
 
-from mailoauthd import oauth, state, tokenfile
-from mailoauthd.alerts import refresh_token_deadline, warning_time
+from mailoauthd import accountstatus, oauth, state, tokenfile
+from mailoauthd.accounts import Slot, iso
+from mailoauthd.alerts import warning_time
 from mailoauthd.config import Account, DaemonSettings
 from mailoauthd.errors import (
     GrantError,
@@ -74,44 +75,6 @@ def backoff_seconds(failures: int, rng: random.Random) -> float:
     return delay * rng.uniform(0.5, 1.0)
 
 
-@dataclasses.dataclass(eq=False)
-class _Slot:
-    """One account's live state; only the scheduler touches it."""
-
-    account: Account
-    state: AccountState  # what is on disk, and so what may be served
-    broken: StateError | None = None  # the state file is unreadable: never served or written
-    unsaved: AccountState | None = None  # a token response not yet on disk
-    generation: int = 0  # bumped by import/revoke: results of older refreshes are dropped
-    in_flight: trio.Event | None = None
-    scheduled: bool = False  # a scheduled refresh is waiting out its jitter
-    retry_at: datetime | None = None
-    not_before: datetime | None = None  # the provider's Retry-After
-    last_exc: MailoauthdError | None = None
-    write_lock: trio.Lock = dataclasses.field(default_factory=trio.Lock)
-    # Set and replaced whenever a person changes the grant (authorize, import, revoke).
-    changed: trio.Event = dataclasses.field(default_factory=trio.Event)
-    age_warned: datetime | None = None  # refresh_token_issued_at of the token warned about
-    bare_refusals: int = 0  # 4xx answers without an OAuth error in a row (oauth.BareRefusal)
-    last_on_demand: float | None = None  # trio time of the last refresh a request started
-    scope_warning: str | None = None  # a refresh answer dropped a mail scope (until sign-in)
-
-    def bump(self) -> None:
-        """A new grant (or none): drop older refreshes' results, wake who waits for it."""
-        self.generation += 1
-        self.changed.set()
-        self.changed = trio.Event()
-
-    def replace_grant(self, new: AccountState) -> None:
-        """A person replaced the grant (import, authorize, revoke): `new` is on disk."""
-        self.bump()
-        self.state = new
-        self.unsaved = None
-        self.retry_at = self.not_before = None
-        self.last_exc = None
-        self.scope_warning = None
-
-
 # (event, account, message, action): authorized, imported, refreshed,
 # needs_authorization, refresh_token_expiring, revoked.
 EventHook = Callable[[str, Account, str, str], None]
@@ -148,7 +111,7 @@ class Scheduler:
         # its expiry: the loop checks then if the periodic check comes later.
         self._last_call: datetime | None = None
         self._limiter = trio.CapacityLimiter(settings.max_concurrent_refreshes)
-        self._slots: dict[str, _Slot] = {}
+        self._slots: dict[str, Slot] = {}
         self._nursery: trio.Nursery | None = None
         self._wakeup = trio.Event()
         for account in accounts.values():
@@ -156,12 +119,12 @@ class Scheduler:
 
     # --- set-up and reload ---------------------------------------------------
 
-    def _new_slot(self, account: Account) -> _Slot:
+    def _new_slot(self, account: Account) -> Slot:
         try:
             stored = self.store.load(account.name)
         except StateError as exc:
             log.error("state.unreadable", account=account.name, error=exc.message)
-            slot = _Slot(account=account, state=AccountState(account=account.name), broken=exc)
+            slot = Slot(account=account, state=AccountState(account=account.name), broken=exc)
             slot.last_exc = StateError(
                 f"{exc.message}; the file is kept as it is",
                 hint=f"inspect or remove it, or run 'mailoauth import {account.name}'",
@@ -172,7 +135,7 @@ class Scheduler:
                 state.OK if account.flow == "client_credentials" else state.NEEDS_AUTHORIZATION
             )
             stored = AccountState(account=account.name, status=initial)
-        return _Slot(account=account, state=stored)
+        return Slot(account=account, state=stored)
 
     def reconfigure(
         self,
@@ -286,14 +249,14 @@ class Scheduler:
         log.debug("check.done", accounts=len(self._slots), due=started)
         return started
 
-    def _check_age(self, slot: _Slot, now: datetime) -> None:
+    def _check_age(self, slot: Slot, now: datetime) -> None:
         """Warn once per refresh token when it nears a cut-off its profile knows of."""
         st, provider = slot.state, slot.account.provider
         if st.refresh_token is None or st.status == state.NEEDS_AUTHORIZATION:
             return
         if slot.age_warned == st.refresh_token_issued_at:
             return
-        deadline = _deadline(slot)
+        deadline = slot.deadline()
         if deadline is None or now < warning_time(provider, deadline):
             return
         slot.age_warned = st.refresh_token_issued_at
@@ -301,14 +264,14 @@ class Scheduler:
         why = " (Google's limit for apps in 'testing' status)" if provider.testing else ""
         if deadline == st.refresh_token_expires_at:
             why = " (as the provider said when it issued it)"
-        message = f"the refresh token stops working around {_iso(deadline)}{why}"
+        message = f"the refresh token stops working around {iso(deadline)}{why}"
         action = f"run 'mailoauth authorize {name}' before then"
         if provider.testing:
             action += "; publish the app in Google Cloud to lift the 7-day limit"
-        log.warning("refresh_token.expiring", account=name, expires_at=_iso(deadline))
+        log.warning("refresh_token.expiring", account=name, expires_at=iso(deadline))
         self.on_event("refresh_token_expiring", slot.account, message, action)
 
-    def _refreshable(self, slot: _Slot) -> bool:
+    def _refreshable(self, slot: Slot) -> bool:
         if slot.broken is not None:
             return False
         if slot.unsaved is not None:
@@ -317,7 +280,7 @@ class Scheduler:
             return False
         return slot.account.flow == "client_credentials" or slot.state.refresh_token is not None
 
-    async def _scheduled_refresh(self, slot: _Slot, delay: float) -> None:
+    async def _scheduled_refresh(self, slot: Slot, delay: float) -> None:
         try:
             await trio.sleep(delay)
         finally:
@@ -329,7 +292,7 @@ class Scheduler:
             raise RuntimeError("the scheduler is not running")
         return self._nursery
 
-    def _start_refresh(self, slot: _Slot) -> trio.Event:
+    def _start_refresh(self, slot: Slot) -> trio.Event:
         """Start a refresh unless one is in flight; either way, the event that ends it."""
         if slot.in_flight is None:
             slot.in_flight = trio.Event()
@@ -342,7 +305,7 @@ class Scheduler:
 
     # --- one refresh -------------------------------------------------------------
 
-    async def _refresh(self, slot: _Slot, done: trio.Event) -> None:
+    async def _refresh(self, slot: Slot, done: trio.Event) -> None:
         try:
             async with self._limiter:
                 with structlog.contextvars.bound_contextvars(account=slot.account.name):
@@ -392,7 +355,7 @@ class Scheduler:
         scopes = account.scopes if PRESETS[account.provider.preset].scopes_on_refresh else None
         return oauth.refresh_request(client, current.refresh_token, scopes)
 
-    async def _attempt(self, slot: _Slot) -> None:
+    async def _attempt(self, slot: Slot) -> None:
         generation = slot.generation
         account = slot.account
         try:
@@ -463,7 +426,7 @@ class Scheduler:
         else:
             await self._succeeded(slot)
 
-    async def _keep_refresh_token(self, slot: _Slot, token: Secret, generation: int) -> None:
+    async def _keep_refresh_token(self, slot: Slot, token: Secret, generation: int) -> None:
         """
         Store the refresh token of an answer refused for another reason, before anything
         else: under strict rotation the one we sent is retired, and this is the grant.
@@ -481,7 +444,7 @@ class Scheduler:
         if await self._persist(slot, kept, generation):
             log.warning("token.refresh_token_kept", reason="the rest of the answer was refused")
 
-    def _note_answer(self, slot: _Slot, tokens: oauth.TokenSet) -> None:
+    def _note_answer(self, slot: Slot, tokens: oauth.TokenSet) -> None:
         """Say what a good answer lacked or narrowed (no expires_in, a lost mail scope)."""
         if tokens.expiry_source != "expires_in":
             log.info("token.no_expires_in", lifetime_from=tokens.expiry_source)
@@ -499,7 +462,7 @@ class Scheduler:
         log.warning("token.scope_lost", lost=lost[:10])
         self.on_event("scope_lost", slot.account, slot.scope_warning, action)
 
-    async def _succeeded(self, slot: _Slot) -> None:
+    async def _succeeded(self, slot: Slot) -> None:
         """A token response is on disk and in use: the refresh is done."""
         slot.bare_refusals = 0
         slot.retry_at = None
@@ -515,7 +478,7 @@ class Scheduler:
         # token file newer than what the daemon knows.
         await self._write_token_file(slot)
 
-    async def _write_token_file(self, slot: _Slot) -> None:
+    async def _write_token_file(self, slot: Slot) -> None:
         """Put the current access token in the account's token_file, if it has one."""
         token = slot.state.access_token
         if slot.account.token_file is None or token is None:
@@ -532,7 +495,7 @@ class Scheduler:
                 error=exc.strerror or str(exc),
             )
 
-    async def _persist(self, slot: _Slot, new: AccountState, generation: int) -> bool:
+    async def _persist(self, slot: Slot, new: AccountState, generation: int) -> bool:
         """Write `new` and make it current; False if the account moved on meanwhile."""
         async with slot.write_lock:
             if generation != slot.generation:
@@ -543,7 +506,7 @@ class Scheduler:
                 slot.unsaved = None
             return True
 
-    async def _failed(self, slot: _Slot, exc: GrantError, generation: int) -> None:
+    async def _failed(self, slot: Slot, exc: GrantError, generation: int) -> None:
         now = self.now()
         name = slot.account.name
         if isinstance(exc, oauth.BareRefusal):
@@ -598,7 +561,7 @@ class Scheduler:
 
     # --- what the server asks for ----------------------------------------------
 
-    def _slot(self, name: str) -> _Slot:
+    def _slot(self, name: str) -> Slot:
         slot = self._slots.get(name)
         if slot is None:
             raise UnknownAccount(f"{name}: no such account")
@@ -608,10 +571,9 @@ class Scheduler:
         return self._slot(name).account
 
     def last_error(self, name: str) -> str | None:
-        slot = self._slot(name)
-        return slot.last_exc.message if slot.last_exc else slot.state.last_error
+        return self._slot(name).last_error()
 
-    def _raise_unusable(self, slot: _Slot) -> None:
+    def _raise_unusable(self, slot: Slot) -> None:
         name = slot.account.name
         if slot.broken is not None and slot.last_exc is not None:
             raise slot.last_exc
@@ -624,31 +586,20 @@ class Scheduler:
                 )
             raise ReauthorizationRequired(
                 f"{name}: {slot.state.last_error or 'needs authorization'}",
-                hint=self._hint(slot) or f"run 'mailoauth authorize {name}' and sign in again",
+                hint=slot.hint() or f"run 'mailoauth authorize {name}' and sign in again",
             )
         if status == state.MISCONFIGURED:
             hint = slot.last_exc.hint if slot.last_exc else Misconfigured.hint
             raise Misconfigured(f"{name}: {slot.state.last_error}", hint=hint)
 
-    def _hint(self, slot: _Slot) -> str | None:
-        """What to do, also after a restart: the provider's error explained again."""
-        if slot.last_exc is not None:
-            return slot.last_exc.hint or None
-        if slot.state.status == state.NEEDS_AUTHORIZATION and slot.state.last_error:
-            name = slot.account.name
-            testing = slot.account.provider.testing
-            _, hint = oauth.explain("invalid_grant", slot.state.last_error, name, testing=testing)
-            return hint or f"run 'mailoauth authorize {name}' and sign in again"
-        return None
-
-    def _last_failure(self, slot: _Slot, why: str = "") -> MailoauthdError:
+    def _last_failure(self, slot: Slot, why: str = "") -> MailoauthdError:
         name = slot.account.name
         exc = slot.last_exc
         if exc is not None:
             return type(exc)(f"{name}: {why}{exc.message}", hint=exc.hint)
         return TransientGrantError(f"{name}: {why}no valid token")
 
-    def _capped(self, slot: _Slot, wanted: float) -> float:
+    def _capped(self, slot: Slot, wanted: float) -> float:
         """
         `wanted`, but no more than the provider's tokens can have: the lifetime of
         the last one issued, less a margin; asking for more would refresh forever.
@@ -811,7 +762,7 @@ class Scheduler:
         self.on_event("authorized", slot.account, "", "")
         return new
 
-    async def _set_aside(self, slot: _Slot, now: datetime) -> None:
+    async def _set_aside(self, slot: Slot, now: datetime) -> None:
         """Move an unreadable state file out of the way (kept) before a new grant is written."""
         if slot.broken is not None:
             aside = await trio.to_thread.run_sync(self.store.set_aside, slot.account.name, now)
@@ -900,80 +851,11 @@ class Scheduler:
 
     def status(self) -> list[dict[str, object]]:
         """One row per account, for `mailoauth status`."""
-        now = self.now()
-        rows: list[dict[str, object]] = []
-        for name, slot in self._slots.items():
-            st = slot.state
-            next_check = slot.retry_at or self.next_check
-            deadline = _deadline(slot) if st.refresh_token else None
-            rows.append(
-                {
-                    "account": name,
-                    "status": "state_error" if slot.broken else st.status,
-                    "flow": slot.account.flow,
-                    "username": slot.account.username,
-                    "expires_at": _iso(st.expires_at) if st.access_token else None,
-                    "expires_in": round(st.valid_for(now)) if st.access_token else None,
-                    "last_refresh": _iso(st.last_refresh),
-                    "next_check": _iso(next_check),
-                    "refresh_token_issued_at": _iso(st.refresh_token_issued_at),
-                    "refresh_token_last_used": _iso(st.last_refresh) if st.refresh_token else None,
-                    "refresh_token_expires_at": _iso(deadline),
-                    # Within the warning time of that cut-off: sign in again soon.
-                    "refresh_token_expiring": deadline is not None
-                    and now >= warning_time(slot.account.provider, deadline),
-                    "error_since": _iso(st.error_since),
-                    "healthy": self._healthy(slot, now),
-                    "failures": st.failures,
-                    "last_error": self.last_error(name),
-                    "last_error_code": st.last_error_code,
-                    "hint": self._hint(slot),
-                    "scope_warning": slot.scope_warning,
-                }
-            )
-        return rows
-
-    def _healthy(self, slot: _Slot, now: datetime) -> bool:
-        """
-        What `mailoauth status --check` reports: usable without a person's help.
-
-        A transient failure is healthy until it has lasted `unhealthy_after`,
-        and only while the last access token is valid: it bridges a short
-        outage. Without one (a first refresh that failed) mail programs fail
-        now. Needing authorization, a misconfiguration and an unreadable state
-        file need a person at once.
-        """
-        if slot.broken is not None:
-            return False
-        st = slot.state
-        if st.status == state.OK:
-            return True
-        if st.status == state.FAILING:
-            if st.access_token is None or st.valid_for(now) <= 0:
-                return False
-            since = st.error_since
-            return since is None or now - since < self.settings.unhealthy_after
-        return False
+        return accountstatus.rows(self._slots, self.now(), self.next_check, self.settings)
 
     def summary(self) -> str:
         """One line for systemd's STATUS=."""
-        counts: dict[str, int] = {}
-        for slot in self._slots.values():
-            key = "state_error" if slot.broken else slot.state.status
-            counts[key] = counts.get(key, 0) + 1
-        parts = [f"{n} {k}" for k, n in sorted(counts.items())]
-        line = f"{len(self._slots)} accounts" + (": " + ", ".join(parts) if parts else "")
-        expiring = [
-            (slot.state.expires_at, name)
-            for name, slot in self._slots.items()
-            if slot.state.access_token is not None and slot.state.expires_at is not None
-        ]
-        if expiring:
-            when, name = min(expiring)
-            # Whole minutes: the line changes (and is re-sent) at most once a minute.
-            minutes = int((when - self.now()).total_seconds() // 60)
-            line += f"; next expiry {name} in {minutes}m" if minutes >= 0 else f"; {name} expired"
-        return line
+        return accountstatus.summary(self._slots, self.now())
 
 
 _NOT_MAIL = frozenset({"openid", "profile", "email", "offline_access"})
@@ -1003,25 +885,6 @@ def lost_mail_scopes(
     return lost
 
 
-def _deadline(slot: _Slot) -> datetime | None:
-    """When the refresh token stops working: the profile's limits, or the provider's word."""
-    st = slot.state
-    try:
-        known = refresh_token_deadline(
-            slot.account.provider, st.refresh_token_issued_at, st.last_refresh
-        )
-    except OverflowError:  # dates near the end of the calendar in a damaged file
-        known = None
-    said = st.refresh_token_expires_at
-    if said is None:
-        return known
-    return said if known is None else min(known, said)
-
-
-def _wanted(slot: _Slot, min_validity: float | None) -> float:
+def _wanted(slot: Slot, min_validity: float | None) -> float:
     """Seconds a handed-out token must still be valid: asked for, or the account's."""
     return slot.account.min_validity.total_seconds() if min_validity is None else min_validity
-
-
-def _iso(when: datetime | None) -> str | None:
-    return when.isoformat(timespec="seconds") if when is not None else None
