@@ -99,10 +99,10 @@ class Daemon:
         scheduler: Scheduler,
         notifier: Notifier,
         socket_path: Path,
-        system: bool = False,
-        policy: Policy | None = None,
-        discovery: Discovery | None = None,
-        reminders: Reminders | None = None,
+        system: bool,
+        policy: Policy,
+        discovery: Discovery,
+        reminders: Reminders,
     ) -> None:
         self.config = cfg
         self.config_path = config_path
@@ -110,12 +110,10 @@ class Daemon:
         self.scheduler = scheduler
         self.notifier = notifier
         self.socket_path = socket_path
-        self.policy = policy or Policy(system=system, own_uid=os.geteuid())
+        self.policy = policy
         self.last_reload_error: str | None = None
-        self.discovery = discovery or Discovery(
-            scheduler.http, timeout=cfg.daemon.request_timeout.total_seconds()
-        )
-        self.reminders = reminders or Reminders(env={}, now=scheduler.now)
+        self.discovery = discovery
+        self.reminders = reminders
         self._signing_in: set[str] = set()  # accounts with a sign-in in progress
         self.proxy: proxy.Proxy | None = None  # [proxy]: listeners and session counters
         self._refusals = LogLimit()  # refusals logged per uid: a refused loop must not flood

@@ -45,6 +45,13 @@ EXIT_CODES = {
 }
 
 
+# Wire codes that no exception class carries. `internal`: the daemon failed on a
+# request in a way it did not foresee (lastresort.py). `cancelled`: the helper hung
+# up during a sign-in (`authorize`), so the conversation ended without tokens.
+INTERNAL = "internal"
+CANCELLED = "cancelled"
+
+
 def exit_code_for(code: str) -> int:
     """The helper's exit status for a wire error code; unknown codes are plain errors."""
     return EXIT_CODES.get(code, EXIT_ERROR)

@@ -18,8 +18,6 @@ import trio
 
 log = structlog.get_logger(__name__)
 
-# The wire code of a request that failed in a way the daemon did not foresee.
-INTERNAL = "internal"
 # A background task that keeps failing is restarted at most this often.
 RESTART_DELAY = 5.0
 

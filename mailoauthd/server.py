@@ -53,9 +53,9 @@ import structlog
 import trio
 
 from mailoauthd import protocol
-from mailoauthd.errors import MailoauthdError, ProtocolError
+from mailoauthd.errors import INTERNAL, MailoauthdError, ProtocolError
 from mailoauthd.fsutil import make_directories
-from mailoauthd.lastresort import INTERNAL, fault
+from mailoauthd.lastresort import fault
 from mailoauthd.request import Request, parse, shown
 
 log = structlog.get_logger(__name__)
