@@ -1,18 +1,16 @@
 """
 OAuth2 grants as a sans-I/O core: build token requests, parse and classify responses.
 
-Everything here is a pure function over `httpx.Request` / `httpx.Response`
-except `send`, the one place that does network I/O and the one place where
-httpx's exceptions become ours. Classification decides what the daemon does
-next: a TransientGrantError is retried with backoff, ReauthorizationRequired
-stops and waits for a human, Misconfigured stops and waits for a config fix.
+Everything here is a pure function over `httpx.Request` / `httpx.Response`;
+provider_http.py sends the requests and reads the answers. Classification
+decides what the daemon does next: a TransientGrantError is retried with
+backoff, ReauthorizationRequired stops and waits for a human, Misconfigured
+stops and waits for a config fix.
 """
 
 from __future__ import annotations
 
-import contextlib
 import email.utils
-import ssl
 import urllib.parse
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -26,6 +24,10 @@ from mailoauthd.errors import (
     ReauthorizationRequired,
     TransientGrantError,
 )
+from mailoauthd.flows import GrantType
+
+# Callers not yet moved to provider_http.send (scheduler, signin, discovery) reach it here.
+from mailoauthd.provider_http import send
 from mailoauthd.secret import Secret
 
 # Providers that omit expires_in are rare; RFC 6749 recommends it. When the
@@ -46,11 +48,6 @@ CONFIRM_REFUSAL_SECONDS = 30
 MAX_RETRY_AFTER = 86400.0
 # AADSTS50196: Microsoft saw the same request in a loop and throttles it.
 THROTTLE_SECONDS = 120
-
-REFRESH_TOKEN = "refresh_token"  # noqa: S105 - a grant type, not a secret
-CLIENT_CREDENTIALS = "client_credentials"
-AUTHORIZATION_CODE = "authorization_code"
-DEVICE_CODE = "urn:ietf:params:oauth:grant-type:device_code"
 
 # RFC 6749 §5.2 error codes, by what the daemon should do about them. Every
 # OAuth error code is final except these: `temporarily_unavailable`, and
@@ -128,7 +125,7 @@ def refresh_request(
         refresh_token: the current refresh token.
         scopes: scopes to ask for, or None to keep those granted.
     """
-    form = {"grant_type": REFRESH_TOKEN, "refresh_token": refresh_token.reveal()}
+    form = {"grant_type": GrantType.REFRESH_TOKEN, "refresh_token": refresh_token.reveal()}
     if scopes:
         form["scope"] = " ".join(scopes)
     return _form_request(client, form)
@@ -136,7 +133,7 @@ def refresh_request(
 
 def client_credentials_request(client: Client, scopes: tuple[str, ...]) -> httpx.Request:
     """A client_credentials grant request (RFC 6749 §4.4): app-only access."""
-    form = {"grant_type": CLIENT_CREDENTIALS}
+    form: dict[str, str] = {"grant_type": GrantType.CLIENT_CREDENTIALS}
     if scopes:
         form["scope"] = " ".join(scopes)
     return _form_request(client, form)
@@ -165,7 +162,7 @@ def authorization_code_request(
         verifier: the PKCE code_verifier whose S256 challenge was sent.
     """
     form = {
-        "grant_type": AUTHORIZATION_CODE,
+        "grant_type": GrantType.AUTHORIZATION_CODE,
         "code": code.reveal(),
         "redirect_uri": redirect_uri,
         "code_verifier": verifier.reveal(),
@@ -182,7 +179,9 @@ def device_authorization_request(
 
 def device_token_request(client: Client, device_code: Secret) -> httpx.Request:
     """One poll of the token endpoint for a device authorization (RFC 8628 §3.4)."""
-    return _form_request(client, {"grant_type": DEVICE_CODE, "device_code": device_code.reveal()})
+    return _form_request(
+        client, {"grant_type": GrantType.DEVICE_CODE, "device_code": device_code.reveal()}
+    )
 
 
 def retry_after(response: httpx.Response, now: datetime) -> float | None:
@@ -398,95 +397,6 @@ def _usable_tokens(
         refresh_token_expires_in=provider_input.seconds(body.get("refresh_token_expires_in")),
         expiry_source=source,
     )
-
-
-async def send(
-    http: httpx.AsyncClient, request: httpx.Request, *, what: str = "the token endpoint"
-) -> httpx.Response:
-    """
-    Send one request and read the body; network failures become TransientGrantError.
-
-    The caller bounds the whole exchange with a cancel scope; httpx's own
-    timeout is only a backstop.
-
-    Args:
-        http: the client.
-        request: what to send.
-        what: names the endpoint in messages, e.g. "the device authorization endpoint".
-    """
-    try:
-        response = await http.send(request, stream=True)
-        try:
-            body = await _read_bounded(response, what)
-        finally:
-            await response.aclose()
-    except httpx.TimeoutException as exc:
-        raise TransientGrantError(f"{what} timed out ({request.url.host})") from exc
-    except httpx.TransportError as exc:
-        raise TransientGrantError(
-            f"cannot reach {what} at {request.url.host}: {type(exc).__name__}"
-            + (f": {_one_line(exc)}" if str(exc) else "")
-            + _tls_failure(exc)
-        ) from exc
-    except httpx.RequestError as exc:  # e.g. a body that cannot be decoded
-        raise TransientGrantError(
-            f"the answer of {what} at {request.url.host} could not be read: {type(exc).__name__}"
-        ) from exc
-    # The body as read (decoded), so the headers that described its encoding go.
-    headers = [
-        (k, v)
-        for k, v in response.headers.multi_items()
-        if k.lower() not in ("content-encoding", "content-length", "transfer-encoding")
-    ]
-    return httpx.Response(
-        response.status_code,
-        headers=headers,
-        content=body,
-        request=request,
-        extensions={"reason_phrase": response.reason_phrase.encode("latin-1", "replace")},
-    )
-
-
-async def _read_bounded(response: httpx.Response, what: str) -> bytes:
-    """The (decoded) body, read while it streams, refused past MAX_BODY bytes."""
-    chunks: list[bytes] = []
-    size = 0
-    iterator = response.aiter_bytes()
-    async for chunk in iterator:
-        size += len(chunk)
-        if size > provider_input.MAX_BODY:
-            break
-        chunks.append(chunk)
-    else:
-        return b"".join(chunks)
-    # Hang up, then let httpx's nested generators run into the closed stream and
-    # finish, rather than leave them half-way for the garbage collector.
-    await response.aclose()
-    with contextlib.suppress(Exception):
-        async for _ in iterator:
-            pass
-    raise TransientGrantError(
-        f"the answer of {what} is larger than {provider_input.MAX_BODY} bytes; not read further"
-    )
-
-
-def _tls_failure(exc: BaseException) -> str:
-    """
-    What went wrong in the TLS handshake, if that is what failed.
-
-    httpx over trio wraps an ssl error in errors with no message of their own, and
-    "ConnectError" alone sends people looking at the network, not at a certificate.
-    """
-    seen: set[int] = set()
-    cause: BaseException | None = exc
-    while cause is not None and id(cause) not in seen:
-        seen.add(id(cause))
-        if isinstance(cause, ssl.SSLCertVerificationError):
-            return f" (TLS: {cause.reason}: {cause.verify_message})"
-        if isinstance(cause, ssl.SSLError):
-            return f" (TLS: {cause.reason or cause})"
-        cause = cause.__cause__ or cause.__context__
-    return ""
 
 
 def now_utc() -> datetime:

@@ -22,8 +22,9 @@ from typing import Any
 import httpx
 import trio
 
-from mailoauthd import authorize, config, discovery, oauth, presets
+from mailoauthd import authorize, config, discovery, oauth, presets, provider_http
 from mailoauthd.errors import GrantError, MailoauthdError
+from mailoauthd.flows import Flow
 from mailoauthd.secret import Secret
 
 # Not a token anyone could have been issued: the provider must refuse it, and how it
@@ -83,7 +84,7 @@ async def _send(
     """One request, bounded; a failure to reach it is a GrantError naming what."""
     try:
         with trio.fail_after(limit):
-            return await oauth.send(http, request, what=what)
+            return await provider_http.send(http, request, what=what)
     except trio.TooSlowError:
         raise GrantError(f"{what} did not answer within {limit:g} s") from None
 
@@ -232,7 +233,7 @@ async def check_profile(
         client_secret=secret,
         auth_method=provider.token_auth_method,
     )
-    app_only = [a for a in accounts if a.flow == "client_credentials"]
+    app_only = [a for a in accounts if a.flow == Flow.CLIENT_CREDENTIALS]
     if app_only:
         account = dataclasses.replace(app_only[0], provider=provider)
         return checks + await _client_credentials(account, client, http, limit)

@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from urllib.parse import urlsplit
 
 from mailoauthd import presets
+from mailoauthd.flows import Flow
 
 # Scopes that are no resource's: OpenID Connect's and Microsoft's refresh-token scope.
 _NO_RESOURCE = frozenset({"openid", "profile", "email", "offline_access"})
@@ -28,7 +29,7 @@ def account_problems(preset: str, flow: str, scopes: Iterable[str]) -> list[tupl
     scopes = tuple(scopes)
     found: list[tuple[str, str]] = []
     facts = presets.PRESETS[preset]
-    if facts.device_flow_refuses and flow == "device_code":
+    if facts.device_flow_refuses and flow == Flow.DEVICE_CODE:
         mail = [s for s in scopes if any(part in s for part in facts.device_flow_refuses)]
         if mail:
             found.append(

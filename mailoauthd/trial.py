@@ -34,10 +34,12 @@ from mailoauthd import (
     paths,
     presets,
     proc,
+    provider_http,
     signin,
     signin_page,
 )
 from mailoauthd.errors import MailoauthdError
+from mailoauthd.flows import SIGN_IN_FLOWS, Flow
 from mailoauthd.helper import signin_terminal
 from mailoauthd.secret import Secret
 from mailoauthd.state import AccountState
@@ -179,7 +181,7 @@ async def _revoke(
     request = oauth.revocation_request(client, endpoint, token, hint)
     try:
         with trio.fail_after(30):
-            response = await oauth.send(http, request, what="the revocation endpoint")
+            response = await provider_http.send(http, request, what="the revocation endpoint")
     except (MailoauthdError, trio.TooSlowError) as exc:
         return f"Could not revoke it ({getattr(exc, 'message', 'no answer within 30 s')})."
     if response.status_code == 200:
@@ -277,7 +279,7 @@ def run(
             name=signin_page.TRIAL_PREFIX + profile,
             provider=provider,
             scopes=provider.scopes,
-            flow=flow or "authorization_code",
+            flow=Flow(flow or Flow.AUTHORIZATION_CODE),
         )
         console = _Console(
             f"[providers.{profile}] (trial)",
@@ -298,7 +300,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="mailoauth authorize --test")
     parser.add_argument("profile")
     parser.add_argument("--config")
-    parser.add_argument("--flow", choices=("authorization_code", "device_code"))
+    parser.add_argument("--flow", choices=SIGN_IN_FLOWS)
     parser.add_argument("--no-browser", action="store_true")
     parser.add_argument("--browser-command")
     args = parser.parse_args(argv)

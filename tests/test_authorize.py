@@ -34,8 +34,9 @@ from conftest import (
     mock_now,
 )
 
-from mailoauthd import authorize, config, daemon, oauth, protocol, state
+from mailoauthd import authorize, config, daemon, protocol, state
 from mailoauthd.errors import AuthorizationFailed, Misconfigured, TransientGrantError
+from mailoauthd.flows import GrantType
 from mailoauthd.helper import token as helper_token
 from mailoauthd.oauth import TokenSet
 from mailoauthd.secret import Secret
@@ -715,7 +716,7 @@ class TestDeviceFlow:
             await self.step(clock, dev, 10)  # 30 s: approved
             _, final = await conv.final()
             assert final["ok"] is True
-            polls = [r for r in dev.requests if r.grant_type == oauth.DEVICE_CODE]
+            polls = [r for r in dev.requests if r.grant_type == GrantType.DEVICE_CODE]
             start = polls[0].time - 5
             assert [round(r.time - start) for r in polls] == [5, 10, 20, 30]
             assert [r.status for r in polls] == [400, 400, 400, 200]

@@ -23,7 +23,8 @@ import httpx
 import pytest
 import trio
 
-from mailoauthd.testing import DEVICE_GRANT, DevProvider
+from mailoauthd.flows import GrantType
+from mailoauthd.testing import DevProvider
 
 REDIRECT = "http://127.0.0.1:8765/callback"
 DEMO = ("demo-client", "demo-secret")
@@ -646,7 +647,7 @@ class TestDeviceFlow:
 
     def poll(self, http: httpx.Client, device_code: str) -> httpx.Response:
         client = ("public-client", None)
-        return token_request(http, DEVICE_GRANT, client=client, device_code=device_code)
+        return token_request(http, GrantType.DEVICE_CODE, client=client, device_code=device_code)
 
     def test_pending_slow_down_approved(
         self, provider: DevProvider, http: httpx.Client, clock: FakeClock
@@ -711,7 +712,7 @@ class TestDiscovery:
         assert oidc["issuer"] == provider.url
         assert {k: oidc[k] for k in provider.endpoints} == provider.endpoints
         assert oidc["code_challenge_methods_supported"] == ["S256"]
-        assert DEVICE_GRANT in oidc["grant_types_supported"]
+        assert GrantType.DEVICE_CODE in oidc["grant_types_supported"]
 
 
 class TestAdminHTTP:
@@ -750,7 +751,7 @@ class TestAdminHTTP:
         body = {"user_code": flow["user_code"], "user": "a@example.com"}
         assert http.post("/admin/approve-device", json=body).status_code == 200
         form = {"device_code": flow["device_code"]}
-        poll = token_request(http, DEVICE_GRANT, client=("public-client", None), **form)
+        poll = token_request(http, GrantType.DEVICE_CODE, client=("public-client", None), **form)
         assert provider.introspect(poll.json()["access_token"])["sub"] == "a@example.com"
 
     @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ import httpx
 import pytest
 import trio
 
-from mailoauthd import oauth
+from mailoauthd import oauth, provider_http
 from mailoauthd.errors import (
     GrantError,
     Misconfigured,
@@ -104,7 +104,7 @@ async def exchange(provider: FakeProvider, request: httpx.Request) -> oauth.Toke
     """Send a request to the fake provider and parse what it answers."""
     async with provider.client() as http:
         with trio.fail_after(5):
-            response = await oauth.send(http, request)
+            response = await provider_http.send(http, request)
     return parse_token_response(response, now=T0, account=ACCOUNT)
 
 
@@ -617,7 +617,7 @@ class TestNoSecretsInErrors:
             client = dataclasses.replace(POST_CLIENT, token_endpoint=url_of(sock))
             async with httpx.AsyncClient(trust_env=False) as http:
                 with trio.fail_after(5), pytest.raises(GrantError) as info:
-                    await oauth.send(http, oauth.refresh_request(client, Secret(REFRESH)))
+                    await provider_http.send(http, oauth.refresh_request(client, Secret(REFRESH)))
         assert_no_secret(info.value)
 
 
@@ -684,7 +684,7 @@ class TestSend:
                 dataclasses.replace(POST_CLIENT, token_endpoint=url), Secret(REFRESH)
             )
             with trio.fail_after(5):
-                response = await oauth.send(http, request)
+                response = await provider_http.send(http, request)
         assert response.is_closed
         assert Secret("at-real") == parse(response).access_token
         assert received[0].startswith(b"POST /token HTTP/1.1\r\n")
@@ -698,7 +698,7 @@ class TestSend:
             )
             async with httpx.AsyncClient(trust_env=False) as http:
                 with trio.fail_after(5), pytest.raises(TransientGrantError) as info:
-                    await oauth.send(http, request)
+                    await provider_http.send(http, request)
         assert isinstance(info.value.__cause__, httpx.ConnectError)
         assert "127.0.0.1" in info.value.message
         assert "provider-unavailable" == info.value.code
@@ -713,7 +713,7 @@ class TestSend:
                 dataclasses.replace(POST_CLIENT, token_endpoint=url), Secret(REFRESH)
             )
             with trio.fail_after(60), pytest.raises(TransientGrantError) as info:
-                await oauth.send(http, request)
+                await provider_http.send(http, request)
         assert received  # the request was delivered: this is a read timeout, not a refusal
         assert isinstance(info.value.__cause__, httpx.TimeoutException)
         assert "timed out" in info.value.message

@@ -24,9 +24,9 @@ from mailoauthd.config.schema import (
     read_table,
 )
 from mailoauthd.config.secrets import SecretSource, secret_path
+from mailoauthd.flows import Flow
 
 _SECRET_KEYS = ("client_secret", "client_secret_file", "client_secret_command")
-_CLIENT_CREDENTIALS = "client_credentials"
 Rule = Iterator[tuple[str, str]]
 
 
@@ -145,16 +145,16 @@ def _provider_defined(ref: str, providers: Mapping[str, Provider | None]) -> Rul
         yield "provider", f"there is no [providers.{ref}] table; {maybe}({_defined(providers)})"
 
 
-def _username(raw: Mapping[str, object], values: Mapping[str, Any], flow: str) -> Rule:
+def _username(raw: Mapping[str, object], values: Mapping[str, Any], flow: Flow) -> Rule:
     flow_ok = "flow" not in raw or "flow" in values
-    if "username" not in raw and flow != _CLIENT_CREDENTIALS and flow_ok:
+    if "username" not in raw and flow != Flow.CLIENT_CREDENTIALS and flow_ok:
         expected = "the mailbox address, e.g. 'alice@example.com' (the SASL user and login hint)"
         yield "username", f"required key is missing; expected {expected}"
 
 
-def _client_credentials(provider: Provider | None, flow: str) -> Rule:
+def _client_credentials(provider: Provider | None, flow: Flow) -> Rule:
     """A client_credentials account needs a provider that grants it, a secret, a directory."""
-    if provider is None or flow != _CLIENT_CREDENTIALS:
+    if provider is None or flow != Flow.CLIENT_CREDENTIALS:
         return
     preset, there = presets.PRESETS[provider.preset], f"[providers.{provider.name}]"
     shared = provider.tenant in preset.shared_tenants
@@ -172,10 +172,10 @@ def _preset_token_endpoint(preset: presets.Preset, provider: Provider) -> object
     return presets.defaults(preset, provider.tenant, provider.cloud).get("token_endpoint")
 
 
-def _default_scopes(provider: Provider, flow: str) -> tuple[str, ...]:
+def _default_scopes(provider: Provider, flow: Flow) -> tuple[str, ...]:
     """The profile's scopes; for client_credentials the preset's app-only ones (Microsoft's)."""
     app_only = presets.app_only_scopes(presets.PRESETS[provider.preset], provider.cloud)
-    return app_only if flow == _CLIENT_CREDENTIALS and app_only is not None else provider.scopes
+    return app_only if flow == Flow.CLIENT_CREDENTIALS and app_only is not None else provider.scopes
 
 
 def _mail_servers(provider: Provider) -> dict[str, str]:
@@ -221,7 +221,7 @@ def build_account(
     homes = {"providers": f"[providers.{ref}]" if ref in providers else "a [providers.NAME] table"}
     values = read_table(problems, table, raw, ACCOUNT_KEYS, homes, _defined(providers))
     _proxy_password(problems, table, raw, values, base_dir)
-    flow = values.get("flow", "authorization_code")
+    flow = Flow(values.get("flow", Flow.AUTHORIZATION_CODE))
     provider = providers.get(ref)
     rules = [_username(raw, values, flow), _client_credentials(provider, flow)]
     if values.pop("provider", None) is not None:

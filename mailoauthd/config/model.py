@@ -13,6 +13,7 @@ from types import MappingProxyType
 from typing import Any
 
 from mailoauthd.config.secrets import SecretSource
+from mailoauthd.flows import Flow
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -89,7 +90,7 @@ class Account:
     name: str
     provider: Provider
     username: str | None = None
-    flow: str = "authorization_code"
+    flow: Flow = Flow.AUTHORIZATION_CODE
     scopes: tuple[str, ...] = ()
     refresh_before: timedelta = timedelta(minutes=10)
     min_validity: timedelta = timedelta(seconds=60)

@@ -19,12 +19,13 @@ from urllib.parse import urlsplit
 
 from mailoauthd import presets
 from mailoauthd.config.problems import Invalid, got, shown
+from mailoauthd.flows import Flow
 from mailoauthd.secret import Secret
 
 # Names become file names in the state directory and words in mail programs' commands.
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 PRESETS = tuple(presets.PRESETS)
-FLOWS = ("authorization_code", "device_code", "client_credentials")
+FLOWS = tuple(flow.value for flow in Flow)
 # How `mailoauth test` reaches a mail server: implicit TLS, STARTTLS, or in the clear
 # ("none", allowed to loopback addresses only: a test server on this machine).
 MAIL_SECURITY = ("tls", "starttls", "none")

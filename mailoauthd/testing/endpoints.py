@@ -16,11 +16,11 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
+from mailoauthd.flows import GrantType
 from mailoauthd.testing import device
 from mailoauthd.testing.clients import authenticate
 from mailoauthd.testing.state import (
     DEFAULT_USER,
-    DEVICE_GRANT,
     AuthCode,
     ProviderState,
     Rotation,
@@ -107,10 +107,10 @@ def _grant_code(st: ProviderState, req: Request, client_id: str) -> dict[str, An
 
 
 _GRANTS: dict[str, Callable[[ProviderState, Request, str], dict[str, Any]]] = {
-    "refresh_token": _grant_refresh,
-    "client_credentials": _grant_client_credentials,
-    "authorization_code": _grant_code,
-    DEVICE_GRANT: device.grant_device,
+    GrantType.REFRESH_TOKEN: _grant_refresh,
+    GrantType.CLIENT_CREDENTIALS: _grant_client_credentials,
+    GrantType.AUTHORIZATION_CODE: _grant_code,
+    GrantType.DEVICE_CODE: device.grant_device,
 }
 
 

@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from mailoauthd.flows import GrantType
 from mailoauthd.testing.faults import Fault
 from mailoauthd.testing.hostile import HostileAnswers
 from mailoauthd.testing.wire import b64url
@@ -27,8 +28,8 @@ DEFAULT_CLIENTS: Mapping[str, str | None] = {"demo-client": "demo-secret", "publ
 DEFAULT_USER = "demo@example.com"
 DEFAULT_SCOPES = ("mail",)
 ROTATIONS = ("none", "rotate", "strict")
-DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
-GRANT_TYPES = ("authorization_code", "refresh_token", "client_credentials", DEVICE_GRANT)
+# Every grant type the daemon sends, the provider answers (and its metadata lists).
+GRANT_TYPES = tuple(GrantType)
 
 
 @dataclass(frozen=True)
