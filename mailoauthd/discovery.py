@@ -17,7 +17,7 @@ import httpx
 import structlog
 import trio
 
-from mailoauthd import oauth
+from mailoauthd import hostport, oauth
 from mailoauthd.config import Account, Provider
 from mailoauthd.errors import Misconfigured, TransientGrantError
 from mailoauthd.provider_input import clean_text, json_object, short_repr
@@ -31,7 +31,6 @@ ENDPOINTS = (
     "device_authorization_endpoint",
     "revocation_endpoint",
 )
-_LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
 def metadata_urls(issuer: str) -> list[str]:
@@ -58,7 +57,7 @@ def _usable_url(value: object) -> bool:
     try:
         parts = urlsplit(value)
         if parts.scheme == "http":
-            return parts.hostname in _LOOPBACK
+            return parts.hostname in hostport.LOOPBACK_HOSTS
         return parts.scheme == "https" and bool(parts.hostname)
     except ValueError:  # e.g. "https://[not-an-address]"
         return False

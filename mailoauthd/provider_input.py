@@ -47,7 +47,9 @@ def clean_text(value: object, limit: int = MAX_TEXT) -> str:
         if ch.isspace() or unicodedata.category(ch) not in ("Cc", "Cf", "Cs", "Co", "Cn")
     )
     kept = " ".join(kept.split())
-    return kept if len(kept) <= limit else kept[: limit - 1] + "…"
+    if len(kept) <= limit:
+        return kept
+    return kept[: limit - 1] + "…" if limit > 0 else ""
 
 
 def short_repr(value: object, limit: int = 40) -> str:
@@ -116,16 +118,23 @@ def is_b64token(value: object) -> bool:
     )
 
 
-def jwt_expiry(token: str) -> float | None:
-    """The `exp` claim (seconds since the epoch) of a JWT access token, or None."""
+def jwt_claims(token: str) -> dict[str, object] | None:
+    """
+    The claims of a JWS compact JWT (an ID token, a JWT access token), unverified;
+    None when it is not one. Only what came straight from an endpoint over TLS is read.
+    """
     parts = token.split(".")
     if len(parts) != 3:
         return None
     payload = parts[1]
     try:
-        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-    except (ValueError, RecursionError, binascii.Error):
+        raw = base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
+    except (ValueError, binascii.Error):
         return None
-    if not isinstance(claims, dict):
-        return None
-    return seconds(claims.get("exp"), maximum=1e11)
+    return json_object(raw)
+
+
+def jwt_expiry(token: str) -> float | None:
+    """The `exp` claim (seconds since the epoch) of a JWT access token, or None."""
+    claims = jwt_claims(token)
+    return None if claims is None else seconds(claims.get("exp"), maximum=1e11)

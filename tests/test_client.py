@@ -118,7 +118,13 @@ QUICK_PATH = (
     "paths.py",
 )
 # The stdlib-only modules below the helper that it shares with the daemon.
-SHARED = {"mailoauthd.errors", "mailoauthd.protocol", "mailoauthd.paths", "mailoauthd.shared_files"}
+SHARED = {
+    "mailoauthd.errors",
+    "mailoauthd.protocol",
+    "mailoauthd.paths",
+    "mailoauthd.shared_files",
+    "mailoauthd.hostport",
+}
 
 
 def imports_in(path: Path) -> set[str]:

@@ -20,7 +20,8 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mailoauthd.config import Account, is_loopback, parse
+from mailoauthd import hostport
+from mailoauthd.config import Account, parse
 from mailoauthd.errors import ConfigError
 from mailoauthd.proxy import imap, pop3, smtp
 from mailoauthd.proxy.common import (
@@ -112,9 +113,9 @@ class TestConfig:
 
     def test_loopback(self) -> None:
         for where in ("127.0.0.2:1", "[::1]:1", "localhost:1"):
-            assert is_loopback(where)
+            assert hostport.is_loopback(hostport.parse(where).host)
         for where in ("0.0.0.0:1", "[::]:1"):
-            assert not is_loopback(where)
+            assert not hostport.is_loopback(hostport.parse(where).host)
 
 
 def test_check_config_refuses_a_remote_listener_without_certificate(tmp_path: Path) -> None:

@@ -30,8 +30,6 @@ from mailoauthd.config.secrets import SecretSource
 from mailoauthd.config.values import (
     FLOWS,
     NAME_PATTERN,
-    is_loopback,
-    listener_host,
 )
 
 __all__ = [
@@ -46,8 +44,6 @@ __all__ = [
     "ProxySettings",
     "SecretSource",
     "StoreSettings",
-    "is_loopback",
-    "listener_host",
     "load",
     "parse",
     "parse_duration",

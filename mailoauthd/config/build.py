@@ -11,8 +11,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from mailoauthd import presets, provider_checks
-from mailoauthd.config import values as v
+from mailoauthd import hostport, presets, provider_checks
 from mailoauthd.config.model import Account, DaemonSettings, Provider, ProxySettings, StoreSettings
 from mailoauthd.config.problems import Problems
 from mailoauthd.config.schema import (
@@ -187,9 +186,10 @@ def _mail_servers(provider: Provider) -> dict[str, str]:
 
 def _clear_text_to_loopback(values: Mapping[str, Any]) -> Rule:
     for kind in ("imap", "smtp", "pop3"):
-        host = v.listener_host(str(values.get(f"{kind}_server", "")))
-        if values.get(f"{kind}_security") == "none" and host not in v.LOOPBACK_HOSTS:
-            why = f"a token in the clear is allowed only to {', '.join(v.LOOPBACK_HOSTS)}"
+        where = values.get(f"{kind}_server")
+        host = hostport.parse(where).host if where else ""
+        if values.get(f"{kind}_security") == "none" and not hostport.is_loopback(host):
+            why = f"a token in the clear is allowed only to {', '.join(hostport.LOOPBACK_HOSTS)}"
             yield f"{kind}_security", f"is 'none' for {host or 'no server'}; {why}"
 
 
@@ -258,7 +258,8 @@ def build_proxy(problems: Problems, raw: Mapping[str, object]) -> ProxySettings:
         problem = "required with the other of tls_certificate_file and tls_key_file"
         problems.add("proxy", missing, problem)
     for kind in ("imap", "pop3", "smtp"):
-        if (where := values.get(kind)) and not v.is_loopback(where) and cert is None:
+        where = values.get(kind)
+        if where and not hostport.is_loopback(hostport.parse(where).host) and cert is None:
             why = "a listener others can reach must offer STARTTLS: set tls_certificate_file"
             problem = f"{where!r} is not a loopback address; {why} and tls_key_file"
             problems.add("proxy", kind, problem)

@@ -17,7 +17,7 @@ from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
-from mailoauthd import presets
+from mailoauthd import hostport, presets
 from mailoauthd.config.problems import Invalid, got, shown
 from mailoauthd.flows import Flow
 from mailoauthd.secret import Secret
@@ -38,7 +38,6 @@ _GUID = re.compile(r"[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}")
 _DOMAIN = re.compile(r"([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z0-9-]{2,63}")
 _DURATION = re.compile(r"(?:([0-9]+)d)?(?:([0-9]+)h)?(?:([0-9]+)m)?(?:([0-9]+)s)?")
 _DURATION_HELP = 'a duration such as "90s", "3m", "1h30m" or "2d", or a number of seconds'
-LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 # mailoauthd sets these for every sign-in; overriding them would break the flow or
 # its defences against forged redirects.
 _RESERVED_PARAMS = (
@@ -125,7 +124,7 @@ def url(value: object) -> str:
         raise Invalid(f"must be an https:// URL {got(value)}")
     if parts.fragment or any(character.isspace() for character in str(value)):
         raise Invalid(f"must be a URL without spaces or a #fragment {got(value)}")
-    if parts.scheme == "http" and parts.hostname not in LOOPBACK_HOSTS:
+    if parts.scheme == "http" and parts.hostname not in hostport.LOOPBACK_HOSTS:
         why = "plain http is allowed only to 127.0.0.1, [::1] or localhost"
         raise Invalid(f"must use https {got(value)}; {why}")
     return str(value)
@@ -225,14 +224,15 @@ def principals(value: object) -> tuple[str | int, ...]:
 
 
 def server(value: object) -> str:
-    """A mail server as "host:port" ("[::1]:993" for an IPv6 address)."""
-    host, _, number = text(value).rpartition(":")
-    bracketed = host.startswith("[") and host.endswith("]")
-    bare = host.removeprefix("[").removesuffix("]") if bracketed else host
-    if not bare or any(c.isspace() or c in "/[]" for c in bare) or not number.isdigit():
-        raise Invalid(f"must be 'host:port', e.g. 'outlook.office365.com:993' {got(value)}")
-    if not 1 <= int(number) <= 65535:
-        raise Invalid(f"has no valid port number (1 to 65535) {got(value)}")
+    """A mail server as "host:port" ("[::1]:993" for an IPv6 address), kept as written."""
+    try:
+        hostport.parse(text(value))
+    except hostport.BadPort:
+        span = f"{hostport.MIN_PORT} to {hostport.MAX_PORT}"
+        raise Invalid(f"has no valid port number ({span}) {got(value)}") from None
+    except hostport.Invalid as exc:
+        example = "e.g. 'outlook.office365.com:993'"
+        raise Invalid(f"must be 'host:port', {example}: {exc} {got(value)}") from None
     return str(value)
 
 
@@ -253,31 +253,13 @@ def file_mode(value: object) -> int:
 def listener(value: object) -> str:
     """A proxy listener: "host:port" with an IP address or localhost, "[::1]:1143" for IPv6."""
     text = server(value)
-    host = listener_host(text)
+    host = hostport.parse(text).host
     if host != "localhost":
         try:
             ipaddress.ip_address(host)
         except ValueError:
             raise Invalid(f"must name an IP address to listen on {got(value)}") from None
-    if ":" in host and not text.startswith("["):
-        raise Invalid(f"must write an IPv6 address in brackets, e.g. '[::1]:1143' {got(value)}")
     return text
-
-
-def listener_host(text: str) -> str:
-    """The host of a "host:port" without IPv6 brackets."""
-    return text.rpartition(":")[0].removeprefix("[").removesuffix("]")
-
-
-def is_loopback(text: str) -> bool:
-    """Whether a listener "host:port" is on a loopback address."""
-    host = listener_host(text)
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def socketmap_keys(value: object) -> tuple[str, ...]:

@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TextIO
 
-from mailoauthd import errors, protocol
+from mailoauthd import errors, hostport, protocol
 from mailoauthd.helper import sasl, tokeninfo, transport
 
 # RFC 5321's limit for a command line before any extension raises it: an AUTH
@@ -50,8 +50,7 @@ class Server:
 
     @property
     def label(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.protocol} {host}:{self.port} ({self.security.upper()})"
+        return f"{self.protocol} {hostport.join(self.host, self.port)} ({self.security.upper()})"
 
 
 class LoginFailed(Exception):
@@ -73,9 +72,7 @@ def parse_server(protocol_name: str, value: object, security: object) -> Server 
     """
     if not isinstance(value, str) or not value:
         return None
-    host, _, port_text = value.rpartition(":")
-    host = host[1:-1] if host.startswith("[") else host
-    port = int(port_text)
+    host, port = hostport.parse(value)
     if not isinstance(security, str):
         security = "tls" if port in IMPLICIT_TLS_PORTS else "starttls"
     return Server(protocol_name, host, port, security)

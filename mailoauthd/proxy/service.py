@@ -24,7 +24,8 @@ from typing import Protocol
 import structlog
 import trio
 
-from mailoauthd.config import Account, ProxySettings, is_loopback, listener_host
+from mailoauthd import hostport
+from mailoauthd.config import Account, ProxySettings
 from mailoauthd.errors import ConfigError, MailoauthdError, ReauthorizationRequired
 from mailoauthd.proxy import upstream
 from mailoauthd.proxy.common import (
@@ -176,8 +177,7 @@ class Proxy:
                 where = getattr(self.settings, kind)
                 if where is None:
                     continue
-                host = listener_host(where)
-                port = int(where.rpartition(":")[2])
+                host, port = hostport.parse(where)
                 try:
                     listeners = await trio.open_tcp_listeners(port, host=host)
                 except OSError as exc:
@@ -187,10 +187,12 @@ class Proxy:
                         hint="choose a free port, or stop what listens there",
                     ) from None
                 bound = listeners[0].socket.getsockname()
-                shown = f"[{bound[0]}]:{bound[1]}" if ":" in bound[0] else f"{bound[0]}:{bound[1]}"
+                shown = hostport.join(bound[0], bound[1])
                 self.listening[kind] = shown
                 self.limits[kind] = Limits()
-                serve = partial(self._connection, kind, handler, tls, not is_loopback(where))
+                serve = partial(
+                    self._connection, kind, handler, tls, not hostport.is_loopback(host)
+                )
                 nursery.start_soon(trio.serve_listeners, serve, listeners)
                 log.info("proxy.listening", protocol=kind, address=shown, starttls=tls is not None)
             task_status.started()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import trio
 
+from mailoauthd import hostport
 from mailoauthd.proxy.common import Closed, LineReader, LineTooLong
 from mailoauthd.proxy.tls import TLSStream
 
@@ -49,10 +50,9 @@ class Server:
 
     @classmethod
     def parse(cls, where: str, security: str | None, ca_file: Path | None) -> Server:
-        host, _, port = where.rpartition(":")
-        number = int(port)
-        default = "tls" if number in IMPLICIT_TLS_PORTS else "starttls"
-        return cls(host.strip("[]"), number, security or default, ca_file)
+        host, port = hostport.parse(where)
+        default = "tls" if port in IMPLICIT_TLS_PORTS else "starttls"
+        return cls(host, port, security or default, ca_file)
 
 
 @dataclass

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
+from mailoauthd import hostport
 from mailoauthd.flows import GrantType
 from mailoauthd.testing import device
 from mailoauthd.testing.clients import authenticate
@@ -120,7 +121,7 @@ def _is_loopback_redirect(uri: str) -> bool:
         port_ok = parts.port is None or parts.port > 0
     except ValueError:
         return False
-    loopback = parts.hostname in ("127.0.0.1", "localhost", "::1")
+    loopback = parts.hostname in hostport.LOOPBACK_HOSTS
     return parts.scheme == "http" and loopback and port_ok and not parts.fragment
 
 
