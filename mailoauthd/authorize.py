@@ -11,12 +11,9 @@ person signing in.
 from __future__ import annotations
 
 import base64
-import binascii
 import dataclasses
 import hashlib
-import json
 import secrets
-import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -27,6 +24,7 @@ import httpx
 from mailoauthd import oauth, presets, provider_input
 from mailoauthd.config import Account, Provider
 from mailoauthd.errors import AuthorizationFailed, Misconfigured, TransientGrantError
+from mailoauthd.flows import Flow
 from mailoauthd.secret import Secret
 
 # 32 random bytes (256 bits) each: unguessable. The verifier becomes 43
@@ -109,7 +107,8 @@ def start(
         raise Misconfigured(
             f"{account.name}: provider {provider.name!r} has no authorization_endpoint",
             hint=f"set authorization_endpoint (or issuer) in [providers.{provider.name}], "
-            f"or sign in by device code: 'mailoauth authorize {account.name} --flow device_code'",
+            f"or sign in by device code: "
+            f"'mailoauth authorize {account.name} --flow {Flow.DEVICE_CODE}'",
         )
     state, verifier = Secret(token(STATE_BYTES)), Secret(token(VERIFIER_BYTES))
     # Some identity providers refuse an OpenID request without a nonce.
@@ -225,158 +224,10 @@ def _check_response_issuer(iss: str | None, auth: Authorization, *, account: str
         return
     if iss.rstrip("/") != auth.issuer.rstrip("/"):
         raise AuthorizationFailed(
-            f"{account}: the answer comes from issuer {clean_text(iss, 200)!r}, not "
+            f"{account}: the answer comes from issuer {provider_input.clean_text(iss, 200)!r}, not "
             f"{auth.issuer!r} (RFC 9207); nothing was stored",
             hint=hint,
         )
-
-
-# --- who signed in: the ID token (OpenID Connect Core §3.1.3.7) ------------------------------
-
-# The claims that may name the mailbox signed in to: `email` (Google, most), then
-# Microsoft's `preferred_username` and `upn`.
-IDENTITY_CLAIMS = ("email", "preferred_username", "upn")
-
-
-def id_token_claims(id_token: Secret) -> dict[str, object] | None:
-    """The claims of a JWT, unverified; None when it is not one."""
-    parts = id_token.reveal().split(".")
-    try:
-        padded = parts[1] + "=" * (-len(parts[1]) % 4)
-        claims = json.loads(base64.urlsafe_b64decode(padded))
-    except (IndexError, ValueError, RecursionError, binascii.Error):
-        return None
-    return claims if isinstance(claims, dict) else None
-
-
-def _issuer_ok(provider: Provider, claims: dict[str, object]) -> bool | None:
-    """Whether the ID token's `iss` is the profile's issuer; None when we cannot know it."""
-    iss = claims.get("iss")
-    if provider.issuer:
-        return isinstance(iss, str) and iss.rstrip("/") == provider.issuer.rstrip("/")
-    facts = presets.PRESETS[provider.preset]
-    if facts.id_token_issuers:
-        return iss in facts.id_token_issuers
-    if facts.id_token_issuer_per_tenant:
-        # https://login.microsoftonline.com/{tid}/v2.0, on the cloud's own host.
-        tid = claims.get("tid")
-        parts = urlsplit(provider.authorization_endpoint or provider.token_endpoint or "")
-        base = f"{parts.scheme}://{parts.netloc}"
-        return isinstance(tid, str) and bool(tid) and iss == f"{base}/{tid}/v2.0"
-    return None
-
-
-def id_token_identity(claims: dict[str, object]) -> str | None:
-    """The mailbox an ID token names: its email, preferred_username or upn."""
-    for claim in IDENTITY_CLAIMS:
-        value = claims.get(claim)
-        if isinstance(value, str) and value:
-            return clean_text(value, 320)
-    return None
-
-
-def check_id_token(id_token: Secret | None, account: Account, *, nonce: Secret | None) -> None:
-    """
-    Check who signed in, when `openid` was asked for (OpenID Connect Core §3.1.3.7).
-
-    The ID token must be there; carry this sign-in's nonce (when one was sent: the
-    device flow sends none); come from the profile's issuer (when it is known) to this
-    client; and name the account's mailbox (`username`) in `email`,
-    `preferred_username` or `upn`, when it names one at all. The token came straight
-    from the token endpoint over TLS, so its signature need not be checked.
-
-    Raises:
-        AuthorizationFailed: any of these is not so; the caller stores nothing.
-    """
-    if "openid" not in account.scopes:
-        return
-    name = account.name
-    again = f"run 'mailoauth authorize {name}' again"
-    hint = f"{again}; if this persists, the provider or a proxy is misbehaving"
-    if id_token is None:
-        raise AuthorizationFailed(
-            f"{name}: 'openid' was asked for but the provider sent no ID token, so who "
-            "signed in cannot be checked; nothing was stored",
-            hint=hint,
-        )
-    claims = id_token_claims(id_token)
-    if claims is None:
-        raise AuthorizationFailed(
-            f"{name}: the provider's ID token cannot be read; nothing was stored", hint=hint
-        )
-    if nonce is not None:
-        got = claims.get("nonce")
-        if not isinstance(got, str) or not secrets.compare_digest(
-            got.encode(), nonce.reveal().encode()
-        ):
-            raise AuthorizationFailed(
-                f"{name}: the ID token does not carry this sign-in's nonce (a replayed "
-                "answer?); nothing was stored",
-                hint=hint,
-            )
-    if _issuer_ok(account.provider, claims) is False:
-        iss = claims.get("iss")
-        shown = clean_text(iss, 200) if isinstance(iss, str) else "no issuer"
-        raise AuthorizationFailed(
-            f"{name}: the ID token was issued by {shown!r}, not by this profile's provider; "
-            "nothing was stored",
-            hint=hint,
-        )
-    audience = claims.get("aud")
-    audiences = audience if isinstance(audience, list) else [audience]
-    if account.provider.client_id not in audiences:
-        raise AuthorizationFailed(
-            f"{name}: the ID token was issued to another client; nothing was stored", hint=hint
-        )
-    signed_in = id_token_identity(claims)
-    wanted = account.username
-    if wanted and signed_in and signed_in.casefold() != wanted.casefold():
-        raise AuthorizationFailed(
-            f"{name}: signed in as {signed_in}, but the account is {wanted}; nothing was stored",
-            hint=f"{again} and sign in as {wanted} (sign out of {signed_in} at the provider "
-            f"first, or use a private window), or set username = {signed_in!r} in "
-            f"[accounts.{name}] if that is the mailbox meant",
-        )
-
-
-# --- provider text shown to a person ------------------------------------------------------
-
-_LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
-
-
-def clean_text(text: str, limit: int) -> str:
-    """
-    Provider text fit to show: control and format characters (escape sequences,
-    bidirectional overrides, zero-width characters) removed, runs of white space
-    made one space, at most `limit` characters.
-    """
-    kept = "".join(
-        " " if c.isspace() else c
-        for c in text
-        if c.isspace() or unicodedata.category(c) not in ("Cc", "Cf", "Cs")
-    )
-    return " ".join(kept.split())[:limit].rstrip()  # a cut may end on a space
-
-
-def shown_uri(value: object) -> str | None:
-    """
-    A provider's address fit to show a person: https, or http to a loopback host (a
-    development provider); printable ASCII only. None otherwise.
-    """
-    if not isinstance(value, str) or not 0 < len(value) <= 2048:
-        return None
-    if not all("!" <= c <= "~" for c in value):
-        return None  # control characters, spaces, and look-alike letters
-    try:
-        parts = urlsplit(value)
-        host = parts.hostname
-    except ValueError:
-        return None
-    if parts.scheme == "https" and host:
-        return value
-    if parts.scheme == "http" and host in _LOOPBACK_HOSTS:
-        return value
-    return None
 
 
 # --- the device authorization grant (RFC 8628) --------------------------------------------
@@ -531,23 +382,23 @@ def shown_device_authorization(grant: DeviceAuthorization, *, account: str) -> D
     """
     hint = (
         "the provider's device authorization answer cannot be shown safely; sign in "
-        f"with a browser: 'mailoauth authorize {account} --flow authorization_code'"
+        f"with a browser: 'mailoauth authorize {account} --flow {Flow.AUTHORIZATION_CODE}'"
     )
-    user_code = clean_text(grant.user_code, 64)
+    user_code = provider_input.clean_text(grant.user_code, 64)
     if not user_code:
         raise AuthorizationFailed(f"{account}: the provider sent no usable user_code", hint=hint)
-    uri = shown_uri(grant.verification_uri)
+    uri = provider_input.shown_uri(grant.verification_uri)
     if uri is None:
-        shown = clean_text(grant.verification_uri, 100)
+        shown = provider_input.clean_text(grant.verification_uri, 100)
         raise AuthorizationFailed(
             f"{account}: the provider's verification_uri {shown!r} is not an https address",
             hint=hint,
         )
-    message = clean_text(grant.message, 500) if grant.message else None
+    message = provider_input.clean_text(grant.message, 500) if grant.message else None
     return dataclasses.replace(
         grant,
         user_code=user_code,
         verification_uri=uri,
-        verification_uri_complete=shown_uri(grant.verification_uri_complete),
+        verification_uri_complete=provider_input.shown_uri(grant.verification_uri_complete),
         message=message or None,
     )

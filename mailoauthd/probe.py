@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import trio
 
-from mailoauthd import authorize, config, discovery, oauth, presets, provider_http
+from mailoauthd import config, discovery, oauth, presets, provider_http, provider_input
 from mailoauthd.errors import GrantError, MailoauthdError
 from mailoauthd.flows import Flow
 from mailoauthd.secret import Secret
@@ -51,8 +51,8 @@ def _describe(body: dict[str, object] | None) -> tuple[str, str]:
     error = body.get("error")
     description = body.get("error_description")
     return (
-        authorize.clean_text(error, 60) if isinstance(error, str) else "",
-        authorize.clean_text(description, 300) if isinstance(description, str) else "",
+        provider_input.clean_text(error, 60) if isinstance(error, str) else "",
+        provider_input.clean_text(description, 300) if isinstance(description, str) else "",
     )
 
 
@@ -197,16 +197,16 @@ async def _client_credentials(
     reached = Check(True, f"token endpoint {url} answers {_over(url)} (HTTP 200)")
     minutes = round((tokens.expires_at - now).total_seconds() / 60)
     text = f"client_credentials for {account.name}: a token valid for {minutes} min"
-    claims = authorize.id_token_claims(tokens.access_token)
+    claims = provider_input.jwt_claims(tokens.access_token.reveal())
     roles = claims.get("roles") if claims else None
     if isinstance(roles, list) and roles:
-        text += "; roles: " + ", ".join(authorize.clean_text(str(r), 80) for r in roles)
+        text += "; roles: " + ", ".join(provider_input.clean_text(str(r), 80) for r in roles)
     elif claims is not None:
         text += "; no roles (grant the app its application permissions, with admin consent)"
     if tokens.scopes:
-        text += "; scope: " + authorize.clean_text(" ".join(tokens.scopes), 300)
+        text += "; scope: " + provider_input.clean_text(" ".join(tokens.scopes), 300)
     if claims is not None and isinstance(claims.get("aud"), str):
-        text += f"; audience {authorize.clean_text(str(claims['aud']), 120)}"
+        text += f"; audience {provider_input.clean_text(str(claims['aud']), 120)}"
     return [reached, Check(True, text + " (not kept)")]
 
 

@@ -17,6 +17,9 @@ import json
 import math
 import re
 import unicodedata
+from urllib.parse import urlsplit
+
+from mailoauthd import hostport
 
 # An OAuth answer is a few KiB; a provider that sends more is broken or hostile.
 MAX_BODY = 1 << 20
@@ -50,6 +53,27 @@ def clean_text(value: object, limit: int = MAX_TEXT) -> str:
     if len(kept) <= limit:
         return kept
     return kept[: limit - 1] + "…" if limit > 0 else ""
+
+
+def shown_uri(value: object) -> str | None:
+    """
+    A provider's address fit to show a person: https, or http to a loopback host (a
+    development provider); printable ASCII only, so no look-alike letters. None otherwise.
+    """
+    if not isinstance(value, str) or not 0 < len(value) <= 2048:
+        return None
+    if not all("!" <= c <= "~" for c in value):
+        return None  # control characters, spaces, and look-alike letters
+    try:
+        parts = urlsplit(value)
+        host = parts.hostname
+    except ValueError:
+        return None
+    if parts.scheme == "https" and host:
+        return value
+    if parts.scheme == "http" and host in hostport.LOOPBACK_HOSTS:
+        return value
+    return None
 
 
 def short_repr(value: object, limit: int = 40) -> str:

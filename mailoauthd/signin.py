@@ -28,7 +28,7 @@ import httpx
 import structlog
 import trio
 
-from mailoauthd import authorize, oauth, signin_listener, signin_page
+from mailoauthd import authorize, idtoken, oauth, signin_listener, signin_page
 from mailoauthd.config import Account
 from mailoauthd.errors import (
     CANCELLED,
@@ -236,7 +236,7 @@ class _CodeFlow:
                 )
             except ReauthorizationRequired as exc:
                 raise _refused(exc, s.account.name) from None
-            authorize.check_id_token(tokens.id_token, s.account, nonce=self.auth.nonce)
+            idtoken.check_id_token(tokens.id_token, s.account, nonce=self.auth.nonce)
             stored = await s.store(tokens)
         return stored
 
@@ -438,7 +438,7 @@ async def _poll(
                 response = await _post(session, request, "the token endpoint")
                 answer = authorize.parse_device_poll(response, now=session.now(), account=name)
                 if isinstance(answer, oauth.TokenSet):
-                    authorize.check_id_token(answer.id_token, session.account, nonce=None)
+                    idtoken.check_id_token(answer.id_token, session.account, nonce=None)
                     return await session.store(answer)
         except TransientGrantError as exc:
             interval = min(interval * 2, MAX_POLL_INTERVAL)

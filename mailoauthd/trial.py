@@ -27,14 +27,15 @@ import structlog
 import trio
 
 from mailoauthd import (
-    authorize,
     config,
     discovery,
+    idtoken,
     oauth,
     paths,
     presets,
     proc,
     provider_http,
+    provider_input,
     signin,
     signin_page,
 )
@@ -85,13 +86,13 @@ def _mail_scopes(scopes: tuple[str, ...]) -> list[str]:
 
 
 def _jwt(token: str) -> dict[str, object] | None:
-    return authorize.id_token_claims(Secret(token)) if token.count(".") == 2 else None
+    return provider_input.jwt_claims(token)
 
 
 def _text(value: object, limit: int = 200) -> str:
     if isinstance(value, list):
-        return ", ".join(authorize.clean_text(str(v), limit) for v in value)
-    return authorize.clean_text(str(value), limit)
+        return ", ".join(provider_input.clean_text(str(v), limit) for v in value)
+    return provider_input.clean_text(str(value), limit)
 
 
 def report(
@@ -127,10 +128,10 @@ def report(
                 "and to scopes"
             )
     if tokens.id_token is not None:
-        identity = authorize.id_token_claims(tokens.id_token) or {}
+        identity = idtoken.id_token_claims(tokens.id_token) or {}
         who = [
             f"{claim} {_text(identity[claim])}"
-            for claim in ("email", "preferred_username", "upn", "tid")
+            for claim in (*idtoken.IDENTITY_CLAIMS, "tid")
             if claim in identity
         ]
         lines.append(f"signed in as: {'; '.join(who) or 'the ID token names nobody'}")

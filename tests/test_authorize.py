@@ -34,7 +34,7 @@ from conftest import (
     mock_now,
 )
 
-from mailoauthd import authorize, config, daemon, protocol, state
+from mailoauthd import authorize, config, daemon, idtoken, protocol, state
 from mailoauthd.errors import AuthorizationFailed, Misconfigured, TransientGrantError
 from mailoauthd.flows import GrantType
 from mailoauthd.helper import token as helper_token
@@ -286,7 +286,7 @@ class TestIdToken:
         """An ID token with our nonce and audience passes."""
         assert auth.nonce is not None
         token = id_token({"nonce": auth.nonce.reveal(), "aud": "demo-client"})
-        authorize.check_id_token(token, account, nonce=auth.nonce)
+        idtoken.check_id_token(token, account, nonce=auth.nonce)
 
     @pytest.mark.parametrize(
         ("claims", "why"),
@@ -307,18 +307,18 @@ class TestIdToken:
         assert auth.nonce is not None
         claims = {k: auth.nonce.reveal() if v == "OURS" else v for k, v in claims.items()}
         with pytest.raises(AuthorizationFailed, match=why):
-            authorize.check_id_token(id_token(claims), account, nonce=auth.nonce)
+            idtoken.check_id_token(id_token(claims), account, nonce=auth.nonce)
 
     def test_unreadable(self, account: config.Account, auth: authorize.Authorization) -> None:
         """An ID token that is not a JWT is refused."""
         with pytest.raises(AuthorizationFailed, match="cannot be read"):
-            authorize.check_id_token(Secret("garbage"), account, nonce=auth.nonce)
+            idtoken.check_id_token(Secret("garbage"), account, nonce=auth.nonce)
 
     def test_without_openid_nothing_is_checked(self, provider: DevProvider, tmp_path: Path) -> None:
         """Without openid no nonce was sent, and an ID token is not ours to judge."""
         account = account_for(provider, tmp_path)
         auth = authorize.start(account, "http://127.0.0.1:1/")
-        authorize.check_id_token(Secret("garbage"), account, nonce=auth.nonce)
+        idtoken.check_id_token(Secret("garbage"), account, nonce=auth.nonce)
 
 
 def answer(status: int, body: object) -> httpx.Response:

@@ -21,7 +21,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from test_authorize import Conversation, browse, flow_config, state_file
 
-from mailoauthd import authorize, config
+from mailoauthd import config, idtoken, provider_input
 from mailoauthd.errors import AuthorizationFailed
 from mailoauthd.secret import Secret
 from mailoauthd.testing import DevProvider
@@ -254,26 +254,26 @@ class TestIssuers:
         account = preset_account("microsoft")
         good = {"aud": "cid", "tid": self.TID, "email": USER}
         iss = f"https://login.microsoftonline.com/{self.TID}/v2.0"
-        authorize.check_id_token(jwt({**good, "iss": iss}), account, nonce=None)
+        idtoken.check_id_token(jwt({**good, "iss": iss}), account, nonce=None)
         for wrong in (iss.replace(self.TID, "other"), "https://evil.example/x/v2.0", None):
             with pytest.raises(AuthorizationFailed, match="issued by"):
-                authorize.check_id_token(jwt({**good, "iss": wrong}), account, nonce=None)
+                idtoken.check_id_token(jwt({**good, "iss": wrong}), account, nonce=None)
 
     def test_google(self) -> None:
         """Google's issuer, in either of its documented forms."""
         account = preset_account("google")
         for iss in ("https://accounts.google.com", "accounts.google.com"):
             claims = {"aud": "cid", "iss": iss, "email": USER}
-            authorize.check_id_token(jwt(claims), account, nonce=None)
+            idtoken.check_id_token(jwt(claims), account, nonce=None)
         claims = {"aud": "cid", "iss": "https://accounts.example", "email": USER}
         with pytest.raises(AuthorizationFailed, match="issued by"):
-            authorize.check_id_token(jwt(claims), account, nonce=None)
+            idtoken.check_id_token(jwt(claims), account, nonce=None)
 
     def test_no_identity_claim(self) -> None:
         """An ID token that names no mailbox cannot contradict the username."""
         account = preset_account("google")
         claims = {"aud": "cid", "iss": "https://accounts.google.com", "sub": "1234"}
-        authorize.check_id_token(jwt(claims), account, nonce=None)
+        idtoken.check_id_token(jwt(claims), account, nonce=None)
 
 
 def shown(text: str) -> bool:
@@ -285,7 +285,7 @@ class TestProviderText:
     @given(st.text(), st.integers(min_value=0, max_value=600))
     def test_clean_text(self, text: str, limit: int) -> None:
         """Whatever a provider sends comes out without control characters, and bounded."""
-        cleaned = authorize.clean_text(text, limit)
+        cleaned = provider_input.clean_text(text, limit)
         assert shown(cleaned)
         assert len(cleaned) <= limit
         assert cleaned == cleaned.strip()
@@ -293,7 +293,7 @@ class TestProviderText:
     @given(st.one_of(st.text(), st.from_regex(r"\Ahttps?://[^/]*(/.*)?\Z"), st.integers()))
     def test_shown_uri(self, value: object) -> None:
         """Only https, or http to a loopback host, in printable ASCII, is ever shown."""
-        uri = authorize.shown_uri(value)
+        uri = provider_input.shown_uri(value)
         if uri is None:
             return
         assert uri == value
@@ -302,8 +302,8 @@ class TestProviderText:
         assert parts.scheme == "https" or parts.hostname in ("127.0.0.1", "::1", "localhost")
 
     def test_examples(self) -> None:
-        assert authorize.shown_uri("https://microsoft.com/devicelogin")
-        assert authorize.shown_uri("http://127.0.0.1:8080/device")
-        assert authorize.shown_uri("http://example.com/device") is None
-        assert authorize.shown_uri("https://exa\u0430mple.com/") is None  # a Cyrillic a
-        assert authorize.clean_text("AB\x1b[31mCD\u200b\u202e", 64) == "AB[31mCD"
+        assert provider_input.shown_uri("https://microsoft.com/devicelogin")
+        assert provider_input.shown_uri("http://127.0.0.1:8080/device")
+        assert provider_input.shown_uri("http://example.com/device") is None
+        assert provider_input.shown_uri("https://exa\u0430mple.com/") is None  # a Cyrillic a
+        assert provider_input.clean_text("AB\x1b[31mCD\u200b\u202e", 64) == "AB[31mCD"
