@@ -16,6 +16,7 @@ tests/test_manpages.py fails when the files in share/ differ from what this writ
 
 from __future__ import annotations
 
+import argparse
 import re
 import sys
 from pathlib import Path
@@ -101,16 +102,47 @@ def _option_lines(options: list[Option]) -> list[str]:
     return lines
 
 
-def helper_page() -> str:
-    parser = helper_parser()
+def _program_page(
+    program: str,
+    heading: tuple[int, str],
+    parser: argparse.ArgumentParser,
+    synopsis: str,
+    description: list[str],
+    tail: list[str],
+) -> str:
+    """
+    A program's page: NAME, SYNOPSIS, DESCRIPTION, then OPTIONS and COMMANDS as its
+    parser has them, then `tail` (the sections after COMMANDS).
+
+    Args:
+        heading: the manual section and its title, e.g. (1, "User Commands").
+        synopsis: the roff line after the program's name.
+        description: roff lines of the DESCRIPTION.
+    """
     options, commands = subcommands(parser)
-    lines = _header("mailoauth", 1, "User Commands")
+    lines = _header(program, *heading)
     lines += [
-        "mailoauth \\- " + _roff(parser.description or ""),
+        f"{program} \\- " + _roff(parser.description or ""),
         ".SH SYNOPSIS",
-        ".B mailoauth",
-        "[\\fB\\-\\-socket\\fR \\fIPATH\\fR] \\fICOMMAND\\fR ...",
+        f".B {program}",
+        synopsis,
         ".SH DESCRIPTION",
+        *description,
+        ".SH OPTIONS",
+        *_option_lines(options),
+        ".SH COMMANDS",
+    ]
+    for command in commands:
+        lines += [".SS " + _roff(f"{program} {command.usage.removeprefix(program + ' ')}")]
+        lines += [_roff(command.help[:1].upper() + command.help[1:] + ".")]
+        if command.options:
+            lines += [".RS", *_option_lines(command.options), ".RE"]
+    return "\n".join(lines + tail) + "\n"
+
+
+def helper_page() -> str:
+    """mailoauth(1)."""
+    description = [
         _roff(
             "Mail programs run `mailoauth token ACCOUNT` (or `sasl`) for every connection: "
             "it asks the running mailoauthd for the account's current access token and "
@@ -123,16 +155,8 @@ def helper_page() -> str:
             "`$XDG_RUNTIME_DIR/mailoauthd/socket` and then the system one, "
             "`/run/mailoauthd/socket`."
         ),
-        ".SH OPTIONS",
-        *_option_lines(options),
-        ".SH COMMANDS",
     ]
-    for command in commands:
-        lines += [".SS " + _roff(f"mailoauth {command.usage.removeprefix('mailoauth ')}")]
-        lines += [_roff(command.help[:1].upper() + command.help[1:] + ".")]
-        if command.options:
-            lines += [".RS", *_option_lines(command.options), ".RE"]
-    lines += [
+    tail = [
         ".SH EXIT STATUS",
         ".TP\n0\nsuccess",
         ".TP\n1\nan error the daemon reported, including a refusal",
@@ -147,35 +171,23 @@ def helper_page() -> str:
         ".BR mailoauthd (8),",
         ".BR mailoauthd.toml (5)",
     ]
-    return "\n".join(lines) + "\n"
+    synopsis = "[\\fB\\-\\-socket\\fR \\fIPATH\\fR] \\fICOMMAND\\fR ..."
+    return _program_page(
+        "mailoauth", (1, "User Commands"), helper_parser(), synopsis, description, tail
+    )
 
 
 def daemon_page() -> str:
-    parser = cli._parser()
-    options, commands = subcommands(parser)
-    lines = _header("mailoauthd", 8, "System Administration")
-    lines += [
-        "mailoauthd \\- " + _roff(parser.description or ""),
-        ".SH SYNOPSIS",
-        ".B mailoauthd",
-        "[\\fB\\-\\-config\\fR \\fIPATH\\fR] [\\fB\\-\\-system\\fR] [\\fICOMMAND\\fR]",
-        ".SH DESCRIPTION",
+    """mailoauthd(8)."""
+    description = [
         _roff(
             "mailoauthd keeps the OAuth2 tokens of mail accounts fresh: it refreshes each "
             "access token before it expires and hands it to `mailoauth token ACCOUNT` over "
             "a Unix socket. It runs per user (the default) or for the whole host "
             "(`--system`, the default as root), normally under systemd."
         ),
-        ".SH OPTIONS",
-        *_option_lines(options),
-        ".SH COMMANDS",
     ]
-    for command in commands:
-        lines += [".SS " + _roff(f"mailoauthd {command.usage.removeprefix('mailoauthd ')}")]
-        lines += [_roff(command.help[:1].upper() + command.help[1:] + ".")]
-        if command.options:
-            lines += [".RS", *_option_lines(command.options), ".RE"]
-    lines += [
+    tail = [
         ".SH FILES",
         ".TP\n.I ~/.config/mailoauthd/config.toml\nper-user configuration",
         ".TP\n.I /etc/mailoauthd/config.toml\nsystem configuration",
@@ -199,7 +211,9 @@ def daemon_page() -> str:
         ".BR mailoauthd.toml (5),",
         ".BR systemd.exec (5)",
     ]
-    return "\n".join(lines) + "\n"
+    synopsis = "[\\fB\\-\\-config\\fR \\fIPATH\\fR] [\\fB\\-\\-system\\fR] [\\fICOMMAND\\fR]"
+    heading = (8, "System Administration")
+    return _program_page("mailoauthd", heading, cli._parser(), synopsis, description, tail)
 
 
 def config_page() -> str:
