@@ -124,6 +124,7 @@ SHARED = {
     "mailoauthd.paths",
     "mailoauthd.shared_files",
     "mailoauthd.hostport",
+    "mailoauthd.flows",
 }
 
 

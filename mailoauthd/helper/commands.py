@@ -14,6 +14,7 @@ import argparse
 import sys
 
 from mailoauthd import __version__, errors, protocol
+from mailoauthd.flows import SIGN_IN_FLOWS
 from mailoauthd.helper import transport
 
 # Manual operations may wait for a slow provider; a person is watching.
@@ -133,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
             )
             cmd.add_argument(
                 "--flow",
-                choices=("authorization_code", "device_code"),
+                choices=SIGN_IN_FLOWS,
                 help="sign in this way instead of the account's configured flow",
             )
             cmd.add_argument(
