@@ -39,6 +39,7 @@ from mailoauthd.errors import (
     ReauthorizationRequired,
     TransientGrantError,
 )
+from mailoauthd.flows import Flow
 from mailoauthd.lastresort import fault
 from mailoauthd.secret import Secret
 from mailoauthd.state import AccountState
@@ -87,7 +88,7 @@ async def run(session: Session, channel: Channel, flow: str) -> dict[str, object
     Args:
         session: the account and the means.
         channel: the helper's connection.
-        flow: "authorization_code" or "device_code".
+        flow: one of flows.SIGN_IN_FLOWS.
 
     Returns:
         The final answer: the account, the access token's expiry, a note.
@@ -99,7 +100,7 @@ async def run(session: Session, channel: Channel, flow: str) -> dict[str, object
     with structlog.contextvars.bound_contextvars(account=name):
         log.info("authorize.started", flow=flow)
         try:
-            if flow == "device_code":
+            if flow == Flow.DEVICE_CODE:
                 st = await _device_flow(session, channel)
             else:
                 st = await _browser_flow(session, channel)
