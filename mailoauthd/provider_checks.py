@@ -36,7 +36,8 @@ def account_problems(preset: str, flow: str, scopes: Iterable[str]) -> list[tupl
                 (
                     "flow",
                     f"Google refuses mail scopes ({mail[0]}) on the device flow; "
-                    'use flow = "authorization_code" (with --no-browser on a headless machine)',
+                    f'use flow = "{Flow.AUTHORIZATION_CODE}" '
+                    "(with --no-browser on a headless machine)",
                 )
             )
     if facts.one_resource_per_token:
