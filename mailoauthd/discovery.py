@@ -17,7 +17,7 @@ import httpx
 import structlog
 import trio
 
-from mailoauthd import hostport, oauth
+from mailoauthd import hostport, provider_http
 from mailoauthd.config import Account, Provider
 from mailoauthd.errors import Misconfigured, TransientGrantError
 from mailoauthd.provider_input import clean_text, json_object, short_repr
@@ -131,7 +131,7 @@ async def discover(http: httpx.AsyncClient, issuer: str) -> dict[str, str | bool
     not_found: list[str] = []
     for url in metadata_urls(issuer):
         request = httpx.Request("GET", url, headers={"Accept": "application/json"})
-        response = await oauth.send(http, request, what=url)
+        response = await provider_http.send(http, request, what=url)
         if response.status_code == 404:
             not_found.append(url)
             continue

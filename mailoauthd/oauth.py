@@ -26,7 +26,7 @@ from mailoauthd.errors import (
 )
 from mailoauthd.flows import GrantType
 
-# Callers not yet moved to provider_http.send (scheduler, signin, discovery) reach it here.
+# For scheduler.py, not yet moved to provider_http.send (then this goes).
 from mailoauthd.provider_http import send
 from mailoauthd.secret import Secret
 

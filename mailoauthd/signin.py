@@ -28,7 +28,7 @@ import httpx
 import structlog
 import trio
 
-from mailoauthd import authorize, idtoken, oauth, signin_listener, signin_page
+from mailoauthd import authorize, idtoken, oauth, provider_http, signin_listener, signin_page
 from mailoauthd.config import Account
 from mailoauthd.errors import (
     CANCELLED,
@@ -143,7 +143,7 @@ async def _tell(channel: Channel, message: dict[str, object]) -> None:
 async def _post(session: Session, request: httpx.Request, what: str) -> httpx.Response:
     try:
         with trio.fail_after(session.request_timeout):
-            return await oauth.send(session.http, request, what=what)
+            return await provider_http.send(session.http, request, what=what)
     except trio.TooSlowError:
         raise TransientGrantError(
             f"{what} did not answer within {session.request_timeout:g} s"

@@ -37,7 +37,16 @@ from conftest import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mailoauthd import authorize, config, discovery, oauth, provider_input, scheduler, state
+from mailoauthd import (
+    authorize,
+    config,
+    discovery,
+    oauth,
+    provider_http,
+    provider_input,
+    scheduler,
+    state,
+)
 from mailoauthd.errors import (
     AuthorizationFailed,
     ConfigError,
@@ -236,7 +245,7 @@ class TestParsingCannotCrash:
         )
         async with httpx.AsyncClient() as http:
             with pytest.raises(TransientGrantError, match="larger than"):
-                await oauth.send(http, request)
+                await provider_http.send(http, request)
         assert dev.hostile.bytes_sent < 64 << 20
 
 
