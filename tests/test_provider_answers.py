@@ -37,7 +37,7 @@ from conftest import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mailoauthd import authorize, config, discovery, oauth, provider_input, scheduler, state
+from mailoauthd import attempt, authorize, config, discovery, oauth, provider_input, state
 from mailoauthd.errors import (
     AuthorizationFailed,
     ConfigError,
@@ -642,7 +642,7 @@ class TestWarnings:
             assert row["refresh_token_expiring"] is False
             assert stored(tmp_path).refresh_token_expires_at == T0 + timedelta(seconds=two_days)
             clock.jump(86400 + 60)
-            d.scheduler.check(d.scheduler.now())
+            d.scheduler.check(d.now())
             assert "refresh_token_expiring" in events
             assert d.scheduler.status()[0]["refresh_token_expiring"] is True
 
@@ -672,11 +672,11 @@ class TestWarnings:
     def test_lost_mail_scopes(self) -> None:
         """Scopes compare by their last part: Microsoft answers with or without the resource."""
         configured = ("https://outlook.office.com/IMAP.AccessAsUser.All", "offline_access")
-        assert scheduler.lost_mail_scopes(configured, (), ("IMAP.AccessAsUser.All",)) == []
-        assert scheduler.lost_mail_scopes(configured, (), ("openid",)) == [configured[0]]
+        assert attempt.lost_mail_scopes(configured, (), ("IMAP.AccessAsUser.All",)) == []
+        assert attempt.lost_mail_scopes(configured, (), ("openid",)) == [configured[0]]
         held = ("https://mail.google.com/",)
-        assert scheduler.lost_mail_scopes(held, held, ("https://mail.google.com/",)) == []
-        assert scheduler.lost_mail_scopes(held, ("email",), ("email",)) == []
+        assert attempt.lost_mail_scopes(held, held, ("https://mail.google.com/",)) == []
+        assert attempt.lost_mail_scopes(held, ("email",), ("email",)) == []
 
 
 class TestSignInKeepsTheGrant:

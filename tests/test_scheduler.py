@@ -303,7 +303,7 @@ class TestTiming:
             seed(tmp_path, dev, name, expires_in=None)
         dev.add_fault("delay", count=6, seconds=0.2)
         async with in_process_daemon(cfg, now=mock_now(clock)) as d:
-            limiter = d.scheduler._limiter
+            limiter = d.scheduler.refresher.limiter
             peak = waiting = 0
             while refreshes(dev) < 6 or limiter.borrowed_tokens:
                 stats = limiter.statistics()

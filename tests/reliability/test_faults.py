@@ -29,7 +29,7 @@ from conftest import T0, eventually, helper, in_process_daemon, mock_now
 
 from mailoauthd import config as config_module
 from mailoauthd import state
-from mailoauthd.scheduler import BACKOFF_BASE_SECONDS
+from mailoauthd.attempt import BACKOFF_BASE_SECONDS
 from mailoauthd.secret import Secret
 from mailoauthd.testing import DevProvider
 
