@@ -19,6 +19,7 @@ import trio
 import trio.testing
 
 from mailoauthd import config, daemon
+from mailoauthd.scheduler import Scheduler
 from mailoauthd.testing import DevProvider
 
 BIN = Path(sys.executable).parent
@@ -26,6 +27,23 @@ MAILOAUTH = BIN / "mailoauth"
 MAILOAUTHD = BIN / "mailoauthd"
 USER = "alice@example.com"
 T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def clock() -> trio.testing.MockClock:
+    """
+    A clock that stands still until the test jumps it.
+
+    pytest-trio runs a test that asks for it on this clock (a Clock fixture).
+    """
+    return trio.testing.MockClock(rate=0)
+
+
+@pytest.fixture
+def dev(clock: trio.testing.MockClock) -> Iterator[DevProvider]:
+    """A development provider on 127.0.0.1 whose clock is the MockClock's (its log in test time)."""
+    with DevProvider(clock=lambda: mock_now(clock)().timestamp()) as p:
+        yield p
 
 
 @pytest.fixture
@@ -105,6 +123,23 @@ async def in_process_daemon(
         )
         yield d
         nursery.cancel_scope.cancel()
+
+
+async def quiet(scheduler: Scheduler) -> None:
+    """
+    Let the scheduler act on a clock jump, and every refresh it started end.
+
+    First every task runs until it blocks (the refresher's loop has started what is
+    due); then the refreshes in flight are waited for by their events, however
+    long their HTTP requests and writes take: no real-time sleep.
+    """
+    while True:
+        await trio.testing.wait_all_tasks_blocked()
+        busy = [s.in_flight for s in scheduler.refresher.slots.values() if s.in_flight is not None]
+        if not busy:
+            return
+        for done in busy:
+            await done.wait()
 
 
 async def eventually(condition: Callable[[], bool], *, seconds: float = 10.0) -> None:
