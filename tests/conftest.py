@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -140,6 +141,49 @@ async def quiet(scheduler: Scheduler) -> None:
             return
         for done in busy:
             await done.wait()
+
+
+class NewTasks(trio.abc.Instrument):
+    """
+    The trio tasks started since it was added (`watch_tasks`), as trio reports them.
+
+    `ended()` waits until every one has exited: what the daemon started after a jump
+    (a refresh, a notify command and the tasks that read its output) has finished. It
+    waits on a threading.Event the instrument sets, never for a length of time.
+    """
+
+    def __init__(self) -> None:
+        self.live: set[trio.lowlevel.Task] = set()
+        self.none_left = threading.Event()
+        self.none_left.set()
+
+    def task_spawned(self, task: trio.lowlevel.Task) -> None:
+        self.live.add(task)
+        self.none_left.clear()
+
+    def task_exited(self, task: trio.lowlevel.Task) -> None:
+        self.live.discard(task)
+        if not self.live:
+            self.none_left.set()
+
+    async def ended(self, seconds: float = 30.0) -> None:
+        """Return once every task started since it was added has exited."""
+        while True:
+            await trio.testing.wait_all_tasks_blocked()
+            if not self.live:
+                return
+            assert await trio.to_thread.run_sync(self.none_left.wait, seconds), self.live
+
+
+@asynccontextmanager
+async def watch_tasks() -> AsyncIterator[NewTasks]:
+    """Track the tasks started from now on, in this trio run."""
+    tasks = NewTasks()
+    trio.lowlevel.add_instrument(tasks)
+    try:
+        yield tasks
+    finally:
+        trio.lowlevel.remove_instrument(tasks)
 
 
 async def eventually(condition: Callable[[], bool], *, seconds: float = 10.0) -> None:
