@@ -244,22 +244,15 @@ class Refresher:
                         await self.attempts.run(slot)
                     except StateError as exc:
                         if exc.code != SUPERSEDED:
-                            raise
-                        # Another daemon stored a newer grant, or took the lock: ours is
-                        # dropped. Safe: our refresh_sent note was stored first, so its
-                        # holder retries inside the provider's reuse window.
-                        log.info("token.refresh_superseded", error=exc.message)
-                        superseded = True
+                            self._internal_error(slot, exc)
+                        else:
+                            # Another daemon stored a newer grant, or took the lock: ours is
+                            # dropped. Safe: our refresh_sent note was stored first, so its
+                            # holder retries inside the provider's reuse window.
+                            log.info("token.refresh_superseded", error=exc.message)
+                            superseded = True
                     except Exception as exc:  # noqa: BLE001 - the last resort: keep serving
-                        # A bug must not end the daemon: the tokens held are still served,
-                        # and the account is retried as after any transient failure.
-                        log.error("refresh.internal_error", error=type(exc).__name__)
-                        slot.last_exc = TransientGrantError(
-                            f"internal error during the refresh ({type(exc).__name__})",
-                            hint="mailoauthd retries; please report this with the log",
-                        )
-                        delay = backoff_seconds(slot.state.failures + 1, self.shared.rng)
-                        slot.retry(self.shared.now() + timedelta(seconds=delay))
+                        self._internal_error(slot, exc)
         finally:
             if superseded:
                 slot.due = None
@@ -267,6 +260,19 @@ class Refresher:
             self._wakeup.set()  # a retry may be due sooner than the loop's next turn
         if superseded:
             self.adopt(slot.account.name)
+
+    def _internal_error(self, slot: Slot, exc: Exception) -> None:
+        """
+        A bug (or a store's unforeseen error) must not end the daemon: the tokens held
+        are still served, and the account is retried as after any transient failure.
+        """
+        log.error("refresh.internal_error", error=type(exc).__name__)
+        slot.last_exc = TransientGrantError(
+            f"internal error during the refresh ({type(exc).__name__})",
+            hint="mailoauthd retries; please report this with the log",
+        )
+        delay = backoff_seconds(slot.state.failures + 1, self.shared.rng)
+        slot.retry(self.shared.now() + timedelta(seconds=delay))
 
 
 def _refreshable(slot: Slot) -> bool:

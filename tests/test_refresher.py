@@ -55,6 +55,7 @@ class MemoryStore:
         # Refuse the refresh save with this number (1-based), as written by another daemon.
         self.supersede_save: int | None = None
         self.newer: AccountState | None = None
+        self.broken_save: int | None = None  # fail that refresh save with a StateError
 
     def open(self) -> None:
         """Nothing to take."""
@@ -68,6 +69,8 @@ class MemoryStore:
     def save(self, state: AccountState, *, refresh: bool = False) -> None:
         self.saves.append((state, refresh))
         refreshes = sum(1 for _, flag in self.saves if flag)
+        if refresh and refreshes == self.broken_save:
+            raise StateError(f"{state.account}: the store answered nonsense")
         if refresh and refreshes == self.supersede_save:
             assert self.newer is not None
             self.grants[state.account] = self.newer
@@ -416,3 +419,23 @@ class TestStoreSeam:
             assert record.generation == generation
             await quiet(scheduler)
             assert record.state.access_token != Secret("from-leader")
+
+    async def test_another_store_error_is_retried_as_a_transient_failure(
+        self, clock: trio.testing.MockClock, dev: DevProvider, tmp_path: Path
+    ) -> None:
+        """A store's error other than 'superseded': the old token is served, and retried."""
+        store = MemoryStore()
+        store.grants["work"] = grant(dev, expires_in=300)
+        store.broken_save = 1  # the refresh_sent note
+        async with running(tmp_path, dev, clock, store) as scheduler:
+            await quiet(scheduler)
+            record = slot(scheduler)
+            assert record.phase is Phase.RETRY_WAIT
+            assert "internal error" in str(record.last_error())
+            served = scheduler.token_now("work", None)
+            assert served is not None
+            assert served.access_token == Secret("seeded")
+            assert refreshes(dev) == 0
+            clock.jump(10)
+            await quiet(scheduler)
+            assert (record.phase, refreshes(dev)) == (Phase.IDLE, 1)
