@@ -303,10 +303,14 @@ class TestStoreSeam:
                 clock.jump(180)  # the next check
             assert refreshes(dev) == 0
 
-    async def test_a_request_waits_for_the_grant_another_daemon_stores(
-        self, clock: trio.testing.MockClock, dev: DevProvider, tmp_path: Path
+    @pytest.mark.parametrize("forced", [False, True], ids=["token", "refresh"])
+    async def test_requests_wait_for_the_grant_another_daemon_stores(
+        self, clock: trio.testing.MockClock, dev: DevProvider, tmp_path: Path, forced: bool
     ) -> None:
-        """Too short-lived, and not ours to refresh: wait until `adopt` brings a newer one."""
+        """
+        Not ours to refresh: a request for a longer-lived token, or `mailoauth refresh`,
+        waits until `adopt` brings the grant the other daemon stored.
+        """
         store = MemoryStore()
         store.grants["work"] = grant(dev, expires_in=300)
         store.refresh_allowed = False
@@ -315,7 +319,10 @@ class TestStoreSeam:
             async with trio.open_nursery() as nursery:
 
                 async def ask() -> None:
-                    got.append(await scheduler.token("work", 600, trio.current_time() + 15))
+                    if forced:
+                        got.append(await scheduler.refresh("work"))
+                    else:
+                        got.append(await scheduler.token("work", 600, trio.current_time() + 15))
 
                 nursery.start_soon(ask)
                 await trio.testing.wait_all_tasks_blocked()
@@ -342,28 +349,6 @@ class TestStoreSeam:
                 nursery.start_soon(ask)
                 await trio.testing.wait_all_tasks_blocked()
                 clock.jump(15)
-        assert refreshes(dev) == 0
-
-    async def test_a_forced_refresh_waits_for_the_other_daemons_grant(
-        self, clock: trio.testing.MockClock, dev: DevProvider, tmp_path: Path
-    ) -> None:
-        """`mailoauth refresh` where another daemon refreshes: the grant it stores next."""
-        store = MemoryStore()
-        store.grants["work"] = grant(dev, expires_in=3000)
-        store.refresh_allowed = False
-        got: list[AccountState] = []
-        async with running(tmp_path, dev, clock, store) as scheduler:
-            async with trio.open_nursery() as nursery:
-
-                async def force() -> None:
-                    got.append(await scheduler.refresh("work"))
-
-                nursery.start_soon(force)
-                await trio.testing.wait_all_tasks_blocked()
-                assert got == []
-                store.grants["work"] = grant(dev, expires_in=3600, token="from-leader")
-                scheduler.adopt("work")
-        assert [st.access_token for st in got] == [Secret("from-leader")]
         assert refreshes(dev) == 0
 
     async def test_a_poke_refreshes_an_interrupted_refresh_at_once(
