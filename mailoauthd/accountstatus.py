@@ -21,7 +21,7 @@ def rows(
     out: list[dict[str, object]] = []
     for name, slot in slots.items():
         st = slot.state
-        check = slot.retry_at or next_check
+        check = slot.due or next_check
         deadline = slot.deadline() if st.refresh_token else None
         out.append(
             {

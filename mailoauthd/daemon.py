@@ -103,8 +103,12 @@ class Daemon:
         policy: Policy,
         discovery: Discovery,
         reminders: Reminders,
+        http: httpx.AsyncClient,
+        now: Callable[[], datetime],
     ) -> None:
         self.config = cfg
+        self.http = http  # for sign-ins; the scheduler's refreshes share it
+        self.now = now
         self.config_path = config_path
         self.store = store
         self.scheduler = scheduler
@@ -165,7 +169,7 @@ class Daemon:
         if op == "refresh":
             name = request.name
             st = await self._bounded(name, request, partial(self.scheduler.refresh, name))
-            return {"ok": True, "account": name, **_expiry(st.expires_at, self.scheduler.now())}
+            return {"ok": True, "account": name, **_expiry(st.expires_at, self.now())}
         if op == "import":
             name = request.name
             token = request.refresh_token
@@ -181,7 +185,7 @@ class Daemon:
             st = await self._bounded(
                 name, request, partial(self.scheduler.import_token, name, token)
             )
-            return {"ok": True, "account": name, **_expiry(st.expires_at, self.scheduler.now())}
+            return {"ok": True, "account": name, **_expiry(st.expires_at, self.now())}
         if op == "revoke":
             name = request.name
             return {"ok": True, "account": name, "note": await self.scheduler.forget(name)}
@@ -307,9 +311,9 @@ class Daemon:
             session = signin.Session(
                 account=account,
                 client=self.scheduler.client(account),
-                http=self.scheduler.http,
-                request_timeout=self.scheduler.settings.request_timeout.total_seconds(),
-                now=self.scheduler.now,
+                http=self.http,
+                request_timeout=self.config.daemon.request_timeout.total_seconds(),
+                now=self.now,
                 store=partial(self.scheduler.authorized, name),
             )
             return await signin.run(session, channel, str(flow))
@@ -566,6 +570,8 @@ async def run(
                 policy=policy,
                 discovery=discovery,
                 reminders=reminders,
+                http=http,
+                now=now,
             )
             async with trio.open_nursery() as root:
                 if handle_signals:

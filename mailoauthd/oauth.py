@@ -25,9 +25,6 @@ from mailoauthd.errors import (
     TransientGrantError,
 )
 from mailoauthd.flows import GrantType
-
-# For scheduler.py, not yet moved to provider_http.send (then this goes).
-from mailoauthd.provider_http import send
 from mailoauthd.secret import Secret
 
 # Providers that omit expires_in are rare; RFC 6749 recommends it. When the
@@ -418,5 +415,4 @@ __all__ = [
     "refresh_request",
     "retry_after",
     "revocation_request",
-    "send",
 ]

@@ -1,8 +1,9 @@
 """
 Where grants are kept: the persistence seam, and today's backend (files).
 
-The scheduler needs five things of a store: load, save and remove one account's
-grant, list the accounts it holds, and set an unreadable one aside. `GrantStore`
+The refresher needs six things of a store: load, save and remove one account's
+grant, list the accounts it holds, set an unreadable one aside, and say whether
+this daemon may refresh an account (in a fleet, only one daemon may). `GrantStore`
 names them, so that another backend (a consensus store shared by a fleet) plugs
 in where `FilesStore` does today.
 
@@ -42,8 +43,17 @@ class GrantStore(Protocol):
     def load(self, account: str) -> AccountState | None:
         """An account's grant, or None; raises StateError naming what is unreadable."""
 
-    def save(self, state: AccountState) -> None:
-        """Store a grant durably before it is used; raises OSError, the old one intact."""
+    def save(self, state: AccountState, *, refresh: bool = False) -> None:
+        """
+        Store a grant durably before it is used; raises OSError, the old one intact.
+
+        `refresh`: the refresher's saves (its refresh_sent note, the answer, a failure).
+        A fleet's store fences them with the lock of the daemon that may refresh, and
+        refuses one that finds a newer grant with StateError code "state-superseded".
+        """
+
+    def may_refresh(self, account: str) -> bool:
+        """Whether this daemon may refresh `account` now (a fleet: the lock's holder only)."""
 
     def remove(self, account: str) -> None:
         """Forget an account's grant."""
@@ -88,9 +98,14 @@ class FilesStore(TokenStore):
         raw = self._preread.pop(account, None)
         return raw if raw is not None else super().read(account)
 
-    def save(self, state: AccountState) -> None:
+    def save(self, state: AccountState, *, refresh: bool = False) -> None:
+        """Write the file; `refresh` changes nothing here: one daemon holds the directory."""
         self._preread.pop(state.account, None)
         super().save(state)
+
+    def may_refresh(self, account: str) -> bool:
+        """Always: the directory's lock makes this daemon the only one."""
+        return True
 
     def remove(self, account: str) -> None:
         self._preread.pop(account, None)

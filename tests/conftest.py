@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -19,6 +20,7 @@ import trio
 import trio.testing
 
 from mailoauthd import config, daemon
+from mailoauthd.scheduler import Scheduler
 from mailoauthd.testing import DevProvider
 
 BIN = Path(sys.executable).parent
@@ -26,6 +28,23 @@ MAILOAUTH = BIN / "mailoauth"
 MAILOAUTHD = BIN / "mailoauthd"
 USER = "alice@example.com"
 T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def clock() -> trio.testing.MockClock:
+    """
+    A clock that stands still until the test jumps it.
+
+    pytest-trio runs a test that asks for it on this clock (a Clock fixture).
+    """
+    return trio.testing.MockClock(rate=0)
+
+
+@pytest.fixture
+def dev(clock: trio.testing.MockClock) -> Iterator[DevProvider]:
+    """A development provider on 127.0.0.1 whose clock is the MockClock's (its log in test time)."""
+    with DevProvider(clock=lambda: mock_now(clock)().timestamp()) as p:
+        yield p
 
 
 @pytest.fixture
@@ -105,6 +124,66 @@ async def in_process_daemon(
         )
         yield d
         nursery.cancel_scope.cancel()
+
+
+async def quiet(scheduler: Scheduler) -> None:
+    """
+    Let the scheduler act on a clock jump, and every refresh it started end.
+
+    First every task runs until it blocks (the refresher's loop has started what is
+    due); then the refreshes in flight are waited for by their events, however
+    long their HTTP requests and writes take: no real-time sleep.
+    """
+    while True:
+        await trio.testing.wait_all_tasks_blocked()
+        busy = [s.in_flight for s in scheduler.refresher.slots.values() if s.in_flight is not None]
+        if not busy:
+            return
+        for done in busy:
+            await done.wait()
+
+
+class NewTasks(trio.abc.Instrument):
+    """
+    The trio tasks started since it was added (`watch_tasks`), as trio reports them.
+
+    `ended()` waits until every one has exited: what the daemon started after a jump
+    (a refresh, a notify command and the tasks that read its output) has finished. It
+    waits on a threading.Event the instrument sets, never for a length of time.
+    """
+
+    def __init__(self) -> None:
+        self.live: set[trio.lowlevel.Task] = set()
+        self.none_left = threading.Event()
+        self.none_left.set()
+
+    def task_spawned(self, task: trio.lowlevel.Task) -> None:
+        self.live.add(task)
+        self.none_left.clear()
+
+    def task_exited(self, task: trio.lowlevel.Task) -> None:
+        self.live.discard(task)
+        if not self.live:
+            self.none_left.set()
+
+    async def ended(self, seconds: float = 30.0) -> None:
+        """Return once every task started since it was added has exited."""
+        while True:
+            await trio.testing.wait_all_tasks_blocked()
+            if not self.live:
+                return
+            assert await trio.to_thread.run_sync(self.none_left.wait, seconds), self.live
+
+
+@asynccontextmanager
+async def watch_tasks() -> AsyncIterator[NewTasks]:
+    """Track the tasks started from now on, in this trio run."""
+    tasks = NewTasks()
+    trio.lowlevel.add_instrument(tasks)
+    try:
+        yield tasks
+    finally:
+        trio.lowlevel.remove_instrument(tasks)
 
 
 async def eventually(condition: Callable[[], bool], *, seconds: float = 10.0) -> None:

@@ -8,15 +8,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-import time
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
-from conftest import T0, USER, eventually, in_process_daemon, make_config, mock_now
+from conftest import T0, USER, eventually, in_process_daemon, make_config, mock_now, watch_tasks
 from test_authorize import Conversation, browse, run_helper, sign_in_keys
 
 from mailoauthd import config, state
@@ -125,19 +123,6 @@ class TestEnvironment:
 
 
 @pytest.fixture
-def clock() -> trio.testing.MockClock:
-    """A clock that stands still until the test jumps it."""
-    return trio.testing.MockClock(rate=0)
-
-
-@pytest.fixture
-def dev(clock: trio.testing.MockClock) -> Iterator[DevProvider]:
-    """A provider on the test's clock."""
-    with DevProvider(clock=lambda: mock_now(clock)().timestamp()) as p:
-        yield p
-
-
-@pytest.fixture
 def record(tmp_path: Path) -> Path:
     """The file the notify command appends to."""
     return tmp_path / "notified.jsonl"
@@ -163,13 +148,6 @@ def seed(tmp: Path, st: state.AccountState) -> None:
     store.close()
 
 
-async def settle() -> None:
-    """Let the daemon act on a jump, commands included: real time, in a thread."""
-    await trio.testing.wait_all_tasks_blocked()
-    await trio.to_thread.run_sync(time.sleep, 0.2)
-    await trio.testing.wait_all_tasks_blocked()
-
-
 @pytest.mark.slow
 class TestReminders:
     async def test_fires_once_repeats_and_stops_after_sign_in(
@@ -191,7 +169,7 @@ class TestReminders:
             ),
         )
         dev.revoke_user(USER)
-        async with in_process_daemon(cfg, now=mock_now(clock)) as d:
+        async with in_process_daemon(cfg, now=mock_now(clock)) as d, watch_tasks() as tasks:
             await eventually(lambda: len(runs(record)) == 1)
             first = runs(record)[0]
             env = first["env"]
@@ -203,7 +181,7 @@ class TestReminders:
             assert "mailoauth authorize work" in env["MAILOAUTHD_ACTION"]
             for _ in range(10):  # checks and token requests come and go: no second message
                 clock.jump(180)
-                await settle()
+                await tasks.ended()
             assert len(runs(record)) == 1
             clock.jump(6 * 3600 - 1800)
             await eventually(lambda: len(runs(record)) == 2)
@@ -214,7 +192,7 @@ class TestReminders:
             assert final["ok"] is True
             for _ in range(3):
                 clock.jump(6 * 3600)
-                await settle()
+                await tasks.ended()
             assert len(runs(record)) == 2
         everything = json.dumps(runs(record))
         secrets = [*dev.issued_secrets(), "seeded-work", refresh_token]
@@ -247,10 +225,10 @@ class TestReminders:
     ) -> None:
         """A new account nobody has signed in to yet runs no command."""
         cfg = make_config(tmp_path, dev, daemon_keys=notify_keys(tmp_path, record))
-        async with in_process_daemon(cfg, now=mock_now(clock)):
-            await settle()
+        async with in_process_daemon(cfg, now=mock_now(clock)), watch_tasks() as tasks:
+            await tasks.ended()
             clock.jump(7 * 3600)
-            await settle()
+            await tasks.ended()
         assert runs(record) == []
 
     async def test_refresh_token_cut_off_is_shown_and_warned_of_once(
@@ -274,7 +252,7 @@ class TestReminders:
                 last_refresh=T0 - timedelta(minutes=5),
             ),
         )
-        async with in_process_daemon(cfg, now=mock_now(clock)) as d:
+        async with in_process_daemon(cfg, now=mock_now(clock)) as d, watch_tasks() as tasks:
             await eventually(lambda: len(runs(record)) == 1)
             env = runs(record)[0]["env"]
             assert isinstance(env, dict)
@@ -294,5 +272,5 @@ class TestReminders:
             ) in table
             for _ in range(5):
                 clock.jump(180)
-                await settle()
+                await tasks.ended()
             assert len(runs(record)) == 1

@@ -731,5 +731,5 @@ class TestSend:
                 dataclasses.replace(POST_CLIENT, token_endpoint=url), Secret(REFRESH)
             )
             with trio.fail_after(5):
-                error = await failure_of(oauth.send(http, request))
+                error = await failure_of(provider_http.send(http, request))
         assert isinstance(error, TransientGrantError), f"send let {error!r} escape"

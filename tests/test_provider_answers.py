@@ -15,7 +15,6 @@ import dataclasses
 import json
 import sys
 import time
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -33,18 +32,19 @@ from conftest import (
     in_process_daemon,
     make_config,
     mock_now,
+    quiet,
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mailoauthd import (
+    attempt,
     authorize,
     config,
     discovery,
     oauth,
     provider_http,
     provider_input,
-    scheduler,
     state,
 )
 from mailoauthd.errors import (
@@ -60,17 +60,6 @@ from mailoauthd.testing import DevProvider, HostileAnswer
 
 FAST = 'refresh_spread = "0s"'
 BAD_TOKEN = 'tok"\nurl = "file:///home/u/.secret"\noutput = "/tmp/x"\n#'  # noqa: S105
-
-
-@pytest.fixture
-def clock() -> trio.testing.MockClock:
-    return trio.testing.MockClock(rate=0)
-
-
-@pytest.fixture
-def dev(clock: trio.testing.MockClock) -> Iterator[DevProvider]:
-    with DevProvider(clock=lambda: mock_now(clock)().timestamp()) as p:
-        yield p
 
 
 def seed(tmp: Path, provider: DevProvider, *, expires_in: float | None = 3600) -> str:
@@ -93,12 +82,6 @@ def stored(tmp: Path) -> state.AccountState:
 
 def refreshes(provider: DevProvider) -> int:
     return provider.count(grant_type="refresh_token")
-
-
-async def settle() -> None:
-    await trio.testing.wait_all_tasks_blocked()
-    await trio.to_thread.run_sync(time.sleep, 0.05)
-    await trio.testing.wait_all_tasks_blocked()
 
 
 def answer(status: int = 200, **body: object) -> HostileAnswer:
@@ -373,16 +356,17 @@ class TestDeadGrants:
         cfg = make_config(tmp_path, dev, daemon_keys=FAST)
         seed(tmp_path, dev, expires_in=30)
         dev.hostile.add("/token", *[HostileAnswer(status=400) for _ in range(10)])
-        async with in_process_daemon(cfg, now=mock_now(clock)):
-            await eventually(lambda: stored(tmp_path).status == state.FAILING)
+        async with in_process_daemon(cfg, now=mock_now(clock)) as d:
+            await quiet(d.scheduler)
+            assert stored(tmp_path).status == state.FAILING
             assert dev.hostile.served == 1
             for _ in range(10):  # small steps: never past request_timeout mid-request
                 clock.jump(10)
-                await settle()
-            await eventually(lambda: stored(tmp_path).status == state.NEEDS_AUTHORIZATION)
+                await quiet(d.scheduler)
+            assert stored(tmp_path).status == state.NEEDS_AUTHORIZATION
             for _ in range(20):
                 clock.jump(10)
-                await settle()
+                await quiet(d.scheduler)
             assert dev.hostile.served == 2
 
     async def test_bare_401_for_an_app_only_account_is_a_misconfiguration(
@@ -394,12 +378,14 @@ class TestDeadGrants:
         )
         dev.hostile.add("/token", *[HostileAnswer(status=401) for _ in range(10)])
         path = tmp_path / "state" / "work.toml"
-        async with in_process_daemon(cfg, now=mock_now(clock)):
-            await eventually(lambda: path.exists() and stored(tmp_path).status == state.FAILING)
+        async with in_process_daemon(cfg, now=mock_now(clock)) as d:
+            await quiet(d.scheduler)
+            assert path.exists()
+            assert stored(tmp_path).status == state.FAILING
             for _ in range(10):
                 clock.jump(10)
-                await settle()
-            await eventually(lambda: stored(tmp_path).status == state.MISCONFIGURED)
+                await quiet(d.scheduler)
+            assert stored(tmp_path).status == state.MISCONFIGURED
             assert dev.hostile.served == 2
 
     async def test_unknown_error_code_in_a_200_is_final(
@@ -409,11 +395,12 @@ class TestDeadGrants:
         cfg = make_config(tmp_path, dev, daemon_keys=FAST)
         seed(tmp_path, dev, expires_in=30)
         dev.hostile.add("/token", *[answer(error="invalid_code") for _ in range(10)])
-        async with in_process_daemon(cfg, now=mock_now(clock)):
-            await eventually(lambda: stored(tmp_path).status == state.NEEDS_AUTHORIZATION)
+        async with in_process_daemon(cfg, now=mock_now(clock)) as d:
+            await quiet(d.scheduler)
+            assert stored(tmp_path).status == state.NEEDS_AUTHORIZATION
             for _ in range(20):
                 clock.jump(10)
-                await settle()
+                await quiet(d.scheduler)
             assert dev.hostile.served == 1
 
     async def test_on_demand_refreshes_are_limited(
@@ -429,7 +416,7 @@ class TestDeadGrants:
         )
         seed(tmp_path, dev, expires_in=5)
         async with in_process_daemon(cfg, now=mock_now(clock)) as d:
-            await settle()
+            await quiet(d.scheduler)
             before = refreshes(dev)
             assert before == 0
             for _ in range(8):
@@ -651,7 +638,7 @@ class TestWarnings:
             assert row["refresh_token_expiring"] is False
             assert stored(tmp_path).refresh_token_expires_at == T0 + timedelta(seconds=two_days)
             clock.jump(86400 + 60)
-            d.scheduler.check(d.scheduler.now())
+            d.scheduler.check(d.now())
             assert "refresh_token_expiring" in events
             assert d.scheduler.status()[0]["refresh_token_expiring"] is True
 
@@ -681,11 +668,11 @@ class TestWarnings:
     def test_lost_mail_scopes(self) -> None:
         """Scopes compare by their last part: Microsoft answers with or without the resource."""
         configured = ("https://outlook.office.com/IMAP.AccessAsUser.All", "offline_access")
-        assert scheduler.lost_mail_scopes(configured, (), ("IMAP.AccessAsUser.All",)) == []
-        assert scheduler.lost_mail_scopes(configured, (), ("openid",)) == [configured[0]]
+        assert attempt.lost_mail_scopes(configured, (), ("IMAP.AccessAsUser.All",)) == []
+        assert attempt.lost_mail_scopes(configured, (), ("openid",)) == [configured[0]]
         held = ("https://mail.google.com/",)
-        assert scheduler.lost_mail_scopes(held, held, ("https://mail.google.com/",)) == []
-        assert scheduler.lost_mail_scopes(held, ("email",), ("email",)) == []
+        assert attempt.lost_mail_scopes(held, held, ("https://mail.google.com/",)) == []
+        assert attempt.lost_mail_scopes(held, ("email",), ("email",)) == []
 
 
 class TestSignInKeepsTheGrant:

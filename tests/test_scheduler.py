@@ -1,20 +1,22 @@
 """
-The scheduler, driven by trio's MockClock: the daemon runs in-process against the
-development provider over real HTTP; time moves only when a test jumps the clock.
+The scheduler end to end, driven by trio's MockClock: the daemon runs in-process
+against the development provider over real HTTP; time moves only when a test
+jumps the clock. After a jump, `quiet` waits for what the daemon started (every
+task blocked, every refresh's event set), never for real time.
+
+The refresher's decisions alone, and the fleet's store seam, are in test_refresher.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
-from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
-from conftest import T0, USER, eventually, in_process_daemon, make_config, mock_now
+from conftest import T0, USER, in_process_daemon, make_config, mock_now, quiet
 
 from mailoauthd import state
 from mailoauthd.errors import ReauthorizationRequired, StateError
@@ -23,19 +25,6 @@ from mailoauthd.state import TokenStore
 from mailoauthd.testing import DevProvider
 
 FAST = 'refresh_spread = "0s"'
-
-
-@pytest.fixture
-def clock() -> trio.testing.MockClock:
-    """A clock that stands still until the test jumps it."""
-    return trio.testing.MockClock(rate=0)
-
-
-@pytest.fixture
-def dev(clock: trio.testing.MockClock) -> Iterator[DevProvider]:
-    """A provider whose clock is the MockClock's, so its request log is in test time."""
-    with DevProvider(clock=lambda: mock_now(clock)().timestamp()) as p:
-        yield p
 
 
 def seed(tmp: Path, provider: DevProvider, account: str, *, expires_in: float | None) -> str:
@@ -59,13 +48,6 @@ def refreshes(provider: DevProvider) -> int:
     return provider.count(grant_type="refresh_token")
 
 
-async def settle() -> None:
-    """Let the daemon act on a jump: real time for real sockets, in a thread."""
-    await trio.testing.wait_all_tasks_blocked()
-    await trio.to_thread.run_sync(time.sleep, 0.05)
-    await trio.testing.wait_all_tasks_blocked()
-
-
 def stored(tmp: Path, account: str) -> state.AccountState:
     st = state.from_toml((tmp / "state" / f"{account}.toml").read_text(), source=account)
     return st
@@ -80,26 +62,21 @@ class TestScheduledCheck:
         seed(tmp_path, dev, "soon", expires_in=300)  # inside 10 min: due now
         seed(tmp_path, dev, "later", expires_in=660)  # due after the next check (3 min)
         seed(tmp_path, dev, "far", expires_in=3600)
-        async with in_process_daemon(cfg, now=mock_now(clock)):
-            # The provider counts the request before the answer is saved: wait for both.
-            await eventually(
-                lambda: refreshes(dev) == 1 and stored(tmp_path, "soon").last_refresh is not None
-            )
-            await settle()
+        async with in_process_daemon(cfg, now=mock_now(clock)) as d:
+            await quiet(d.scheduler)  # the start-up check's refresh, answered and stored
+            assert refreshes(dev) == 1
             assert stored(tmp_path, "soon").last_refresh == T0
             assert stored(tmp_path, "later").last_refresh is None
             clock.jump(179)  # not yet the next check
-            await settle()
+            await quiet(d.scheduler)
             assert refreshes(dev) == 1
             clock.jump(1)  # the second check: "later" now expires in 8 min
-            await eventually(
-                lambda: refreshes(dev) == 2 and stored(tmp_path, "later").last_refresh is not None
-            )
-            await settle()
+            await quiet(d.scheduler)
+            assert refreshes(dev) == 2
             assert stored(tmp_path, "later").last_refresh == T0 + timedelta(seconds=180)
             assert stored(tmp_path, "far").last_refresh is None
             clock.jump(180)
-            await settle()
+            await quiet(d.scheduler)
             assert refreshes(dev) == 2  # "far" is still 54 min from expiry
 
     async def test_spread_delays_but_never_past_expiry(
@@ -108,14 +85,14 @@ class TestScheduledCheck:
         """With refresh_spread, due refreshes start within the spread window, not at once."""
         cfg = make_config(tmp_path, dev, daemon_keys='refresh_spread = "60s"')
         seed(tmp_path, dev, "work", expires_in=500)
-        async with in_process_daemon(cfg, now=mock_now(clock)):
-            await settle()
+        async with in_process_daemon(cfg, now=mock_now(clock)) as d:
+            await quiet(d.scheduler)
             waited = 0
             while refreshes(dev) == 0:
                 assert waited <= 60
                 clock.jump(1)
                 waited += 1
-                await settle()
+                await quiet(d.scheduler)
             assert stored(tmp_path, "work").last_refresh is not None
 
 
@@ -152,8 +129,8 @@ class TestRotation:
         cfg = make_config(tmp_path, dev, daemon_keys=FAST)
         first = seed(tmp_path, dev, "work", expires_in=None)
         async with in_process_daemon(cfg, now=mock_now(clock)) as d:
-            await eventually(lambda: refreshes(dev) == 1)  # the start-up check's
-            await settle()
+            await quiet(d.scheduler)  # the start-up check's refresh
+            assert refreshes(dev) == 1
             for _ in range(3):
                 before = refreshes(dev)
                 st = await d.scheduler.refresh("work")
@@ -189,8 +166,8 @@ class TestPermanentFailure:
         seed(tmp_path, dev, "work", expires_in=120)
         dev.revoke_user(USER)
         async with in_process_daemon(cfg, now=mock_now(clock)) as d:
-            await eventually(lambda: refreshes(dev) == 1)
-            await settle()
+            await quiet(d.scheduler)
+            assert refreshes(dev) == 1
             assert stored(tmp_path, "work").status == state.NEEDS_AUTHORIZATION
             st = await d.scheduler.token("work", None, trio.current_time() + 15)
             assert st.access_token == Secret("seeded-work")
@@ -200,7 +177,7 @@ class TestPermanentFailure:
             assert "mailoauth authorize work" in caught.value.hint
             for _ in range(5):
                 clock.jump(180)
-                await settle()
+                await quiet(d.scheduler)
             assert refreshes(dev) == 1
 
 
@@ -217,19 +194,10 @@ class TestTransientFailure:
             "status", status=429, headers={"Retry-After": "120"}, body='{"error":"slow_down"}'
         )
         attempts: list[float] = []
-
-        def record() -> Callable[[], bool]:
-            want = len(attempts) + 1
-
-            def seen() -> bool:
-                return refreshes(dev) >= want
-
-            return seen
-
         async with in_process_daemon(cfg, now=mock_now(clock)) as d:
             for _ in range(3):
-                await eventually(record())
-                await settle()
+                await quiet(d.scheduler)
+                assert refreshes(dev) == len(attempts) + 1
                 attempts.append(clock.current_time())
                 st = await d.scheduler.token("work", None, trio.current_time() + 15)
                 assert st.access_token == Secret("seeded-work")  # still valid: still served
@@ -241,11 +209,11 @@ class TestTransientFailure:
                     - (T0 + timedelta(seconds=clock.current_time()))
                 ).total_seconds()
                 clock.jump(max(0.0, gap - 1))
-                await settle()
+                await quiet(d.scheduler)
                 assert refreshes(dev) == len(attempts)  # not before its time
                 clock.jump(2)
-            await eventually(lambda: refreshes(dev) == 4)
-            await settle()
+            await quiet(d.scheduler)
+            assert refreshes(dev) == 4
             attempts.append(clock.current_time())
             assert stored(tmp_path, "work").status == state.OK
         gaps = [b - a for a, b in zip(attempts, attempts[1:], strict=False)]
@@ -267,14 +235,15 @@ class TestTiming:
             daemon_keys=FAST + '\nrefresh_before = "30s"\nmin_validity = "10s"',
         )
         seed(tmp_path, dev, "work", expires_in=100)
-        async with in_process_daemon(cfg, now=mock_now(clock)):
-            await settle()
+        async with in_process_daemon(cfg, now=mock_now(clock)) as d:
+            await quiet(d.scheduler)
             assert refreshes(dev) == 0
             clock.jump(89)
-            await settle()
+            await quiet(d.scheduler)
             assert refreshes(dev) == 0
             clock.jump(1)  # 10 s before expiry, long before the next 3-minute check
-            await eventually(lambda: refreshes(dev) == 1)
+            await quiet(d.scheduler)
+            assert refreshes(dev) == 1
 
     async def test_after_a_suspend_the_next_request_refreshes(
         self, clock: trio.testing.MockClock, dev: DevProvider, tmp_path: Path
@@ -283,18 +252,18 @@ class TestTiming:
         cfg = make_config(tmp_path, dev, daemon_keys=FAST)
         seed(tmp_path, dev, "work", expires_in=3600)
         async with in_process_daemon(cfg, now=mock_now(clock)) as d:
-            await settle()
+            await quiet(d.scheduler)
             clock.jump(7200)
             st = await d.scheduler.token("work", None, trio.current_time() + 15)
             assert st.access_token != Secret("seeded-work")
             assert st.valid_for(mock_now(clock)()) > 3000
-            await settle()
+            await quiet(d.scheduler)
             assert refreshes(dev) == 1  # the request's refresh and the check's were one
 
     async def test_at_most_max_concurrent_refreshes(
         self, clock: trio.testing.MockClock, dev: DevProvider, tmp_path: Path
     ) -> None:
-        """With six accounts due and a slow provider, no more than two requests are in flight."""
+        """With six accounts due and a slow provider, two refreshes run and the others wait."""
         names = tuple(f"a{i}" for i in range(6))
         cfg = make_config(
             tmp_path, dev, accounts=names, daemon_keys=FAST + "\nmax_concurrent_refreshes = 2"
@@ -303,15 +272,14 @@ class TestTiming:
             seed(tmp_path, dev, name, expires_in=None)
         dev.add_fault("delay", count=6, seconds=0.2)
         async with in_process_daemon(cfg, now=mock_now(clock)) as d:
-            limiter = d.scheduler._limiter
-            peak = waiting = 0
-            while refreshes(dev) < 6 or limiter.borrowed_tokens:
-                stats = limiter.statistics()
-                peak = max(peak, stats.borrowed_tokens)
-                waiting = max(waiting, stats.tasks_waiting)
-                await trio.to_thread.run_sync(time.sleep, 0.01)
-            assert peak == 2
-            assert waiting >= 1
+            # Every task has run until it blocks: two refreshes wait for the slow
+            # provider, the other four for the limiter.
+            await trio.testing.wait_all_tasks_blocked()
+            stats = d.scheduler.refresher.limiter.statistics()
+            assert stats.borrowed_tokens == 2
+            assert stats.tasks_waiting >= 1
+            await quiet(d.scheduler)
+            assert refreshes(dev) == 6
 
 
 class TestClientCredentials:
@@ -346,7 +314,7 @@ class TestBrokenState:
             with pytest.raises(StateError):
                 await d.scheduler.token("work", None, trio.current_time() + 15)
             clock.jump(600)
-            await settle()
+            await quiet(d.scheduler)
             assert (tmp_path / "state" / "work.toml").read_bytes() == garbage
             await d.scheduler.import_token("work", Secret(dev.issue_refresh_token(USER)))
             aside = list((tmp_path / "state").glob("work.toml.corrupt-*"))

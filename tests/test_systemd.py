@@ -28,7 +28,16 @@ import pytest
 import structlog
 import trio
 import trio.testing
-from conftest import MAILOAUTH, MAILOAUTHD, USER, DaemonProcess, config_text, helper, mock_now
+from conftest import (
+    MAILOAUTH,
+    MAILOAUTHD,
+    USER,
+    DaemonProcess,
+    config_text,
+    helper,
+    mock_now,
+    quiet,
+)
 
 from mailoauthd import config, daemon, logs, paths, server, state
 from mailoauthd.errors import MailoauthdError
@@ -412,19 +421,6 @@ class TestInheritedSocket:
                 os.close(fd)
 
 
-@pytest.fixture
-def clock() -> trio.testing.MockClock:
-    """A clock that stands still until the test jumps it."""
-    return trio.testing.MockClock(rate=0)
-
-
-async def settle() -> None:
-    """Let the daemon act on a jump: real time for real sockets, in a thread."""
-    await trio.testing.wait_all_tasks_blocked()
-    await trio.to_thread.run_sync(time.sleep, 0.05)
-    await trio.testing.wait_all_tasks_blocked()
-
-
 @pytest.mark.slow
 class TestStatusLine:
     async def test_status_follows_state_changes_and_watchdog_ticks(
@@ -466,23 +462,25 @@ class TestStatusLine:
                     now=mock_now(clock),
                 )
                 d: daemon.Daemon = await nursery.start(run)
-                await settle()
+                # Every task blocked: what the daemon sends to NOTIFY_SOCKET (at once, not
+                # in a thread) is there to read.
+                await quiet(d.scheduler)
                 first = drain()
                 assert "READY=1\nSTATUS=2 accounts: 2 needs_authorization" in first
                 assert first.count("WATCHDOG=1") == 1
                 await d.scheduler.import_token("work", Secret(provider.issue_refresh_token(USER)))
                 clock.jump(daemon.STATUS_INTERVAL)
-                await settle()
+                await quiet(d.scheduler)
                 assert statuses(drain()) == [
                     "STATUS=2 accounts: 1 needs_authorization, 1 ok; next expiry work in 59m"
                 ]
                 clock.jump(daemon.STATUS_INTERVAL)
-                await settle()
+                await quiet(d.scheduler)
                 assert statuses(drain()) == []  # nothing changed, nothing sent
                 later: list[str] = []
                 for _ in range(11):  # on to 65 s, in the steps a running clock would take
                     clock.jump(daemon.STATUS_INTERVAL)
-                    await settle()
+                    await quiet(d.scheduler)
                     later += drain()
                 # WATCHDOG=1 at 30 s and 60 s (half of WATCHDOG_USEC); the expiry minute
                 # changed at 61 s and STATUS= followed at the next tick.

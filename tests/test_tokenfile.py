@@ -104,7 +104,7 @@ class TestScheduler:
         async with in_process_daemon(cfg, now=mock_now(clock)) as d:
             assert not path.exists()
             await d.scheduler.import_token("work", Secret(dev.issue_refresh_token(USER)))
-            first = d.scheduler._slots["work"].state.access_token
+            first = d.scheduler.refresher.slots["work"].state.access_token
             assert first is not None
             assert path.read_text() == first.reveal() + "\n"
             assert stat.S_IMODE(path.stat().st_mode) == 0o600
@@ -114,7 +114,7 @@ class TestScheduler:
                 while path.read_text() == first.reveal() + "\n":
                     await trio.to_thread.run_sync(lambda: None)
                     await trio.testing.wait_all_tasks_blocked()
-            current = d.scheduler._slots["work"].state.access_token
+            current = d.scheduler.refresher.slots["work"].state.access_token
             assert current is not None
             assert current != first
             assert path.read_text() == current.reveal() + "\n"
@@ -129,7 +129,7 @@ class TestScheduler:
         cfg = make_config(tmp_path, dev)
         async with in_process_daemon(cfg, now=mock_now(clock)) as d:
             await d.scheduler.import_token("work", Secret(dev.issue_refresh_token(USER)))
-            token = d.scheduler._slots["work"].state.access_token
+            token = d.scheduler.refresher.slots["work"].state.access_token
         assert token is not None
         path = tmp_path / "work.token"
         cfg = make_config(tmp_path, dev, account_keys=f'token_file = "{path}"')

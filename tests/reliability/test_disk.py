@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
-from conftest import eventually, helper, in_process_daemon, mock_now
+from conftest import helper, in_process_daemon, mock_now, quiet
 
 from mailoauthd import config as config_module
 
@@ -156,19 +156,6 @@ def fill(directory: Path) -> Path:
     return filler
 
 
-async def settle() -> None:
-    """Let the daemon act on a clock jump: real time for real sockets, in a thread."""
-    await trio.testing.wait_all_tasks_blocked()
-    await trio.to_thread.run_sync(time.sleep, 0.05)
-    await trio.testing.wait_all_tasks_blocked()
-
-
-@pytest.fixture
-def clock() -> trio.testing.MockClock:
-    """The trio run's clock (pytest-trio uses a Clock fixture): stands still until jumped."""
-    return trio.testing.MockClock(rate=0)
-
-
 async def test_full_disk_is_retried_on_schedule(
     clock: trio.testing.MockClock,
     tmp_path: Path,
@@ -187,8 +174,8 @@ async def test_full_disk_is_retried_on_schedule(
         cfg = config_module.load(config_path)
         seed_accounts(tmp_path, provider, ["work"])
         async with in_process_daemon(cfg, now=mock_now(clock)) as d:
-            await eventually(lambda: len(provider.rotations) == 1)
-            await settle()
+            await quiet(d.scheduler)  # the start-up check's refresh
+            assert len(provider.rotations) == 1
             first = (await d.scheduler.token("work", None, trio.current_time() + 5)).access_token
             provider.add_fault("delay", seconds=0.3)
             failures: list[str] = []
@@ -218,16 +205,17 @@ async def test_full_disk_is_retried_on_schedule(
                 assert served.access_token == first  # the old token, still good
                 retries.append(row["next_check"])
                 clock.jump(29)
-                await settle()
+                await quiet(d.scheduler)
                 assert d.scheduler.status()[0]["next_check"] == row["next_check"]  # not yet
                 clock.jump(2)
-                due = row["next_check"]
-                await eventually(lambda: d.scheduler.status()[0]["next_check"] != due)  # noqa: B023
+                await quiet(d.scheduler)
+                assert d.scheduler.status()[0]["next_check"] != row["next_check"]
             assert provider.count(grant_type="refresh_token") == 2  # nothing new asked for
             assert (small_disk / "work.toml").read_bytes() == before
             filler.unlink()
             clock.jump(31)
-            await eventually(lambda: d.scheduler.status()[0]["last_error"] is None)
+            await quiet(d.scheduler)
+            assert d.scheduler.status()[0]["last_error"] is None
             assert stored(small_disk, "work").refresh_token.reveal() == held  # type: ignore[union-attr]
             served = await d.scheduler.token("work", None, trio.current_time() + 5)
             assert served.access_token != first

@@ -16,20 +16,20 @@ import socket
 import ssl
 import subprocess
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import partial
 from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
-from conftest import T0, eventually, helper, in_process_daemon, mock_now
+from conftest import T0, helper, in_process_daemon, mock_now, quiet
 
 from mailoauthd import config as config_module
 from mailoauthd import state
-from mailoauthd.scheduler import BACKOFF_BASE_SECONDS
+from mailoauthd.attempt import BACKOFF_BASE_SECONDS
 from mailoauthd.secret import Secret
 from mailoauthd.testing import DevProvider
 
@@ -72,12 +72,6 @@ FAULTS = {
     "200 without access_token": Fault("no_access_token", shows="no access_token"),
     "a TLS failure": Fault("tls", shows="CERTIFICATE_VERIFY_FAILED"),
 }
-
-
-@pytest.fixture
-def clock() -> trio.testing.MockClock:
-    """The trio run's clock (pytest-trio uses a Clock fixture): stands still until jumped."""
-    return trio.testing.MockClock(rate=0)
 
 
 @pytest.fixture(scope="module")
@@ -178,13 +172,6 @@ def seed_with_token(state_dir: Path, refresh_token: str) -> None:
     store.close()
 
 
-async def settle() -> None:
-    """Let the daemon act on a clock jump: real time for real sockets, in a thread."""
-    await trio.testing.wait_all_tasks_blocked()
-    await trio.to_thread.run_sync(time.sleep, 0.05)
-    await trio.testing.wait_all_tasks_blocked()
-
-
 @pytest.mark.parametrize("name", list(FAULTS))
 async def test_provider_fault(
     name: str,
@@ -227,14 +214,16 @@ async def test_provider_fault(
         texts: list[tuple[str, str]] = []
         async with in_process_daemon(cfg, now=now) as d:
             for attempt in range(1, fault.count + 1):
-                await eventually(lambda: len(attempts()) >= attempt)  # noqa: B023
                 if fault.extra:
+                    # A hang ends when the request's timeout passes on the clock: jump
+                    # once the provider has the request (a wait on its condition).
+                    arrived = partial(provider.wait_for, lambda: len(attempts()) >= attempt, 10)  # noqa: B023
+                    assert await trio.to_thread.run_sync(arrived)
                     clock.jump(fault.extra)
-                await eventually(
-                    lambda: d.scheduler.status()[0]["failures"] == attempt  # noqa: B023
-                )
-                await settle()
+                await quiet(d.scheduler)
+                assert len(attempts()) == attempt
                 row = d.scheduler.status()[0]
+                assert row["failures"] == attempt
                 assert row["status"] == "failing"
                 assert fault.shows in str(row["last_error"]), row["last_error"]
                 served = await trio.to_thread.run_sync(
@@ -251,12 +240,12 @@ async def test_provider_fault(
                 # next_check is shown to the second, cut: the retry is due within 1 s of it.
                 wait = (datetime.fromisoformat(str(row["next_check"])) - now()).total_seconds()
                 clock.jump(max(0.0, wait - 0.5))
-                await settle()
+                await quiet(d.scheduler)
                 assert len(attempts()) == attempt, "retried before its time"
                 clock.jump(2)
-            await eventually(lambda: d.scheduler.status()[0]["status"] == "ok")
-            await settle()
+            await quiet(d.scheduler)
             row = d.scheduler.status()[0]
+            assert row["status"] == "ok"
             assert row["last_error"] is None
             assert row["failures"] == 0
             served = await trio.to_thread.run_sync(
