@@ -115,10 +115,17 @@ QUICK_PATH = (
     "helper/transport.py",
     "errors.py",
     "protocol.py",
+    "fastpath.py",
     "paths.py",
 )
 # The stdlib-only modules below the helper that it shares with the daemon.
-SHARED = {"mailoauthd.errors", "mailoauthd.protocol", "mailoauthd.paths", "mailoauthd.shared_files"}
+SHARED = {
+    "mailoauthd.errors",
+    "mailoauthd.protocol",
+    "mailoauthd.fastpath",
+    "mailoauthd.paths",
+    "mailoauthd.shared_files",
+}
 
 
 def imports_in(path: Path) -> set[str]:

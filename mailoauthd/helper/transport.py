@@ -2,15 +2,16 @@
 The helper's transport: which socket to try, one request line out, one reply line back.
 
 Standard library only, and cheap: `mailoauth token` goes through here on every
-mail connection, so it uses the C `_socket` module rather than `socket`.
+mail connection, so it uses the C `_socket` module rather than `socket`
+(fastpath.sockets, which falls back to `socket` where `_socket` is missing).
 A failure is raised as the errors.py class it is: DaemonUnreachable, TimedOut,
 or the one the daemon's reply names.
 """
 
-import _socket  # the C module: `socket` costs the helper a visible share of its start-up
 import os
 
 from mailoauthd import errors, paths, protocol
+from mailoauthd.fastpath import sockets  # `_socket`: `socket` costs a visible share of start-up
 
 # How long a token request waits for a due refresh unless --timeout says otherwise.
 DEFAULT_TIMEOUT = 15.0
@@ -28,7 +29,7 @@ def candidate_sockets(socket_path: str | None) -> list[str]:
     return paths.helper_sockets(dict(os.environ), os.getuid())
 
 
-def connect(socket_path: str | None, timeout: float | None) -> _socket.socket:
+def connect(socket_path: str | None, timeout: float | None) -> sockets.socket:
     """
     A connection to the daemon: the first candidate socket that answers.
 
@@ -38,7 +39,7 @@ def connect(socket_path: str | None, timeout: float | None) -> _socket.socket:
     tried = candidate_sockets(socket_path)
     failures: list[str] = []
     for path in tried:
-        candidate = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        candidate = sockets.socket(sockets.AF_UNIX, sockets.SOCK_STREAM)
         candidate.settimeout(timeout)
         try:
             _connect(candidate, path, timeout)
@@ -64,7 +65,7 @@ def unreachable_hint(socket_path: str | None) -> str:
     )
 
 
-def _connect(sock: _socket.socket, path: str, timeout: float | None) -> None:
+def _connect(sock: sockets.socket, path: str, timeout: float | None) -> None:
     """
     connect(), waiting while the daemon's listen queue is full.
 
@@ -131,11 +132,11 @@ def request_reply(request: bytes, socket_path: str | None, timeout: float) -> di
         raise errors.MailoauthdError(f"mailoauthd sent a reply that is {exc}") from None
     if reply.get("ok") is True:
         return reply
-    code = str(reply.get("error", "error"))
+    code = str(reply.get("error", errors.MailoauthdError.code))
     message = str(reply.get("message", "the daemon reported an error"))
     hint = reply.get("hint") or ""
     names = reply.get("accounts")
-    if code == "unknown-account" and isinstance(names, list):
+    if code == errors.UnknownAccount.code and isinstance(names, list):
         # Only on this failure path: difflib is not worth importing for every token.
         import difflib
 
