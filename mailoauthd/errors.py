@@ -22,9 +22,11 @@ Every error has a `message` (what happened) and a `hint` (what to do). The
 "a human must sign in again" are different classes because callers do different
 things with them: retry later, or stop and tell someone.
 
-The helper raises these too, and its one `except MailoauthdError` turns them into
-its exit status through `exit_code` (EXIT_CODES below, the only such mapping); an
-error the daemon reports comes back as its class through `from_reply`.
+Every wire code has its home here: a class's `code`, or INTERNAL and CANCELLED;
+`wire_codes()` lists those a reply may carry. The helper raises these too, and its
+one `except MailoauthdError` turns them into its exit status through `exit_code`
+(EXIT_CODES below, the only such mapping); an error the daemon reports comes back
+as its class through `from_reply`.
 """
 
 # Exit codes of the `mailoauth` helper, by wire code.
@@ -34,15 +36,6 @@ EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 EXIT_NEEDS_AUTH = 4
 EXIT_TEMPORARY = 5
-
-EXIT_CODES = {
-    "usage": EXIT_USAGE,
-    "unreachable": EXIT_UNREACHABLE,
-    "needs-auth": EXIT_NEEDS_AUTH,
-    "provider-unavailable": EXIT_TEMPORARY,
-    "busy": EXIT_TEMPORARY,
-    "timeout": EXIT_TEMPORARY,
-}
 
 
 # Wire codes that no exception class carries. `internal`: the daemon failed on a
@@ -177,6 +170,17 @@ class AuthorizationFailed(GrantError):
     hint = "run 'mailoauth authorize ACCOUNT' again"
 
 
+# The helper's exit status by wire code; any other code is EXIT_ERROR.
+EXIT_CODES = {
+    UsageError.code: EXIT_USAGE,
+    DaemonUnreachable.code: EXIT_UNREACHABLE,
+    ReauthorizationRequired.code: EXIT_NEEDS_AUTH,
+    TransientGrantError.code: EXIT_TEMPORARY,
+    Busy.code: EXIT_TEMPORARY,
+    TimedOut.code: EXIT_TEMPORARY,
+}
+
+
 def from_reply(code: str, message: str, hint: str) -> MailoauthdError:
     """
     The error a daemon's failure reply names, as its class (its wire code kept when unknown).
@@ -197,3 +201,15 @@ def _by_code(root: type[MailoauthdError]) -> dict[str, type[MailoauthdError]]:
     for sub in root.__subclasses__():
         found.update(_by_code(sub))
     return found
+
+
+def wire_codes() -> frozenset[str]:
+    """
+    Every code a daemon's failure reply may carry: docs/protocol.md's table, checked by a test.
+
+    The classes' codes, less the two no reply carries (the helper's own
+    `unreachable`, and `state-locked`, which stops the daemon at start-up), and
+    the codes no class carries (INTERNAL, CANCELLED).
+    """
+    classes = set(_by_code(MailoauthdError)) - {DaemonUnreachable.code, StateLocked.code}
+    return frozenset({*classes, INTERNAL, CANCELLED})
