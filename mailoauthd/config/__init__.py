@@ -15,7 +15,7 @@ Inside, one module per concern, imports pointing down the list:
 Provider facts (endpoints, clouds, mail servers) come from mailoauthd.presets.
 """
 
-from mailoauthd.config.load import load, parse, parse_duration
+from mailoauthd.config.load import load, parse
 from mailoauthd.config.model import (
     Account,
     Config,
@@ -50,6 +50,5 @@ __all__ = [
     "listener_host",
     "load",
     "parse",
-    "parse_duration",
     "to_mapping",
 ]
