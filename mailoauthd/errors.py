@@ -43,6 +43,14 @@ EXIT_TEMPORARY = 5
 # up during a sign-in (`authorize`), so the conversation ended without tokens.
 INTERNAL = "internal"
 CANCELLED = "cancelled"
+# Codes of classes that live with what raises them (their modules import more than
+# the standard library): seal.UnknownKey, etcd.EtcdError and etcd.Unavailable,
+# fleet.Superseded. Their `code` is one of these.
+STATE_KEY = "state-key"
+ETCD = "etcd"
+ETCD_UNAVAILABLE = "etcd-unavailable"
+STATE_SUPERSEDED = "state-superseded"
+ELSEWHERE = (STATE_KEY, ETCD, ETCD_UNAVAILABLE, STATE_SUPERSEDED)
 
 
 def exit_code_for(code: str) -> int:
@@ -196,6 +204,11 @@ def from_reply(code: str, message: str, hint: str) -> MailoauthdError:
     return error
 
 
+def _tree(root: type[MailoauthdError]) -> list[type[MailoauthdError]]:
+    """`root` and every class below it, as far as they are imported."""
+    return [root, *(kind for sub in root.__subclasses__() for kind in _tree(sub))]
+
+
 def _by_code(root: type[MailoauthdError]) -> dict[str, type[MailoauthdError]]:
     found = {root.code: root}
     for sub in root.__subclasses__():
@@ -207,9 +220,11 @@ def wire_codes() -> frozenset[str]:
     """
     Every code a daemon's failure reply may carry: docs/protocol.md's table, checked by a test.
 
-    The classes' codes, less the two no reply carries (the helper's own
-    `unreachable`, and `state-locked`, which stops the daemon at start-up), and
-    the codes no class carries (INTERNAL, CANCELLED).
+    The codes of the classes here, less the two no reply carries (the helper's
+    own `unreachable`, and `state-locked`, which stops the daemon at start-up),
+    the codes of the classes elsewhere (ELSEWHERE), and the codes no class
+    carries (INTERNAL, CANCELLED).
     """
-    classes = set(_by_code(MailoauthdError)) - {DaemonUnreachable.code, StateLocked.code}
-    return frozenset({*classes, INTERNAL, CANCELLED})
+    here = {kind.code for kind in _tree(MailoauthdError) if kind.__module__ == __name__}
+    on_the_wire = here - {DaemonUnreachable.code, StateLocked.code}
+    return frozenset({*on_the_wire, *ELSEWHERE, INTERNAL, CANCELLED})
