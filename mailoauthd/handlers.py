@@ -23,6 +23,7 @@ import structlog
 import trio
 
 from mailoauthd import __version__, config, protocol, signin
+from mailoauthd.channel import Channel
 from mailoauthd.errors import (
     Busy,
     ConfigError,
@@ -34,9 +35,9 @@ from mailoauthd.errors import (
 )
 from mailoauthd.limits import LogLimit
 from mailoauthd.ops import OPS
+from mailoauthd.peers import Peer
 from mailoauthd.provider_input import is_b64token
 from mailoauthd.request import Request, shown
-from mailoauthd.server import Channel, Peer
 from mailoauthd.state import AccountState
 
 if TYPE_CHECKING:

@@ -1,24 +1,25 @@
 """
-The Unix socket: bind, peer credentials, per-connection limits, dispatch.
+The Unix socket's server: the accept loop, per-connection limits, one request each.
 
 One request per connection (protocol.py). The peer's uid is read with
-SO_PEERCRED before anything else and checked against the allowed uids (per-user
-mode); in system mode everyone is let in and a gate from `daemon` decides each
-request by the peer's uid and groups (access.py). The listener is bound here,
-or inherited from systemd (socket activation, `listen_fds`). Every
-connection is bounded in time (READ_TIMEOUT to send its line, WRITE_TIMEOUT
-to take the answer) and in size (MAX_LINE); at most MAX_CONNECTIONS are
+SO_PEERCRED (peers.py) before anything else and checked against the allowed uids
+(per-user mode); in system mode everyone is let in and a gate from `daemon`
+decides each request by the peer's uid and groups (access.py). The listener is
+bound or inherited from systemd in listening.py. Every connection is bounded in
+time (`read_timeout` to send its line, `write_timeout` to take the answer: the
+Server's arguments) and in size (MAX_LINE); at most MAX_CONNECTIONS are
 served at once. When all are taken, the connection that has waited longest
 without sending its line is told "busy" to make room for the newcomer; only
 when every one is a request being served is the newcomer told "busy".
 In system mode no one uid but the administrators' holds more than MAX_PER_UID,
 and the last ADMIN_RESERVE slots are for administrators only; a request that
 may wait is given up when its client hangs up. Every request is checked and
-typed once (request.parse) for both paths, and a fault nobody foresaw ends
+typed once (request.parse) for both paths; the op table (ops.py) says which
+wait and which are conversations. A fault nobody foresaw ends
 only its own request, answered "internal" (lastresort.py).
 Whatever one client does, the others are served. The server knows nothing of
-tokens: `daemon` hands it a handler, and a quick handler for what can be
-answered from memory.
+tokens: `daemon` hands it handlers (handlers.py), and a quick handler for what
+can be answered from memory.
 
 Under load the helper's line is usually waiting by the time we accept the
 connection, and most token requests need no waiting: those are answered in
@@ -28,7 +29,7 @@ second; anything else (a line not yet here, a refresh to wait for, a refused
 peer, a malformed line) goes to a task of its own as before.
 
 A few operations are conversations (`authorize`): their handler gets a Channel
-to send event lines and read further lines on the same connection, and bounds
+(channel.py) to send event lines and read further lines on the same connection, and bounds
 its own duration; the final answer is still written here. The client sends a
 further line only after it has read the first event, so nothing follows the
 request line in the first read.
@@ -46,6 +47,8 @@ import structlog
 import trio
 
 from mailoauthd import protocol
+from mailoauthd.channel import WRITE_TIMEOUT, Conversation
+from mailoauthd.channel import Channel as Channel
 from mailoauthd.errors import INTERNAL, AccessDenied, Busy, MailoauthdError, ProtocolError, TimedOut
 from mailoauthd.fastpath import accept_fd
 from mailoauthd.lastresort import fault
@@ -60,9 +63,9 @@ from mailoauthd.request import Request, parse, shown
 log = structlog.get_logger(__name__)
 
 # A well-behaved helper sends its line at once; 5 s is generous on a loaded box
-# and short enough that silent clients cannot pile up. (Defaults: Server takes others.)
+# and short enough that silent clients cannot pile up. (Defaults: Server takes others;
+# WRITE_TIMEOUT, the time to take an answer, is channel.py's.)
 READ_TIMEOUT = 5.0
-WRITE_TIMEOUT = 5.0
 # A refused newcomer is not worth waiting for long: "busy" gets this long to go out.
 BUSY_TIMEOUT = 1.0
 # Well above what mail programs open at once, far below the fd limit.
@@ -79,7 +82,6 @@ ACCEPT_BATCH = 64
 # What the general path reads at a time too, so that a line is cut in the same
 # places either way (an oversized line is drained alike).
 QUICK_READ = 65536
-SD_LISTEN_FDS_START = 3
 
 
 Handler = Callable[[Request, Peer], Awaitable[dict[str, object]]]
@@ -89,72 +91,6 @@ Gate = Callable[[Request, Peer], None]
 QuickHandler = Callable[[Request, Peer], dict[str, object] | None]
 # Whether a peer is an administrator: may use the reserved slots, has no per-uid cap.
 Privileged = Callable[[Peer], bool]
-
-
-class Channel:
-    """The rest of a conversation's connection: event lines out, further request lines in."""
-
-    def __init__(self, stream: trio.SocketStream, *, write_timeout: float = WRITE_TIMEOUT) -> None:
-        self._stream = stream
-        self._write_timeout = write_timeout
-        self._buffer = bytearray()
-        self._sending = trio.Lock()
-        self._skipping = False  # the rest of an over-long line is being thrown away
-
-    async def send(self, message: dict[str, object]) -> None:
-        """
-        Send one line, within the write timeout.
-
-        Raises:
-            trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError: the
-                client is gone or not reading.
-        """
-        async with self._sending:
-            with trio.fail_after(self._write_timeout):
-                await self._stream.send_all(protocol.encode(message))
-
-    async def receive(self) -> dict[str, object] | None:
-        """
-        The client's next line, or None once it hangs up; waits as long as the caller lets it.
-
-        An over-long line is refused once (ProtocolError) and the rest of it, up
-        to its newline, is thrown away as it arrives: the caller may go on
-        receiving, and the buffer never holds more than MAX_LINE and a chunk.
-
-        Raises:
-            ProtocolError: the line is not a JSON object, or longer than MAX_LINE.
-        """
-        await trio.lowlevel.checkpoint()  # a caller that loops on errors still yields
-        while (newline := self._buffer.find(b"\n")) < 0 or self._skipping:
-            if newline >= 0:  # the end of the over-long line: what follows is a new one
-                del self._buffer[: newline + 1]
-                self._skipping = False
-                continue
-            if self._skipping:
-                self._buffer.clear()
-            elif len(self._buffer) > protocol.MAX_LINE:
-                self._buffer.clear()
-                self._skipping = True
-                raise ProtocolError(f"line longer than {protocol.MAX_LINE} bytes")
-            try:
-                chunk = await self._stream.receive_some(65536)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                return None
-            if not chunk:
-                return None
-            self._buffer += chunk
-        line = bytes(self._buffer[:newline])
-        del self._buffer[: newline + 1]
-        if len(line) > protocol.MAX_LINE:
-            raise ProtocolError(f"line longer than {protocol.MAX_LINE} bytes")
-        try:
-            return protocol.decode(line)
-        except protocol.WireError as exc:
-            raise ProtocolError(f"malformed line: {exc}") from None
-
-
-# A conversation: gets the request, the peer and the Channel; returns the final answer.
-Conversation = Callable[[Request, Peer, Channel], Awaitable[dict[str, object]]]
 
 
 class Server:
