@@ -6,16 +6,21 @@ and docs/protocol.md (its operations table, its sections, its error codes and st
 from __future__ import annotations
 
 import inspect
+import os
 import re
+import socket
 from pathlib import Path
 
 import pytest
+import trio
+from conftest import in_process_daemon, make_config
 
-from mailoauthd import errors, protocol
+from mailoauthd import __version__, errors, protocol
 from mailoauthd.errors import ProtocolError
 from mailoauthd.handlers import Handlers
 from mailoauthd.ops import OPS, Access
 from mailoauthd.request import parse
+from mailoauthd.testing import DevProvider
 
 PROTOCOL_MD = Path(__file__).parent.parent / "docs" / "protocol.md"
 
@@ -47,6 +52,26 @@ class TestHandlers:
         assert inspect.iscoroutinefunction(method)
         expected = ["self", "request", "peer", *(["channel"] if op.conversation else [])]
         assert list(inspect.signature(method).parameters) == expected
+
+
+def ask(path: Path, request: dict[str, object]) -> dict[str, object]:
+    """One request over the daemon's real socket, as any client would send it."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(str(path))
+        sock.sendall(protocol.encode({"v": 1, **request}))
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return protocol.decode(answer)
+
+
+class TestServed:
+    async def test_ping(self, tmp_path: Path, provider: DevProvider) -> None:
+        """`ping` says which daemon answers."""
+        async with in_process_daemon(make_config(tmp_path, provider)) as d:
+            reply = await trio.to_thread.run_sync(ask, d.socket_path, {"op": "ping"})
+        assert reply == {"ok": True, "version": __version__, "pid": os.getpid()}
 
 
 class TestParse:
