@@ -167,7 +167,7 @@ class Server:
 
     def _take(self, nursery: trio.Nursery, conn: stdsocket.SocketType) -> None:
         """Answer a new connection at once, or give it a task, or say "busy"."""
-        peer, received, reply = self._answer_at_once(conn)
+        peer, received, request, reply = self._answer_at_once(conn)
         if reply is not None:
             rest = _send_at_once(conn, reply)
             if not rest:
@@ -193,11 +193,11 @@ class Server:
         self.active += 1
         if peer is not None:
             self._per_uid[peer.uid] = self._per_uid.get(peer.uid, 0) + 1
-        nursery.start_soon(self._connection, _stream(conn), peer, received)
+        nursery.start_soon(self._connection, _stream(conn), peer, received, request)
 
     def _answer_at_once(
         self, conn: stdsocket.SocketType
-    ) -> tuple[Peer | None, bytes, bytes | None]:
+    ) -> tuple[Peer | None, bytes, Request | None, bytes | None]:
         """
         Answer without a task when the line is already here and needs no waiting.
 
@@ -206,33 +206,36 @@ class Server:
         that can be answered at once is answered here, in the accept loop.
 
         Returns:
-            The peer (None when the kernel cannot tell), what was read (for the
-            general path, when it must take over), and the answer line, or None
-            when the general path must take over.
+            The peer (None when the kernel cannot tell), what was read and the
+            request it holds, if it was read whole and checked (for the general
+            path, when it must take over: it does not read or check it again),
+            and the answer line, or None when the general path must take over.
         """
         try:
             peer = peer_of(conn, groups=self.peer_groups)
         except OSError:
-            return None, b"", None
+            return None, b"", None, None
         if self.quick is None:
-            return peer, b"", None
+            return peer, b"", None, None
         try:
             received = conn.recv(QUICK_READ, stdsocket.MSG_DONTWAIT)
         except OSError:  # BlockingIOError: the line is not here yet
-            return peer, b"", None
+            return peer, b"", None, None
         newline = received.find(b"\n")
         if newline < 0 or not self._admitted(peer):
-            return peer, received, None
+            return peer, received, None, None
         try:
-            reply = self.quick(parse(protocol.decode(received[:newline])), peer)
-            if reply is None:
-                return peer, received, None
-            return peer, received, protocol.encode(reply)
+            request = parse(protocol.decode(received[:newline]))
         except (MailoauthdError, protocol.WireError):
-            return peer, received, None  # the general path says what is wrong
+            return peer, received, None, None  # the general path says what is wrong
+        try:
+            reply = self.quick(request, peer)
+        except MailoauthdError:
+            return peer, received, request, None  # the handler says it again, on the general path
         except Exception as exc:  # the last resort; the general path answers "internal"
             fault("request.quick_fault", exc, uid=peer.uid, pid=peer.pid)
-            return peer, received, None
+            return peer, received, request, None
+        return peer, received, request, None if reply is None else protocol.encode(reply)
 
     async def _send_rest(self, stream: trio.SocketStream, rest: bytes) -> None:
         with trio.move_on_after(self.write_timeout):
@@ -254,11 +257,15 @@ class Server:
             await stream.aclose()
 
     async def _connection(
-        self, stream: trio.SocketStream, peer: Peer | None, received: bytes = b""
+        self,
+        stream: trio.SocketStream,
+        peer: Peer | None,
+        received: bytes = b"",
+        request: Request | None = None,
     ) -> None:
         try:
             try:
-                reply = await self._answer(stream, peer, received)
+                reply = await self._answer(stream, peer, received, request)
             except Exception as exc:  # the last resort: one request's fault ends only it
                 fault(
                     "request.internal_error",
@@ -286,13 +293,41 @@ class Server:
                 await stream.aclose()
 
     async def _answer(
-        self, stream: trio.SocketStream, peer: Peer | None, received: bytes
+        self,
+        stream: trio.SocketStream,
+        peer: Peer | None,
+        received: bytes,
+        request: Request | None,
     ) -> dict[str, object]:
+        """The answer to the connection's request; `request` when the quick path checked it."""
         if peer is None:
             try:
                 peer = peer_of(stream.socket, groups=self.peer_groups)
             except OSError as exc:
                 return protocol.error_reply(AccessDenied.code, f"cannot identify the peer: {exc}")
+        if request is None:
+            read = await self._request(stream, peer, received)
+            if not isinstance(read, Request):
+                return read  # what is wrong with it, as the answer
+            request = read
+        try:
+            if self.gate is not None:
+                self.gate(request, peer)  # before any operation, conversations included
+            op = OPS[request.op]
+            if op.conversation and self.converse is not None:
+                return await self.converse(
+                    request, peer, Channel(stream, write_timeout=self.write_timeout)
+                )
+            if not op.waits:
+                return await self.handler(request, peer)
+            return await self._unless_hung_up(stream, request, peer)
+        except MailoauthdError as exc:
+            return protocol.error_reply(exc.code, exc.message, exc.hint)
+
+    async def _request(
+        self, stream: trio.SocketStream, peer: Peer, received: bytes
+    ) -> Request | dict[str, object]:
+        """Read the request line after what was `received`, and check it; or the error answer."""
         try:
             # Read the line even from a peer we will refuse: closing on unread
             # data would reset the connection and lose our answer.
@@ -315,7 +350,7 @@ class Server:
                     f"uid {peer.uid} may not use this mailoauthd",
                     "ask its administrator, or run your own per-user mailoauthd",
                 )
-            request = parse(protocol.decode(line))
+            return parse(protocol.decode(line))
         except (ProtocolError, protocol.WireError) as exc:
             log.info("request.malformed", uid=peer.uid, pid=peer.pid, error=str(exc))
             return protocol.error_reply(ProtocolError.code, f"malformed request: {exc}")
@@ -325,19 +360,6 @@ class Server:
             )
         except (trio.BrokenResourceError, OSError) as exc:
             return protocol.error_reply(ProtocolError.code, f"connection failed: {exc}")
-        try:
-            if self.gate is not None:
-                self.gate(request, peer)  # before any operation, conversations included
-            op = OPS[request.op]
-            if op.conversation and self.converse is not None:
-                return await self.converse(
-                    request, peer, Channel(stream, write_timeout=self.write_timeout)
-                )
-            if not op.waits:
-                return await self.handler(request, peer)
-            return await self._unless_hung_up(stream, request, peer)
-        except MailoauthdError as exc:
-            return protocol.error_reply(exc.code, exc.message, exc.hint)
 
     async def _unless_hung_up(
         self, stream: trio.SocketStream, request: Request, peer: Peer

@@ -106,7 +106,8 @@ class TestQuickPath:
         assert recorder.quick_seen == [parse(json.loads(LINE))]
 
     async def test_quick_handler_declining_hands_over_what_was_read(self, tmp_path: Path) -> None:
-        """When the quick handler cannot answer, the general path gets the same request."""
+        """When the quick handler cannot answer, the general path gets the same request,
+        neither read nor checked again."""
         recorder = Recorder(quick_answers=False)
         path = tmp_path / "s"
         with trio.fail_after(10):
@@ -114,6 +115,8 @@ class TestQuickPath:
                 reply = await trio.to_thread.run_sync(answer_of, early[0])
         assert reply["by"] == "general"
         assert recorder.general_seen == [parse(json.loads(LINE))]
+        # One path per request: the general path takes the request the quick one checked.
+        assert recorder.general_seen[0] is recorder.quick_seen[0]
 
     async def test_line_arriving_after_accept_takes_the_general_path(self, tmp_path: Path) -> None:
         """A client that connects and sends later is still answered."""
