@@ -5,12 +5,13 @@ Standard library only, and cheap: `mailoauth token` goes through here on every
 mail connection, so it uses the C `_socket` module rather than `socket`
 (fastpath.sockets, which falls back to `socket` where `_socket` is missing).
 A failure is raised as the errors.py class it is: DaemonUnreachable, TimedOut,
-or the one the daemon's reply names.
+or the one the daemon's reply names; `errors` is imported there, so that a
+token handed out never loads it.
 """
 
 import os
 
-from mailoauthd import errors, paths, protocol
+from mailoauthd import paths, protocol
 from mailoauthd.fastpath import sockets  # `_socket`: `socket` costs a visible share of start-up
 
 # How long a token request waits for a due refresh unless --timeout says otherwise.
@@ -48,6 +49,8 @@ def connect(socket_path: str | None, timeout: float | None) -> sockets.socket:
             failures.append(f"{path}: {exc.strerror or exc}")
             continue
         return candidate
+    from mailoauthd import errors  # on failure only (see above)
+
     raise errors.DaemonUnreachable(
         f"cannot reach mailoauthd: {'; '.join(failures)}", hint=unreachable_hint(socket_path)
     )
@@ -119,8 +122,12 @@ def request_reply(request: bytes, socket_path: str | None, timeout: float) -> di
             if chunk.endswith(b"\n"):
                 break
     except TimeoutError:
+        from mailoauthd import errors  # on failure only (see above)
+
         raise errors.TimedOut(f"mailoauthd did not answer within {timeout:g} s") from None
     except OSError as exc:
+        from mailoauthd import errors
+
         raise errors.DaemonUnreachable(
             f"lost the connection to mailoauthd: {exc}", hint=""
         ) from None
@@ -129,9 +136,13 @@ def request_reply(request: bytes, socket_path: str | None, timeout: float) -> di
     try:
         reply = protocol.decode(b"".join(chunks))
     except protocol.WireError as exc:
+        from mailoauthd import errors
+
         raise errors.MailoauthdError(f"mailoauthd sent a reply that is {exc}") from None
     if reply.get("ok") is True:
         return reply
+    from mailoauthd import errors
+
     code = str(reply.get("error", errors.MailoauthdError.code))
     message = str(reply.get("message", "the daemon reported an error"))
     hint = reply.get("hint") or ""
