@@ -37,11 +37,8 @@ from typing import Protocol
 
 from mailoauthd.config import Config
 from mailoauthd.errors import AccessDenied
+from mailoauthd.ops import OPS, Access
 
-# Operations that name one account and hand out what only its users may have.
-ACCOUNT_OPS = frozenset({"token", "servers"})
-# Operations anyone who reaches the socket may ask; `status` shows each peer its own.
-OPEN_OPS = frozenset({"status", "ping"})
 REFUSAL_HINT = (
     "if you should have it, ask the administrator of this mailoauthd to add you "
     "to the account's allow_users or allow_groups"
@@ -168,14 +165,16 @@ class Policy:
         """
         Why this peer may not make this request (`op` on account `name`), or None when it may.
 
-        The request was checked before (request.parse): `op` is a known operation,
+        The request was checked before (request.parse): `op` is a row of ops.OPS,
         and an operation on one account has its name.
         """
         if self.is_owner(peer):
             return None
-        if op in OPEN_OPS:
+        # The row's access class (ops.py): `status` is open, and shows each peer its own.
+        access = OPS[op].access
+        if access is Access.OPEN:
             return None
-        if op in ACCOUNT_OPS:
+        if access is Access.ACCOUNT:
             if name is None or self.may_use(peer, name):
                 return None
             known = name in self.users

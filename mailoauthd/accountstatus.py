@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from datetime import datetime
 
-from mailoauthd import state
+from mailoauthd import protocol, state
 from mailoauthd.accounts import Slot, iso
 from mailoauthd.alerts import warning_time
 from mailoauthd.config import DaemonSettings
@@ -26,7 +26,7 @@ def rows(
         out.append(
             {
                 "account": name,
-                "status": "state_error" if slot.broken else st.status,
+                "status": protocol.Status.STATE_ERROR if slot.broken else st.status,
                 "flow": slot.account.flow,
                 "username": slot.account.username,
                 "expires_at": iso(st.expires_at) if st.access_token else None,
@@ -78,7 +78,7 @@ def summary(slots: Mapping[str, Slot], now: datetime) -> str:
     """One line for systemd's STATUS=."""
     counts: dict[str, int] = {}
     for slot in slots.values():
-        key = "state_error" if slot.broken else slot.state.status
+        key = protocol.Status.STATE_ERROR if slot.broken else slot.state.status
         counts[key] = counts.get(key, 0) + 1
     parts = [f"{n} {k}" for k, n in sorted(counts.items())]
     line = f"{len(slots)} accounts" + (": " + ", ".join(parts) if parts else "")

@@ -20,6 +20,7 @@ import trio
 
 from mailoauthd.config import Account, Provider
 from mailoauthd.lastresort import guarded
+from mailoauthd.protocol import Status
 from mailoauthd.provider_input import MAX_MESSAGE, clean_text
 
 log = structlog.get_logger(__name__)
@@ -35,7 +36,9 @@ AGE_WARNING = timedelta(days=1)
 # Variables of ours the command must not inherit: systemd's belong to the daemon.
 _DROPPED = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID")
 
-NEEDS_AUTHORIZATION = "needs_authorization"
+# The events a person is told of: an account newly in that status (protocol.Status),
+# and a refresh token near its cut-off.
+NEEDS_AUTHORIZATION = Status.NEEDS_AUTHORIZATION
 REFRESH_TOKEN_EXPIRING = "refresh_token_expiring"  # noqa: S105 - an event's name
 
 
@@ -143,10 +146,6 @@ class Reminders:
             else:
                 del self._alerts[key]
         self._wakeup.set()
-
-    def pending(self) -> list[tuple[str, str]]:
-        """(account, event) of every alert still waiting for a person."""
-        return list(self._alerts)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run due commands forever; `started` at once."""

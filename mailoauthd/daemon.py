@@ -2,7 +2,8 @@
 The composition root: opens the store and the socket, starts server and scheduler, handles signals.
 
 The only module that knows everyone. `server` reaches the scheduler through
-the handler defined here; `scheduler` knows nothing of sockets.
+the request handlers made here (handlers.py, one per row of ops.OPS);
+`scheduler` knows nothing of sockets.
 
     run:    config → store.open (lock) → bind → schedule → serve → READY=1
     reload: SIGHUP → RELOADING=1 → config.load → keep the old one on error → READY=1
@@ -13,10 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import logging
 import os
 import signal
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from functools import partial
 from pathlib import Path
@@ -25,44 +25,22 @@ import httpx
 import structlog
 import trio
 
-from mailoauthd import __version__, config, oauth, paths, protocol, proxy, signin, tokenfile
+from mailoauthd import __version__, config, oauth, paths, proxy, tokenfile
 from mailoauthd.access import Policy
-from mailoauthd.alerts import NEEDS_AUTHORIZATION, REFRESH_TOKEN_EXPIRING, Reminders
+from mailoauthd.alerts import REFRESH_TOKEN_EXPIRING, Reminders
 from mailoauthd.discovery import Discovery
-from mailoauthd.errors import (
-    Busy,
-    ConfigError,
-    GrantError,
-    MailoauthdError,
-    ProtocolError,
-    ReauthorizationRequired,
-    TimedOut,
-    UnknownAccount,
-    UsageError,
-)
+from mailoauthd.errors import ConfigError, GrantError
+from mailoauthd.handlers import Handlers
 from mailoauthd.lastresort import guarded
-from mailoauthd.limits import LogLimit
-from mailoauthd.provider_input import is_b64token
-from mailoauthd.request import Request, shown
 from mailoauthd.scheduler import Scheduler
 from mailoauthd.secret import Secret
-from mailoauthd.server import Channel, Peer, Server, bind, inherited, listen_fds
-from mailoauthd.state import AccountState
+from mailoauthd.server import Server, bind, inherited, listen_fds
+from mailoauthd.state import NEEDS_AUTHORIZATION
 from mailoauthd.store import GrantStore, open_store
 from mailoauthd.systemd import Notifier
 
 log = structlog.get_logger(__name__)
 
-# Bounds on what a request may ask us to wait: a mail program should never
-# hang for minutes on a password command.
-MAX_REQUEST_TIMEOUT = 300.0
-DEFAULT_REQUEST_TIMEOUT = 15.0
-# `refresh` and `import` are run by people, who can wait for a slow provider.
-DEFAULT_ADMIN_TIMEOUT = 60.0
-# `token --wait`: an hour is long enough for a person to notice and sign in,
-# and bounds a mail program's hang if nobody does.
-MAX_AUTHORIZATION_WAIT = 3600.0
-SIGN_IN_FLOWS = ("authorization_code", "device_code")
 # STATUS= is recomputed this often for `systemctl status`, and sent when it changed:
 # a state change shows within seconds, at the cost of a cheap string compare.
 STATUS_INTERVAL = 5.0
@@ -81,10 +59,6 @@ def read_secrets(
             else None
         )
     return secrets
-
-
-def _or(value: float | None, default: float) -> float:
-    return default if value is None else value
 
 
 class Daemon:
@@ -118,212 +92,17 @@ class Daemon:
         self.last_reload_error: str | None = None
         self.discovery = discovery
         self.reminders = reminders
-        self._signing_in: set[str] = set()  # accounts with a sign-in in progress
         self.proxy: proxy.Proxy | None = None  # [proxy]: listeners and session counters
-        self._refusals = LogLimit()  # refusals logged per uid: a refused loop must not flood
-        # Fixed for the process (the CLI configures logging once), and asked for
-        # every token served: looking it up through structlog's proxy costs more.
-        self._debug = log.is_enabled_for(logging.DEBUG)
+        self.handlers = Handlers(self)  # the answer to each socket operation (ops.OPS)
         self.server = Server(
-            self.handle,
+            self.handlers.handle,
             allowed_uids=None if system else {os.geteuid(), 0},
-            gate=self._gate,
+            gate=self.handlers.gate,
             peer_groups=system,
-            quick=self.answer_now,
-            conversations={"authorize": self._authorize},
+            quick=self.handlers.answer_now,
+            converse=self.handlers.converse,
             privileged=lambda peer: self.policy.is_admin(peer),
         )
-
-    # --- requests ----------------------------------------------------------------
-
-    async def handle(self, request: Request, peer: Peer) -> dict[str, object]:
-        """Answer one request (checked by request.parse); errors propagate as MailoauthdError."""
-        try:
-            return await self._handle(request, peer)
-        except UnknownAccount as exc:
-            # The names this caller may use, for the helper's "did you mean".
-            names = [name for name in self.config.accounts if self.policy.visible(peer, name)]
-            return {
-                **protocol.error_reply(exc.code, exc.message, exc.hint),
-                "account": request.account or "",
-                "accounts": names,
-            }
-
-    async def _handle(self, request: Request, peer: Peer) -> dict[str, object]:
-        op = request.op
-        if op == "token":
-            return await self._token(request, peer)
-        if op == "status":
-            rows = [
-                r for r in self.scheduler.status() if self.policy.visible(peer, str(r["account"]))
-            ]
-            if self.proxy is not None:
-                for row in rows:
-                    row.update(self.proxy.row(str(row["account"])))
-                return {"ok": True, "version": __version__, "accounts": rows, **self.proxy.status()}
-            return {"ok": True, "version": __version__, "accounts": rows}
-        if op == "reload":
-            if not await self.reload():
-                raise ConfigError(self.last_reload_error or "the configuration was not reloaded")
-            return {"ok": True, "accounts": len(self.config.accounts)}
-        if op == "refresh":
-            name = request.name
-            st = await self._bounded(name, request, partial(self.scheduler.refresh, name))
-            return {"ok": True, "account": name, **_expiry(st.expires_at, self.now())}
-        if op == "import":
-            name = request.name
-            token = request.refresh_token
-            assert token is not None  # request.parse requires it for `import`
-            if not is_b64token(token.reveal()):
-                raise UsageError(
-                    f"{name}: that is not a refresh token: it has characters RFC 6750 does "
-                    "not allow in one, or is too long (not shown)",
-                    hint="paste only the token itself",
-                )
-            if request.client_id is not None:  # `import --from`: the client the other tool used
-                self._same_client(name, request.client_id)
-            st = await self._bounded(
-                name, request, partial(self.scheduler.import_token, name, token)
-            )
-            return {"ok": True, "account": name, **_expiry(st.expires_at, self.now())}
-        if op == "revoke":
-            name = request.name
-            return {"ok": True, "account": name, "note": await self.scheduler.forget(name)}
-        if op == "ping":
-            return {"ok": True, "version": __version__, "pid": os.getpid()}
-        if op == "servers":
-            return _servers(self.scheduler.account(request.name))
-        # `authorize` is a conversation; any other name was refused by request.parse.
-        raise ProtocolError(f"operation '{op}' is not served this way")
-
-    def _same_client(self, name: str, client_id: str) -> None:
-        """A refresh token works only with the client that got it: refuse another's."""
-        provider = self.scheduler.account(name).provider
-        if client_id != provider.client_id:
-            raise UsageError(
-                f"{name}: the refresh token was issued to client {client_id!r}, but "
-                f"[providers.{provider.name}] has client_id {provider.client_id!r}; a refresh "
-                "token works only with the client that got it",
-                hint=f"set client_id = {client_id!r} and that client's secret in a provider "
-                f"for {name}, or sign in afresh with 'mailoauth authorize {name}'",
-            )
-
-    async def _bounded(
-        self,
-        name: str,
-        request: Request,
-        work: Callable[[], Awaitable[AccountState]],
-    ) -> AccountState:
-        timeout = min(_or(request.timeout, DEFAULT_ADMIN_TIMEOUT), MAX_REQUEST_TIMEOUT)
-        with trio.move_on_after(max(0.0, timeout)):
-            return await work()
-        raise self._timed_out(name, timeout)
-
-    def answer_now(self, request: Request, peer: Peer) -> dict[str, object] | None:
-        """The answer to a token request that needs no waiting; None when `handle` must wait."""
-        if request.op != "token":
-            return None
-        name = request.name
-        if not self.policy.may_use(peer, name):
-            return None  # `gate` refuses it, and logs that, on the general path
-        min_validity = _or(request.min_validity, -1.0)
-        st = self.scheduler.token_now(name, None if min_validity < 0 else min_validity)
-        return None if st is None else self._token_reply(name, st, peer)
-
-    async def _token(self, request: Request, peer: Peer) -> dict[str, object]:
-        name = request.name
-        min_validity = _or(request.min_validity, -1.0)
-        timeout = min(_or(request.timeout, DEFAULT_REQUEST_TIMEOUT), MAX_REQUEST_TIMEOUT)
-        # `token --wait`: an account that needs a person is waited for, not failed at once.
-        wait = min(max(0.0, _or(request.wait, 0.0)), MAX_AUTHORIZATION_WAIT)
-        give_up = trio.current_time() + wait
-        while True:
-            deadline = trio.current_time() + max(0.0, timeout)
-            try:
-                with trio.move_on_at(deadline):
-                    st = await self.scheduler.token(
-                        name, None if min_validity < 0 else min_validity, deadline
-                    )
-                    return self._token_reply(name, st, peer)
-            except ReauthorizationRequired:
-                if trio.current_time() >= give_up:
-                    raise
-                with trio.move_on_at(give_up):
-                    await self.scheduler.wait_changed(name)
-                continue
-            raise self._timed_out(name, timeout)
-
-    def _token_reply(self, name: str, st: AccountState, peer: Peer) -> dict[str, object]:
-        assert st.access_token is not None
-        if self._debug:
-            log.debug("token.served", account=name, uid=peer.uid, pid=peer.pid, exe=_exe(peer.pid))
-        return {
-            "ok": True,
-            "token": st.access_token.reveal(),
-            "expires_at": int(st.expires_at.timestamp()) if st.expires_at else None,
-            "username": self.scheduler.account(name).username or "",
-        }
-
-    def _gate(self, request: Request, peer: Peer) -> None:
-        """The server asks before every request; raises AccessDenied to refuse (system mode)."""
-        refusal = self.policy.refusal(request.op, request.account, peer)
-        if refusal is not None:
-            if self._refusals.allow(peer.uid, trio.current_time()):
-                log.info(
-                    "request.refused",
-                    uid=peer.uid,
-                    pid=peer.pid,
-                    exe=_exe(peer.pid),
-                    op=request.op,
-                    # request.parse let through only names as the configuration
-                    # allows them: at most 64 characters, nothing to escape.
-                    account=request.account,
-                    reason=refusal.reason,
-                    **self._refusals.suppressed(peer.uid),
-                )
-            raise refusal.error
-
-    async def _authorize(self, request: Request, peer: Peer, channel: Channel) -> dict[str, object]:
-        """`mailoauth authorize`: a conversation that runs one sign-in (signin.py)."""
-        name = request.name
-        account = self.scheduler.account(name)
-        if account.flow == "client_credentials":
-            return {
-                "ok": True,
-                "account": name,
-                "note": "this account uses client_credentials: mailoauthd gets its tokens "
-                "with the client secret, and nobody needs to sign in",
-            }
-        flow = request.flow or account.flow
-        if flow not in SIGN_IN_FLOWS:
-            raise UsageError(
-                f"--flow must be one of {', '.join(SIGN_IN_FLOWS)} (got {shown(flow)})"
-            )
-        if name in self._signing_in:
-            raise Busy(
-                f"{name}: a sign-in is already in progress",
-                hint="finish it, or stop its 'mailoauth authorize' (Ctrl-C), first",
-            )
-        self._signing_in.add(name)
-        try:
-            log.info("authorize.requested", account=name, flow=flow, uid=peer.uid, pid=peer.pid)
-            account = await self.discovery.account(account)
-            session = signin.Session(
-                account=account,
-                client=self.scheduler.client(account),
-                http=self.http,
-                request_timeout=self.config.daemon.request_timeout.total_seconds(),
-                now=self.now,
-                store=partial(self.scheduler.authorized, name),
-            )
-            return await signin.run(session, channel, str(flow))
-        finally:
-            self._signing_in.discard(name)
-
-    def _timed_out(self, name: str, timeout: float) -> MailoauthdError:
-        last = self.scheduler.last_error(name)
-        why = f"; last error: {last}" if last else ""
-        return TimedOut(f"{name}: no valid token within {timeout:g} s{why}")
 
     # --- operations ----------------------------------------------------------------
 
@@ -445,45 +224,6 @@ def _identity(path: Path) -> tuple[int, int] | None:
     except OSError:
         return None
     return info.st_dev, info.st_ino
-
-
-def _exe(pid: int) -> str | None:
-    """
-    The peer's executable, for the log: its path, or else its name (/proc/PID/comm).
-
-    Only root may read the path of another user's process; a system daemon under its
-    own uid still sees the name, as `ps` does.
-    """
-    with contextlib.suppress(OSError):
-        return os.readlink(f"/proc/{pid}/exe")
-    with contextlib.suppress(OSError, UnicodeDecodeError):
-        with open(f"/proc/{pid}/comm", encoding="utf-8") as comm:
-            return comm.read().strip() or None
-    return None
-
-
-def _servers(account: config.Account) -> dict[str, object]:
-    """What `mailoauth test` needs to log in as the account: servers, TLS, user."""
-    ca_file = account.tls_ca_file
-    return {
-        "ok": True,
-        "account": account.name,
-        "username": account.username or "",
-        "imap_server": account.imap_server,
-        "imap_security": account.imap_security,
-        "smtp_server": account.smtp_server,
-        "smtp_security": account.smtp_security,
-        "tls_ca_file": str(ca_file) if ca_file is not None else None,
-    }
-
-
-def _expiry(expires_at: datetime | None, now: datetime) -> dict[str, object]:
-    if expires_at is None:
-        return {"expires_at": None, "expires_in": None}
-    return {
-        "expires_at": expires_at.isoformat(timespec="seconds"),
-        "expires_in": round((expires_at - now).total_seconds()),
-    }
 
 
 async def run(

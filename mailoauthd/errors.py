@@ -22,9 +22,11 @@ Every error has a `message` (what happened) and a `hint` (what to do). The
 "a human must sign in again" are different classes because callers do different
 things with them: retry later, or stop and tell someone.
 
-The helper raises these too, and its one `except MailoauthdError` turns them into
-its exit status through `exit_code` (EXIT_CODES below, the only such mapping); an
-error the daemon reports comes back as its class through `from_reply`.
+Every wire code has its home here: a class's `code`, or INTERNAL and CANCELLED;
+`wire_codes()` lists those a reply may carry. The helper raises these too, and its
+one `except MailoauthdError` turns them into its exit status through `exit_code`
+(EXIT_CODES below, the only such mapping); an error the daemon reports comes back
+as its class through `from_reply`.
 """
 
 # Exit codes of the `mailoauth` helper, by wire code.
@@ -35,21 +37,20 @@ EXIT_UNREACHABLE = 3
 EXIT_NEEDS_AUTH = 4
 EXIT_TEMPORARY = 5
 
-EXIT_CODES = {
-    "usage": EXIT_USAGE,
-    "unreachable": EXIT_UNREACHABLE,
-    "needs-auth": EXIT_NEEDS_AUTH,
-    "provider-unavailable": EXIT_TEMPORARY,
-    "busy": EXIT_TEMPORARY,
-    "timeout": EXIT_TEMPORARY,
-}
-
 
 # Wire codes that no exception class carries. `internal`: the daemon failed on a
 # request in a way it did not foresee (lastresort.py). `cancelled`: the helper hung
 # up during a sign-in (`authorize`), so the conversation ended without tokens.
 INTERNAL = "internal"
 CANCELLED = "cancelled"
+# Codes of classes that live with what raises them (their modules import more than
+# the standard library): seal.UnknownKey, etcd.EtcdError and etcd.Unavailable,
+# fleet.Superseded. Their `code` is one of these.
+STATE_KEY = "state-key"
+ETCD = "etcd"
+ETCD_UNAVAILABLE = "etcd-unavailable"
+STATE_SUPERSEDED = "state-superseded"
+ELSEWHERE = (STATE_KEY, ETCD, ETCD_UNAVAILABLE, STATE_SUPERSEDED)
 
 
 def exit_code_for(code: str) -> int:
@@ -177,6 +178,17 @@ class AuthorizationFailed(GrantError):
     hint = "run 'mailoauth authorize ACCOUNT' again"
 
 
+# The helper's exit status by wire code; any other code is EXIT_ERROR.
+EXIT_CODES = {
+    UsageError.code: EXIT_USAGE,
+    DaemonUnreachable.code: EXIT_UNREACHABLE,
+    ReauthorizationRequired.code: EXIT_NEEDS_AUTH,
+    TransientGrantError.code: EXIT_TEMPORARY,
+    Busy.code: EXIT_TEMPORARY,
+    TimedOut.code: EXIT_TEMPORARY,
+}
+
+
 def from_reply(code: str, message: str, hint: str) -> MailoauthdError:
     """
     The error a daemon's failure reply names, as its class (its wire code kept when unknown).
@@ -192,8 +204,27 @@ def from_reply(code: str, message: str, hint: str) -> MailoauthdError:
     return error
 
 
+def _tree(root: type[MailoauthdError]) -> list[type[MailoauthdError]]:
+    """`root` and every class below it, as far as they are imported."""
+    return [root, *(kind for sub in root.__subclasses__() for kind in _tree(sub))]
+
+
 def _by_code(root: type[MailoauthdError]) -> dict[str, type[MailoauthdError]]:
     found = {root.code: root}
     for sub in root.__subclasses__():
         found.update(_by_code(sub))
     return found
+
+
+def wire_codes() -> frozenset[str]:
+    """
+    Every code a daemon's failure reply may carry: docs/protocol.md's table, checked by a test.
+
+    The codes of the classes here, less the two no reply carries (the helper's
+    own `unreachable`, and `state-locked`, which stops the daemon at start-up),
+    the codes of the classes elsewhere (ELSEWHERE), and the codes no class
+    carries (INTERNAL, CANCELLED).
+    """
+    here = {kind.code for kind in _tree(MailoauthdError) if kind.__module__ == __name__}
+    on_the_wire = here - {DaemonUnreachable.code, StateLocked.code}
+    return frozenset({*on_the_wire, *ELSEWHERE, INTERNAL, CANCELLED})

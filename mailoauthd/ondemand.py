@@ -23,6 +23,7 @@ from mailoauthd.errors import (
     ReauthorizationRequired,
     TransientGrantError,
 )
+from mailoauthd.flows import Flow
 from mailoauthd.refresher import Refresher
 from mailoauthd.state import AccountState
 
@@ -127,7 +128,7 @@ async def refresh(refresher: Refresher, name: str) -> AccountState:
     slot = refresher.slot(name)
     if slot.broken is not None and slot.last_exc is not None:
         raise slot.last_exc
-    if slot.account.flow != "client_credentials" and slot.state.refresh_token is None:
+    if slot.account.flow != Flow.CLIENT_CREDENTIALS and slot.state.refresh_token is None:
         raise_unusable(slot)
     if not refresher.shared.store.may_refresh(name):
         # Another daemon refreshes it: what it stores next is the answer.

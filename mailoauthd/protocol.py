@@ -7,35 +7,34 @@ are at most MAX_LINE bytes. docs/protocol.md describes every operation.
 
 The helper is spawned once per mail connection, so this module avoids even
 the `json` package: it uses the C scanner and string encoder that `json` itself
-is built on, which cost nothing to import.
+is built on, which cost nothing to import (fastpath.py, with a fallback).
 """
 
-import _json
+from mailoauthd import fastpath
 
 VERSION = 1
 MAX_LINE = 64 * 1024
 
-# Operations the daemon serves. The strings are API: never rename one.
-OPS = ("token", "status", "refresh", "import", "revoke", "ping", "servers", "reload", "authorize")
+
+class Status:
+    """An account's status: in `status` rows, in state files, in `notify_command`'s event.
+
+    The one home of these names, here at the bottom because the helper reads
+    them too (`status --check`); a namespace, not an enum, which would cost the
+    helper's start-up. The strings are API: never rename one.
+    """
+
+    OK = "ok"  # tokens present; refreshed on schedule
+    NEEDS_AUTHORIZATION = "needs_authorization"  # no usable grant: a human must sign in
+    MISCONFIGURED = "misconfigured"  # the provider refuses our client or request
+    FAILING = "failing"  # transient failures; retrying with backoff
+    STATE_ERROR = "state_error"  # rows only: the account's state file is unreadable
+    # What a state file may hold (STATE_ERROR is never stored).
+    STORED = (OK, NEEDS_AUTHORIZATION, MISCONFIGURED, FAILING)
 
 
-class _ScanContext:
-    """What `_json.make_scanner` reads off a JSONDecoder, without importing json."""
-
-    strict = True
-    object_hook = None
-    object_pairs_hook = None
-    parse_float = float
-    parse_int = int
-    memo: dict[str, str] = {}
-
-    @staticmethod
-    def parse_constant(name: str) -> float:
-        raise ValueError(f"{name} is not allowed")
-
-
-_scan = _json.make_scanner(_ScanContext())  # type: ignore[arg-type]
-quote = _json.encode_basestring_ascii
+_scan = fastpath.json_scanner()
+quote = fastpath.quote
 
 
 class WireError(ValueError):

@@ -31,6 +31,7 @@ from mailoauthd.alerts import MAX_WAIT_SECONDS, warning_time
 from mailoauthd.attempt import Attempts, backoff_seconds, write_token_file
 from mailoauthd.config import Account, DaemonSettings
 from mailoauthd.errors import StateError, TransientGrantError, UnknownAccount
+from mailoauthd.flows import Flow
 from mailoauthd.lastresort import guarded
 from mailoauthd.secret import Secret
 
@@ -282,4 +283,4 @@ def _refreshable(slot: Slot) -> bool:
         return True
     if slot.state.status in (state.NEEDS_AUTHORIZATION, state.MISCONFIGURED):
         return False
-    return slot.account.flow == "client_credentials" or slot.state.refresh_token is not None
+    return slot.account.flow == Flow.CLIENT_CREDENTIALS or slot.state.refresh_token is not None

@@ -7,7 +7,8 @@ of the server (the quick answer in the accept loop, and the general handler)
 and the access gate take the same `Request`, so what one accepts the other
 cannot refuse, and no ill-typed, huge or unbounded value gets past here:
 
-- `v` is the number 1; `op` is one of protocol.OPS.
+- `v` is the number 1; `op` is a row of ops.OPS, and the keys its row
+  requires (`account`, `refresh_token`) are there.
 - `account` is a name as the configuration allows them (config.NAME_PATTERN):
   anything else cannot name an account, and would only be logged or echoed.
 - `min_validity`, `timeout` and `wait` are finite numbers of seconds (JSON
@@ -26,9 +27,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from mailoauthd import protocol
 from mailoauthd.config import NAME_PATTERN
 from mailoauthd.errors import ProtocolError
+from mailoauthd.ops import OPS
 from mailoauthd.secret import Secret
 
 # About 31 years: beyond any wait or validity anyone means, far inside a float's range.
@@ -40,8 +41,6 @@ MAX_WORD = 64
 MAX_CLIENT_ID = 512
 # config.NAME_PATTERN allows 64 characters; anything longer is refused before the regex.
 NAME_PATTERN_MAX = 64
-# Operations that name an account, and must.
-NEEDS_ACCOUNT = frozenset({"token", "refresh", "import", "revoke", "servers", "authorize"})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -106,16 +105,18 @@ def parse(raw: Mapping[str, object]) -> Request:
     if isinstance(version, bool) or version != 1:
         raise ProtocolError(f"unsupported protocol version {shown(version)}; expected 1")
     op = raw.get("op")
-    if not isinstance(op, str) or op not in protocol.OPS:
+    if not isinstance(op, str) or op not in OPS:
         raise ProtocolError(f"unknown operation {shown(op)}")
+    rules = OPS[op]
     account = _string(raw, "account", NAME_PATTERN_MAX)
     if account is not None and not NAME_PATTERN.fullmatch(account):
         raise ProtocolError(f"'account' is not an account name: {shown(account)}")
-    if account is None and op in NEEDS_ACCOUNT:
+    if account is None and rules.account:
         raise ProtocolError("'account' must be a non-empty string")
+    for key in rules.requires:
+        if key not in raw:
+            raise ProtocolError(f"'{key}' must be a non-empty string")
     token = _string(raw, "refresh_token", MAX_TOKEN)
-    if token is None and op == "import":
-        raise ProtocolError("'refresh_token' must be a non-empty string")
     flow = raw.get("flow")
     return Request(
         op=op,

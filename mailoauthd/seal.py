@@ -36,7 +36,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from mailoauthd.config import SecretSource
-from mailoauthd.errors import ConfigError, StateError
+from mailoauthd.errors import STATE_KEY, ConfigError, StateError
 
 MAGIC = b"mailoauthd-sealed"
 VERSION = b"v1"
@@ -52,7 +52,7 @@ class SealError(StateError):
 class UnknownKey(SealError):
     """Sealed with a key the key source does not hold: the wrong key, or one removed too soon."""
 
-    code = "state-key"
+    code = STATE_KEY
 
 
 def key_id(key: bytes) -> str:

@@ -1,24 +1,25 @@
 """
-The Unix socket: bind, peer credentials, per-connection limits, dispatch.
+The Unix socket's server: the accept loop, per-connection limits, one request each.
 
 One request per connection (protocol.py). The peer's uid is read with
-SO_PEERCRED before anything else and checked against the allowed uids (per-user
-mode); in system mode everyone is let in and a gate from `daemon` decides each
-request by the peer's uid and groups (access.py). The listener is bound here,
-or inherited from systemd (socket activation, `listen_fds`). Every
-connection is bounded in time (READ_TIMEOUT to send its line, WRITE_TIMEOUT
-to take the answer) and in size (MAX_LINE); at most MAX_CONNECTIONS are
-served at once. When all are taken, the connection that has waited longest
+SO_PEERCRED (peers.py) before anything else and checked against the allowed uids
+(per-user mode); in system mode everyone is let in and a gate from `daemon`
+decides each request by the peer's uid and groups (access.py). The listener is
+bound or inherited from systemd in listening.py. Every connection is bounded in
+time (`read_timeout` to send its line, `write_timeout` to take the answer: the
+Server's arguments) and in size (MAX_LINE); at most MAX_CONNECTIONS are
+served at once (slots.py). When all are taken, the connection that has waited longest
 without sending its line is told "busy" to make room for the newcomer; only
 when every one is a request being served is the newcomer told "busy".
 In system mode no one uid but the administrators' holds more than MAX_PER_UID,
 and the last ADMIN_RESERVE slots are for administrators only; a request that
 may wait is given up when its client hangs up. Every request is checked and
-typed once (request.parse) for both paths, and a fault nobody foresaw ends
+typed once (request.parse) for both paths; the op table (ops.py) says which
+wait and which are conversations. A fault nobody foresaw ends
 only its own request, answered "internal" (lastresort.py).
 Whatever one client does, the others are served. The server knows nothing of
-tokens: `daemon` hands it a handler, and a quick handler for what can be
-answered from memory.
+tokens: `daemon` hands it handlers (handlers.py), and a quick handler for what
+can be answered from memory.
 
 Under load the helper's line is usually waiting by the time we accept the
 connection, and most token requests need no waiting: those are answered in
@@ -28,7 +29,7 @@ second; anything else (a line not yet here, a refresh to wait for, a refused
 peer, a malformed line) goes to a task of its own as before.
 
 A few operations are conversations (`authorize`): their handler gets a Channel
-to send event lines and read further lines on the same connection, and bounds
+(channel.py) to send event lines and read further lines on the same connection, and bounds
 its own duration; the final answer is still written here. The client sends a
 further line only after it has read the first event, so nothing follows the
 request line in the first read.
@@ -37,41 +38,39 @@ request line in the first read.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import errno
-import os
 import select
 import socket as stdsocket
-import stat
-import struct
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Collection, Mapping
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Awaitable, Callable, Collection
 
 import structlog
 import trio
 
 from mailoauthd import protocol
-from mailoauthd.errors import INTERNAL, MailoauthdError, ProtocolError
-from mailoauthd.fsutil import make_directories
+from mailoauthd.channel import WRITE_TIMEOUT, Conversation
+from mailoauthd.channel import Channel as Channel
+from mailoauthd.errors import INTERNAL, AccessDenied, Busy, MailoauthdError, ProtocolError, TimedOut
+from mailoauthd.fastpath import accept_fd
 from mailoauthd.lastresort import fault
+from mailoauthd.listening import bind as bind
+from mailoauthd.listening import inherited as inherited
+from mailoauthd.listening import listen_fds as listen_fds
+from mailoauthd.ops import OPS
+from mailoauthd.peers import Peer as Peer
+from mailoauthd.peers import peer_of as peer_of
 from mailoauthd.request import Request, parse, shown
+from mailoauthd.slots import ADMIN_RESERVE as ADMIN_RESERVE
+from mailoauthd.slots import BUSY, Privileged, Slots
+from mailoauthd.slots import MAX_CONNECTIONS as MAX_CONNECTIONS
+from mailoauthd.slots import MAX_PER_UID as MAX_PER_UID
 
 log = structlog.get_logger(__name__)
 
 # A well-behaved helper sends its line at once; 5 s is generous on a loaded box
-# and short enough that silent clients cannot pile up.
+# and short enough that silent clients cannot pile up. (Defaults: Server takes others;
+# WRITE_TIMEOUT, the time to take an answer, is channel.py's.)
 READ_TIMEOUT = 5.0
-WRITE_TIMEOUT = 5.0
-# Well above what mail programs open at once, far below the fd limit.
-MAX_CONNECTIONS = 512
-# System mode: the last slots are kept for administrators (`status`, `revoke`, fixing
-# what the others broke), and no one other uid holds more than MAX_PER_UID at once.
-ADMIN_RESERVE = 32
-MAX_PER_UID = 128
-# Operations that may wait long (a refresh, `token --wait`): given up when the client hangs up.
-WAITING_OPS = frozenset({"token", "refresh", "import"})
+# A refused newcomer is not worth waiting for long: "busy" gets this long to go out.
+BUSY_TIMEOUT = 1.0
 # How often a client that half-closed its side is checked for having gone entirely.
 HANGUP_POLL = 1.0
 # Connections taken per wake-up before other tasks get their turn: enough to
@@ -80,26 +79,6 @@ ACCEPT_BATCH = 64
 # What the general path reads at a time too, so that a line is cut in the same
 # places either way (an oversized line is drained alike).
 QUICK_READ = 65536
-_PEERCRED = struct.Struct("3i")  # pid, uid, gid
-# Linux's SO_PEERGROUPS (since 4.13); Python's socket module does not name it.
-SO_PEERGROUPS = getattr(stdsocket, "SO_PEERGROUPS", 59)
-# Room for this many supplementary groups in the first try: the most Python's getsockopt
-# takes (1024 bytes). More (AD/LDAP users, up to the kernel's NGROUPS_MAX of 65536) go
-# through libc's getsockopt with a buffer of the size the kernel asks for.
-_GROUPS_GUESS = 256
-_GID = struct.Struct("I")
-# systemd's first passed file descriptor (sd_listen_fds(3)).
-SD_LISTEN_FDS_START = 3
-
-
-@dataclass(frozen=True, slots=True)
-class Peer:
-    """Who is on the other end, as the kernel says (SO_PEERCRED)."""
-
-    pid: int
-    uid: int
-    gid: int
-    groups: tuple[int, ...] = ()  # supplementary groups, read only when asked for
 
 
 Handler = Callable[[Request, Peer], Awaitable[dict[str, object]]]
@@ -107,228 +86,6 @@ Handler = Callable[[Request, Peer], Awaitable[dict[str, object]]]
 Gate = Callable[[Request, Peer], None]
 # Answers a request on the spot when that needs no waiting; None hands it to the Handler.
 QuickHandler = Callable[[Request, Peer], dict[str, object] | None]
-# Whether a peer is an administrator: may use the reserved slots, has no per-uid cap.
-Privileged = Callable[[Peer], bool]
-
-
-class Channel:
-    """The rest of a conversation's connection: event lines out, further request lines in."""
-
-    def __init__(self, stream: trio.SocketStream) -> None:
-        self._stream = stream
-        self._buffer = bytearray()
-        self._sending = trio.Lock()
-        self._skipping = False  # the rest of an over-long line is being thrown away
-
-    async def send(self, message: dict[str, object]) -> None:
-        """
-        Send one line, within WRITE_TIMEOUT.
-
-        Raises:
-            trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError: the
-                client is gone or not reading.
-        """
-        async with self._sending:
-            with trio.fail_after(WRITE_TIMEOUT):
-                await self._stream.send_all(protocol.encode(message))
-
-    async def receive(self) -> dict[str, object] | None:
-        """
-        The client's next line, or None once it hangs up; waits as long as the caller lets it.
-
-        An over-long line is refused once (ProtocolError) and the rest of it, up
-        to its newline, is thrown away as it arrives: the caller may go on
-        receiving, and the buffer never holds more than MAX_LINE and a chunk.
-
-        Raises:
-            ProtocolError: the line is not a JSON object, or longer than MAX_LINE.
-        """
-        await trio.lowlevel.checkpoint()  # a caller that loops on errors still yields
-        while (newline := self._buffer.find(b"\n")) < 0 or self._skipping:
-            if newline >= 0:  # the end of the over-long line: what follows is a new one
-                del self._buffer[: newline + 1]
-                self._skipping = False
-                continue
-            if self._skipping:
-                self._buffer.clear()
-            elif len(self._buffer) > protocol.MAX_LINE:
-                self._buffer.clear()
-                self._skipping = True
-                raise ProtocolError(f"line longer than {protocol.MAX_LINE} bytes")
-            try:
-                chunk = await self._stream.receive_some(65536)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                return None
-            if not chunk:
-                return None
-            self._buffer += chunk
-        line = bytes(self._buffer[:newline])
-        del self._buffer[: newline + 1]
-        if len(line) > protocol.MAX_LINE:
-            raise ProtocolError(f"line longer than {protocol.MAX_LINE} bytes")
-        try:
-            return protocol.decode(line)
-        except protocol.WireError as exc:
-            raise ProtocolError(f"malformed line: {exc}") from None
-
-
-# A conversation: gets the request, the peer and the Channel; returns the final answer.
-Conversation = Callable[[Request, Peer, Channel], Awaitable[dict[str, object]]]
-
-
-def peer_of(sock: trio.socket.SocketType | stdsocket.SocketType, *, groups: bool = False) -> Peer:
-    """
-    The peer's pid, uid and gid (SO_PEERCRED), and with `groups` its supplementary groups.
-
-    Raises:
-        OSError: the kernel cannot tell.
-    """
-    raw = sock.getsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_PEERCRED, _PEERCRED.size)
-    pid, uid, gid = _PEERCRED.unpack(raw)
-    if not groups:
-        return Peer(pid=pid, uid=uid, gid=gid)
-    return Peer(pid=pid, uid=uid, gid=gid, groups=_peer_groups(sock))
-
-
-def _peer_groups(sock: trio.socket.SocketType | stdsocket.SocketType) -> tuple[int, ...]:
-    """
-    The peer's supplementary groups, as the kernel recorded them at connect().
-
-    Raises:
-        OSError: the kernel cannot tell (before Linux 4.13).
-    """
-    size = _GROUPS_GUESS * _GID.size
-    try:
-        raw = sock.getsockopt(stdsocket.SOL_SOCKET, SO_PEERGROUPS, size)
-    except OSError as exc:
-        if exc.errno != errno.ERANGE:
-            raise
-        raw = _peer_groups_libc(sock.fileno())
-    return tuple(gid for (gid,) in _GID.iter_unpack(raw))
-
-
-def _peer_groups_libc(fd: int) -> bytes:
-    """
-    SO_PEERGROUPS through libc, for more groups than Python's getsockopt has room for.
-
-    Raises:
-        OSError: the kernel cannot tell.
-    """
-    libc = ctypes.CDLL(None, use_errno=True)
-    size = ctypes.c_uint32(65536 * _GID.size)  # NGROUPS_MAX; the kernel says what it needs
-    for _ in range(3):  # the kernel's answer to ERANGE is the size it needs
-        buffer = ctypes.create_string_buffer(size.value)
-        if (
-            libc.getsockopt(fd, stdsocket.SOL_SOCKET, SO_PEERGROUPS, buffer, ctypes.byref(size))
-            == 0
-        ):
-            return buffer.raw[: size.value]
-        number = ctypes.get_errno()
-        if number != errno.ERANGE:
-            raise OSError(number, os.strerror(number))
-    raise OSError(errno.ERANGE, "the peer's groups keep growing")
-
-
-def listen_fds(env: Mapping[str, str], pid: int) -> list[int]:
-    """
-    The file descriptors systemd passed us for socket activation (sd_listen_fds(3)).
-
-    Args:
-        env: the environment: LISTEN_PID and LISTEN_FDS.
-        pid: our pid; descriptors meant for another process (a parent) are not ours.
-    """
-    count = env.get("LISTEN_FDS", "")
-    if env.get("LISTEN_PID") != str(pid) or not count.isdigit():
-        return []
-    return list(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + int(count)))
-
-
-def inherited(fd: int) -> stdsocket.socket:
-    """
-    Take over a listening Unix stream socket passed by systemd (or systemd-socket-activate).
-
-    Raises:
-        MailoauthdError: the descriptor is not a listening Unix stream socket.
-    """
-    try:
-        sock = stdsocket.socket(fileno=fd)
-    except OSError as exc:
-        raise MailoauthdError(f"the socket passed as fd {fd} is unusable: {exc}") from exc
-    listening = sock.getsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_ACCEPTCONN)
-    if sock.family != stdsocket.AF_UNIX or sock.type != stdsocket.SOCK_STREAM or not listening:
-        sock.detach()  # not ours to close
-        raise MailoauthdError(
-            f"fd {fd} passed by systemd is not a listening Unix stream socket",
-            hint="use ListenStream= with a path in mailoauthd.socket",
-        )
-    # Secret commands we run must not inherit the listener.
-    sock.set_inheritable(False)
-    sock.setblocking(False)
-    return sock
-
-
-def bind(path: Path, *, public: bool = False) -> stdsocket.socket:
-    """
-    Bind a listening Unix socket at `path`, in a 0700 directory of ours.
-
-    A stale socket left by a crash is replaced; a live one (another daemon
-    answering) is an error. A `public` socket (system mode) is 0666 in a
-    directory others may pass through: every local user may connect, and each
-    request is then decided by who sent it (SO_PEERCRED), not by the file mode.
-
-    Raises:
-        MailoauthdError: the path is in use or unusable, with what to do.
-    """
-    directory = path.parent
-    try:
-        # Missing parents 0700 (0755 for a public socket, which others must reach), and
-        # the directory itself 0700 or 0755, whatever the umask (000 or UMask=0077).
-        make_directories(
-            directory, mode=0o755 if public else 0o700, parents_mode=0o755 if public else 0o700
-        )
-        info = os.lstat(directory)
-    except OSError as exc:
-        raise MailoauthdError(f"cannot create the socket directory {directory}: {exc}") from exc
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
-        raise MailoauthdError(
-            f"the socket directory {directory} is not a directory of ours",
-            hint="remove it or choose another socket path",
-        )
-    if public and info.st_mode & 0o001 == 0:
-        log.warning(
-            "socket.private_directory",
-            directory=str(directory),
-            why="other users cannot reach the socket; make the directory 0755",
-        )
-    if os.path.lexists(path):
-        if not stat.S_ISSOCK(os.lstat(path).st_mode):
-            raise MailoauthdError(f"{path} exists and is not a socket", hint="remove it")
-        probe = stdsocket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
-        try:
-            probe.connect(str(path))
-        except OSError:
-            os.unlink(path)  # nobody answers: left behind by a crash
-        else:
-            raise MailoauthdError(
-                f"another mailoauthd is already listening on {path}",
-                hint="stop it first, or give this one another socket path",
-            )
-        finally:
-            probe.close()
-    sock = stdsocket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
-    old_umask = os.umask(0o111 if public else 0o177)  # created 0666 or 0600
-    try:
-        sock.bind(str(path))
-        # As deep as the kernel allows (net.core.somaxconn): mail programs connect in
-        # bursts, and a full queue makes connect() fail at once on a Unix socket.
-        sock.listen(stdsocket.SOMAXCONN)
-    except OSError as exc:
-        sock.close()
-        raise MailoauthdError(f"cannot listen on {path}: {exc.strerror or exc}") from exc
-    finally:
-        os.umask(old_umask)
-    sock.setblocking(False)
-    return sock
 
 
 class Server:
@@ -342,24 +99,32 @@ class Server:
         gate: Gate | None = None,
         peer_groups: bool = False,
         quick: QuickHandler | None = None,
-        conversations: Mapping[str, Conversation] | None = None,
+        converse: Conversation | None = None,
         privileged: Privileged | None = None,
+        read_timeout: float = READ_TIMEOUT,
+        write_timeout: float = WRITE_TIMEOUT,
+        busy_timeout: float = BUSY_TIMEOUT,
+        hangup_poll: float = HANGUP_POLL,
     ) -> None:
         self.handler = handler
         self.quick = quick
-        # None: every peer is (per-user mode); else only these use the reserved slots.
-        self.privileged = privileged
-        self._per_uid: dict[int, int] = {}  # connections held by each uid
-        # op -> handler, for the operations that talk back and forth on one connection.
-        self.conversations = dict(conversations or {})
+        # The time each connection gets (tests shorten them instead of sleeping).
+        self.read_timeout = read_timeout
+        self.write_timeout = write_timeout
+        self.busy_timeout = busy_timeout
+        self.hangup_poll = hangup_poll
+        self.slots = Slots(privileged)  # who gets a connection slot (slots.py)
+        # Answers the operations that talk back and forth (ops.OPS: `conversation`).
+        self.converse = converse
         # None: every local user is let in, and `gate` decides each request (system mode).
         self.allowed_uids = None if allowed_uids is None else frozenset(allowed_uids)
         self.gate = gate
         self.peer_groups = peer_groups  # read each peer's supplementary groups, for `gate`
-        self.active = 0
-        # Connections still waiting for their line, oldest first: evicted when full.
-        self._silent: OrderedDict[object, trio.CancelScope] = OrderedDict()
-        self.served = 0
+
+    @property
+    def active(self) -> int:
+        """Connections being served now (by tasks; the quick path takes no slot)."""
+        return self.slots.active
 
     def _admitted(self, peer: Peer) -> bool:
         return self.allowed_uids is None or peer.uid in self.allowed_uids
@@ -379,7 +144,7 @@ class Server:
                     try:
                         # A plain C-level socket: the Python subclass's constructor
                         # and close() are a visible share of a quick answer.
-                        fd, _ = listener._accept()  # type: ignore[attr-defined]  # CPython's, untyped
+                        fd = accept_fd(listener)
                         conn = stdsocket.SocketType(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM, 0, fd)
                     except BlockingIOError:
                         break
@@ -397,38 +162,23 @@ class Server:
 
     def _take(self, nursery: trio.Nursery, conn: stdsocket.SocketType) -> None:
         """Answer a new connection at once, or give it a task, or say "busy"."""
-        peer, received, reply = self._answer_at_once(conn)
+        peer, received, request, reply = self._answer_at_once(conn)
         if reply is not None:
-            self.served += 1
             rest = _send_at_once(conn, reply)
             if not rest:
                 conn.close()
                 return
             nursery.start_soon(self._send_rest, _stream(conn), rest)
             return
-        privileged = peer is not None and (self.privileged is None or self.privileged(peer))
-        if not privileged and peer is not None and self._per_uid.get(peer.uid, 0) >= MAX_PER_UID:
-            message = f"uid {peer.uid} holds {MAX_PER_UID} connections already; try again later"
-            nursery.start_soon(self._refuse_busy, _stream(conn), message)
+        refusal = self.slots.admit(peer)
+        if refusal is not None:
+            nursery.start_soon(self._refuse_busy, _stream(conn), refusal)
             return
-        limit = MAX_CONNECTIONS if privileged else MAX_CONNECTIONS - ADMIN_RESERVE
-        if self.active >= limit:
-            if not self._silent:  # every slot is a request being served
-                nursery.start_soon(self._refuse_busy, _stream(conn))
-                return
-            # A flood of silent connections must not lock out the mail programs
-            # that send their line and go: the one that has waited longest
-            # without sending its line has had its chance, and makes room.
-            _, oldest = self._silent.popitem(last=False)
-            oldest.cancel()
-        self.active += 1
-        if peer is not None:
-            self._per_uid[peer.uid] = self._per_uid.get(peer.uid, 0) + 1
-        nursery.start_soon(self._connection, _stream(conn), peer, received)
+        nursery.start_soon(self._connection, _stream(conn), peer, received, request)
 
     def _answer_at_once(
         self, conn: stdsocket.SocketType
-    ) -> tuple[Peer | None, bytes, bytes | None]:
+    ) -> tuple[Peer | None, bytes, Request | None, bytes | None]:
         """
         Answer without a task when the line is already here and needs no waiting.
 
@@ -437,56 +187,64 @@ class Server:
         that can be answered at once is answered here, in the accept loop.
 
         Returns:
-            The peer (None when the kernel cannot tell), what was read (for the
-            general path, when it must take over), and the answer line, or None
-            when the general path must take over.
+            The peer (None when the kernel cannot tell), what was read and the
+            request it holds, if it was read whole and checked (for the general
+            path, when it must take over: it does not read or check it again),
+            and the answer line, or None when the general path must take over.
         """
         try:
             peer = peer_of(conn, groups=self.peer_groups)
         except OSError:
-            return None, b"", None
+            return None, b"", None, None
         if self.quick is None:
-            return peer, b"", None
+            return peer, b"", None, None
         try:
             received = conn.recv(QUICK_READ, stdsocket.MSG_DONTWAIT)
         except OSError:  # BlockingIOError: the line is not here yet
-            return peer, b"", None
+            return peer, b"", None, None
         newline = received.find(b"\n")
         if newline < 0 or not self._admitted(peer):
-            return peer, received, None
+            return peer, received, None, None
         try:
-            reply = self.quick(parse(protocol.decode(received[:newline])), peer)
-            if reply is None:
-                return peer, received, None
-            return peer, received, protocol.encode(reply)
+            request = parse(protocol.decode(received[:newline]))
         except (MailoauthdError, protocol.WireError):
-            return peer, received, None  # the general path says what is wrong
+            return peer, received, None, None  # the general path says what is wrong
+        try:
+            reply = self.quick(request, peer)
+        except MailoauthdError:
+            return peer, received, request, None  # the handler says it again, on the general path
         except Exception as exc:  # the last resort; the general path answers "internal"
             fault("request.quick_fault", exc, uid=peer.uid, pid=peer.pid)
-            return peer, received, None
+            return peer, received, request, None
+        return peer, received, request, None if reply is None else protocol.encode(reply)
 
     async def _send_rest(self, stream: trio.SocketStream, rest: bytes) -> None:
-        with trio.move_on_after(WRITE_TIMEOUT):
+        with trio.move_on_after(self.write_timeout):
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await stream.send_all(rest)
         with contextlib.suppress(OSError):
             await stream.aclose()
 
-    async def _refuse_busy(
-        self, stream: trio.SocketStream, message: str = "mailoauthd is serving too many connections"
-    ) -> None:
-        reply = protocol.error_reply("busy", message, "")
-        with trio.move_on_after(1.0), contextlib.suppress(trio.BrokenResourceError, OSError):
+    async def _refuse_busy(self, stream: trio.SocketStream, message: str = BUSY) -> None:
+        reply = protocol.error_reply(Busy.code, message, "")
+        with (
+            trio.move_on_after(self.busy_timeout),
+            contextlib.suppress(trio.BrokenResourceError, OSError),
+        ):
             await stream.send_all(protocol.encode(reply))
         with contextlib.suppress(OSError):
             await stream.aclose()
 
     async def _connection(
-        self, stream: trio.SocketStream, peer: Peer | None, received: bytes = b""
+        self,
+        stream: trio.SocketStream,
+        peer: Peer | None,
+        received: bytes = b"",
+        request: Request | None = None,
     ) -> None:
         try:
             try:
-                reply = await self._answer(stream, peer, received)
+                reply = await self._answer(stream, peer, received, request)
             except Exception as exc:  # the last resort: one request's fault ends only it
                 fault(
                     "request.internal_error",
@@ -499,69 +257,76 @@ class Server:
                     "mailoauthd failed on this request; its log says where",
                     "try again; if it persists, report it with the daemon's log",
                 )
-            with trio.move_on_after(WRITE_TIMEOUT):
+            with trio.move_on_after(self.write_timeout):
                 with contextlib.suppress(
                     trio.BrokenResourceError, trio.ClosedResourceError, OSError
                 ):
                     await stream.send_all(protocol.encode(reply))
         finally:
-            self.active -= 1
-            self.served += 1
-            if peer is not None:
-                left = self._per_uid.pop(peer.uid, 1) - 1
-                if left > 0:
-                    self._per_uid[peer.uid] = left
+            self.slots.release(peer)
             with contextlib.suppress(OSError):
                 await stream.aclose()
 
     async def _answer(
-        self, stream: trio.SocketStream, peer: Peer | None, received: bytes
+        self,
+        stream: trio.SocketStream,
+        peer: Peer | None,
+        received: bytes,
+        request: Request | None,
     ) -> dict[str, object]:
+        """The answer to the connection's request; `request` when the quick path checked it."""
         if peer is None:
             try:
                 peer = peer_of(stream.socket, groups=self.peer_groups)
             except OSError as exc:
-                return protocol.error_reply("forbidden", f"cannot identify the peer: {exc}")
-        try:
-            # Read the line even from a peer we will refuse: closing on unread
-            # data would reset the connection and lose our answer.
-            with trio.CancelScope() as waiting:
-                key = object()
-                self._silent[key] = waiting
-                try:
-                    line = await _read_line(stream, received)
-                finally:
-                    self._silent.pop(key, None)
-            if waiting.cancelled_caught:  # evicted to make room (see serve)
-                return protocol.error_reply(
-                    "busy", "mailoauthd is serving too many connections; this one sent nothing"
-                )
-            if not self._admitted(peer):
-                log.info("request.refused", uid=peer.uid, pid=peer.pid, reason="uid not allowed")
-                return protocol.error_reply(
-                    "forbidden",
-                    f"uid {peer.uid} may not use this mailoauthd",
-                    "ask its administrator, or run your own per-user mailoauthd",
-                )
-            request = parse(protocol.decode(line))
-        except (ProtocolError, protocol.WireError) as exc:
-            log.info("request.malformed", uid=peer.uid, pid=peer.pid, error=str(exc))
-            return protocol.error_reply("bad-request", f"malformed request: {exc}")
-        except trio.TooSlowError:
-            return protocol.error_reply("timeout", "no complete request line within 5 s")
-        except (trio.BrokenResourceError, OSError) as exc:
-            return protocol.error_reply("bad-request", f"connection failed: {exc}")
+                return protocol.error_reply(AccessDenied.code, f"cannot identify the peer: {exc}")
+        if request is None:
+            read = await self._request(stream, peer, received)
+            if not isinstance(read, Request):
+                return read  # what is wrong with it, as the answer
+            request = read
         try:
             if self.gate is not None:
                 self.gate(request, peer)  # before any operation, conversations included
-            conversation = self.conversations.get(request.op)
-            if conversation is not None:
-                return await conversation(request, peer, Channel(stream))
-            if request.op not in WAITING_OPS:
+            op = OPS[request.op]
+            if op.conversation and self.converse is not None:
+                return await self.converse(
+                    request, peer, Channel(stream, write_timeout=self.write_timeout)
+                )
+            if not op.waits:
                 return await self.handler(request, peer)
             return await self._unless_hung_up(stream, request, peer)
         except MailoauthdError as exc:
             return protocol.error_reply(exc.code, exc.message, exc.hint)
+
+    async def _request(
+        self, stream: trio.SocketStream, peer: Peer, received: bytes
+    ) -> Request | dict[str, object]:
+        """Read the request line after what was `received`, and check it; or the error answer."""
+        try:
+            # Read the line even from a peer we will refuse: closing on unread
+            # data would reset the connection and lose our answer.
+            with self.slots.silent() as waiting, trio.fail_after(self.read_timeout):
+                line = await _read_line(stream, received)
+            if waiting.cancelled_caught:  # evicted to make room (see serve)
+                return protocol.error_reply(Busy.code, f"{BUSY}; this one sent nothing")
+            if not self._admitted(peer):
+                log.info("request.refused", uid=peer.uid, pid=peer.pid, reason="uid not allowed")
+                return protocol.error_reply(
+                    AccessDenied.code,
+                    f"uid {peer.uid} may not use this mailoauthd",
+                    "ask its administrator, or run your own per-user mailoauthd",
+                )
+            return parse(protocol.decode(line))
+        except (ProtocolError, protocol.WireError) as exc:
+            log.info("request.malformed", uid=peer.uid, pid=peer.pid, error=str(exc))
+            return protocol.error_reply(ProtocolError.code, f"malformed request: {exc}")
+        except trio.TooSlowError:
+            return protocol.error_reply(
+                TimedOut.code, f"no complete request line within {self.read_timeout:g} s"
+            )
+        except (trio.BrokenResourceError, OSError) as exc:
+            return protocol.error_reply(ProtocolError.code, f"connection failed: {exc}")
 
     async def _unless_hung_up(
         self, stream: trio.SocketStream, request: Request, peer: Peer
@@ -572,7 +337,7 @@ class Server:
         A mail program killed while its `token --wait` waits must not keep its slot
         for an hour. Nothing may follow the request line, so the socket is watched
         for the hang-up alone (POLLHUP: both directions closed); a client that only
-        half-closed its side is still there, and is checked every HANGUP_POLL.
+        half-closed its side is still there, and is checked every `hangup_poll`.
         """
         answer: list[dict[str, object]] = []
 
@@ -585,7 +350,7 @@ class Server:
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(work)
-            await _hang_up(stream.socket)
+            await _hang_up(stream.socket, self.hangup_poll)
             nursery.cancel_scope.cancel()
         if answer:
             return answer[0]
@@ -597,10 +362,10 @@ class Server:
             account=shown(request.account),
             reason="the client hung up",
         )
-        return protocol.error_reply("timeout", "the client hung up")
+        return protocol.error_reply(TimedOut.code, "the client hung up")
 
 
-async def _hang_up(sock: trio.socket.SocketType) -> None:
+async def _hang_up(sock: trio.socket.SocketType, poll: float) -> None:
     """Return once the peer has closed its end entirely; what it sends meanwhile is dropped."""
     poller = select.poll()
     poller.register(sock.fileno(), select.POLLIN)
@@ -616,7 +381,7 @@ async def _hang_up(sock: trio.socket.SocketType) -> None:
         except OSError:
             return
         if not data:  # half-closed: readable for good, so look again in a while
-            await trio.sleep(HANGUP_POLL)
+            await trio.sleep(poll)
 
 
 def _stream(conn: stdsocket.SocketType) -> trio.SocketStream:
@@ -635,23 +400,22 @@ def _send_at_once(conn: stdsocket.SocketType, line: bytes) -> bytes:
 
 
 async def _read_line(stream: trio.SocketStream, received: bytes = b"") -> bytes:
-    """One line of at most MAX_LINE bytes, within READ_TIMEOUT, after what was `received`."""
+    """One line of at most MAX_LINE bytes, after what was `received`; the caller bounds it."""
     buffer = bytearray()
-    with trio.fail_after(READ_TIMEOUT):
-        while True:
-            chunk = received or await stream.receive_some(65536)
-            received = b""
-            if not chunk:
-                if not buffer:
-                    raise ProtocolError("empty request")
-                return bytes(buffer)  # a client that half-closed instead of sending "\n"
-            newline = chunk.find(b"\n")
-            if newline >= 0:
-                buffer += chunk[:newline]
-                if len(buffer) > protocol.MAX_LINE:
-                    break
-                return bytes(buffer)
-            buffer += chunk
+    while True:
+        chunk = received or await stream.receive_some(65536)
+        received = b""
+        if not chunk:
+            if not buffer:
+                raise ProtocolError("empty request")
+            return bytes(buffer)  # a client that half-closed instead of sending "\n"
+        newline = chunk.find(b"\n")
+        if newline >= 0:
+            buffer += chunk[:newline]
             if len(buffer) > protocol.MAX_LINE:
                 break
+            return bytes(buffer)
+        buffer += chunk
+        if len(buffer) > protocol.MAX_LINE:
+            break
     raise ProtocolError(f"request longer than {protocol.MAX_LINE} bytes")

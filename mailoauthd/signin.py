@@ -28,7 +28,15 @@ import httpx
 import structlog
 import trio
 
-from mailoauthd import authorize, idtoken, oauth, provider_http, signin_listener, signin_page
+from mailoauthd import (
+    authorize,
+    idtoken,
+    oauth,
+    protocol,
+    provider_http,
+    signin_listener,
+    signin_page,
+)
 from mailoauthd.config import Account
 from mailoauthd.errors import (
     CANCELLED,
@@ -107,7 +115,7 @@ async def run(session: Session, channel: Channel, flow: str) -> dict[str, object
         except (_HungUp, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
             # TooSlowError: only Channel.send raises it (a helper that stopped reading).
             log.info("authorize.abandoned", reason="the helper hung up")
-            return {"ok": False, "error": CANCELLED, "message": f"{name}: cancelled", "hint": ""}
+            return protocol.error_reply(CANCELLED, f"{name}: cancelled")
         except MailoauthdError as exc:
             log.warning("authorize.failed", flow=flow, error=exc.message)
             raise _for_sign_in(exc, name) from None

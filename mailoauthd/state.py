@@ -32,6 +32,7 @@ import tomli_w
 from mailoauthd.errors import GrantError, StateError, StateLocked
 from mailoauthd.fsutil import make_directories, sync_directory, write_atomic
 from mailoauthd.oauth import TokenSet
+from mailoauthd.protocol import Status
 from mailoauthd.provider_input import MAX_MESSAGE, clean_text
 from mailoauthd.secret import Secret
 
@@ -40,12 +41,13 @@ _T = TypeVar("_T")
 FORMAT_VERSION = 1
 LOCK_NAME = ".lock"
 
-# Status values, as stored and as shown by `mailoauth status`.
-OK = "ok"  # tokens present; refreshed on schedule
-NEEDS_AUTHORIZATION = "needs_authorization"  # no usable grant: a human must sign in
-MISCONFIGURED = "misconfigured"  # the provider refuses our client or request
-FAILING = "failing"  # transient failures; retrying with backoff
-STATUSES = (OK, NEEDS_AUTHORIZATION, MISCONFIGURED, FAILING)
+# Status values, as stored and as shown by `mailoauth status`: protocol.Status is
+# their home; these short names are what the modules that keep state compare with.
+OK = Status.OK
+NEEDS_AUTHORIZATION = Status.NEEDS_AUTHORIZATION
+MISCONFIGURED = Status.MISCONFIGURED
+FAILING = Status.FAILING
+STATUSES = Status.STORED
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import ast
 import base64
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -57,6 +59,28 @@ class TestImports:
         top = {name.split(".")[0] for name in extra}
         assert not top & THIRD_PARTY
         assert not extra & HEAVY_STDLIB, extra
+
+    def test_a_token_handed_out_loads_no_error_classes(self, tmp_path: Path) -> None:
+        """On success `mailoauth token` does not even load errors.py (its classes cost a
+        visible share of start-up; fastpath.py, which it does load, is paid for so)."""
+        path = tmp_path / "s"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+            listener.bind(str(path))
+            listener.listen()
+            listener.settimeout(30)
+
+            def answer() -> None:
+                conn, _ = listener.accept()
+                with conn:
+                    conn.recv(65536)
+                    conn.sendall(protocol.encode({"ok": True, "token": "tok", "username": ""}))
+
+            thread = threading.Thread(target=answer)
+            thread.start()
+            extra = imported_by(["--socket", str(path), "token", "work"], tmp_path)
+            thread.join(30)
+        assert {"mailoauthd.helper.token", "mailoauthd.fastpath"} <= extra  # it ran
+        assert "mailoauthd.errors" not in extra
 
     def test_only_stdlib_in_helper_modules(self) -> None:
         """Every module the helper can reach imports only the standard library."""
@@ -115,12 +139,14 @@ QUICK_PATH = (
     "helper/transport.py",
     "errors.py",
     "protocol.py",
+    "fastpath.py",
     "paths.py",
 )
 # The stdlib-only modules below the helper that it shares with the daemon.
 SHARED = {
     "mailoauthd.errors",
     "mailoauthd.protocol",
+    "mailoauthd.fastpath",
     "mailoauthd.paths",
     "mailoauthd.shared_files",
     "mailoauthd.hostport",

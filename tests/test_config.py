@@ -19,9 +19,10 @@ from mailoauthd.config import (
     SecretSource,
     load,
     parse,
-    parse_duration,
     to_mapping,
 )
+from mailoauthd.config.problems import Invalid
+from mailoauthd.config.values import duration
 from mailoauthd.errors import ConfigError
 from mailoauthd.secret import Secret
 
@@ -263,7 +264,7 @@ class TestDurations:
     )
     def test_accepted(self, value: object, expected: timedelta) -> None:
         """Unit strings, their combinations and plain numbers of seconds are durations."""
-        assert parse_duration(value, where="x") == expected
+        assert duration(value) == expected
 
     @pytest.mark.parametrize(
         ("value", "shown"),
@@ -281,17 +282,17 @@ class TestDurations:
     )
     def test_refused(self, value: object, shown: str) -> None:
         """Anything else is refused with the accepted forms and what was found."""
-        with pytest.raises(ConfigError) as info:
-            parse_duration(value, where="daemon.refresh_before")
-        assert info.value.message == (
-            'daemon.refresh_before: must be a duration such as "90s", "3m", "1h30m" or "2d",'
+        with pytest.raises(Invalid) as info:
+            duration(value)
+        assert str(info.value) == (
+            'must be a duration such as "90s", "3m", "1h30m" or "2d",'
             f" or a number of seconds {shown}"
         )
 
     def test_too_long(self) -> None:
         """A duration timedelta cannot hold is refused, not crashed on."""
-        with pytest.raises(ConfigError, match=r"^x: is too long a duration"):
-            parse_duration("99999999999d", where="x")
+        with pytest.raises(Invalid, match=r"^is too long a duration"):
+            duration("99999999999d")
 
     def test_in_a_table(self) -> None:
         """A bad duration in the file names the file, the table and the key."""

@@ -39,13 +39,14 @@ class Recorder:
 
 @asynccontextmanager
 async def serving(
-    path: Path, recorder: Recorder, *, before: list[bytes] = ()
+    path: Path, recorder: Recorder, *, before: list[bytes] = (), **limits: float
 ) -> AsyncIterator[tuple[Server, list[socket.socket]]]:
     """
     A Server on a real Unix socket at `path`, stopped on exit.
 
     Clients that send the lines in `before` connect (into the backlog) before
-    the server accepts anything, so their lines are surely waiting.
+    the server accepts anything, so their lines are surely waiting. `limits` are
+    the Server's timeouts (read_timeout, write_timeout …).
     """
     listener = bind(path)
     early = []
@@ -55,7 +56,7 @@ async def serving(
         sock.connect(str(path))
         sock.sendall(line)
         early.append(sock)
-    server = Server(recorder.general, allowed_uids={os.geteuid()}, quick=recorder.quick)
+    server = Server(recorder.general, allowed_uids={os.geteuid()}, quick=recorder.quick, **limits)
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(server.serve, listener)
@@ -99,13 +100,14 @@ class TestQuickPath:
         with trio.fail_after(10):
             async with serving(path, recorder, before=[LINE]) as (server, early):
                 reply = await trio.to_thread.run_sync(answer_of, early[0])
-                assert server.served == 1
+                assert server.active == 0  # answered in the accept loop: no task, no slot
         assert reply["by"] == "quick"
         assert recorder.general_seen == []
         assert recorder.quick_seen == [parse(json.loads(LINE))]
 
     async def test_quick_handler_declining_hands_over_what_was_read(self, tmp_path: Path) -> None:
-        """When the quick handler cannot answer, the general path gets the same request."""
+        """When the quick handler cannot answer, the general path gets the same request,
+        neither read nor checked again."""
         recorder = Recorder(quick_answers=False)
         path = tmp_path / "s"
         with trio.fail_after(10):
@@ -113,6 +115,8 @@ class TestQuickPath:
                 reply = await trio.to_thread.run_sync(answer_of, early[0])
         assert reply["by"] == "general"
         assert recorder.general_seen == [parse(json.loads(LINE))]
+        # One path per request: the general path takes the request the quick one checked.
+        assert recorder.general_seen[0] is recorder.quick_seen[0]
 
     async def test_line_arriving_after_accept_takes_the_general_path(self, tmp_path: Path) -> None:
         """A client that connects and sends later is still answered."""
@@ -147,3 +151,39 @@ class TestQuickPath:
         assert reply["ok"] is False
         assert reply["error"] == "bad-request"
         assert recorder.quick_seen == recorder.general_seen == []
+
+
+def waiting_answer(sock: socket.socket) -> dict[str, object] | None:
+    """The answer, if the server has written it and closed; None while nothing is there."""
+    sock.setblocking(False)
+    try:
+        first = sock.recv(65536)
+    except BlockingIOError:
+        return None
+    rest = b""
+    while chunk := sock.recv(65536):
+        rest += chunk
+    reply: dict[str, object] = json.loads(first + rest)
+    return reply
+
+
+class TestTimeouts:
+    async def test_silent_client_hears_timeout_when_the_read_timeout_ends(
+        self, tmp_path: Path, autojump_clock: trio.testing.MockClock
+    ) -> None:
+        """The read timeout is the Server's to set: a silent client is answered `timeout`
+        when it ends, not before (on trio's clock: nothing sleeps)."""
+        recorder = Recorder(quick_answers=True)
+        path = tmp_path / "s"
+        async with serving(path, recorder, before=[b""], read_timeout=0.25) as (server, early):
+            start = trio.current_time()
+            await trio.sleep(0.2)
+            assert waiting_answer(early[0]) is None
+            assert server.active == 1
+            await trio.sleep(0.1)
+            reply = waiting_answer(early[0])
+            assert trio.current_time() - start < 0.5
+        assert reply is not None
+        assert reply["error"] == "timeout"
+        assert reply["message"] == "no complete request line within 0.25 s"
+        assert recorder.general_seen == recorder.quick_seen == []

@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 from mailoauthd import protocol
 from mailoauthd.errors import ProtocolError
 from mailoauthd.limits import LogLimit
+from mailoauthd.ops import OPS
 from mailoauthd.request import MAX_SECONDS, Request, parse
 from mailoauthd.server import Channel, peer_of
 
@@ -60,7 +61,9 @@ class TestParse:
         if refused is not None:
             assert len(refused.message) < 200  # nothing is echoed whole
             return
-        assert request.op in protocol.OPS
+        rules = OPS[request.op]
+        assert request.account is not None or not rules.account
+        assert all(raw.get(key) for key in rules.requires)
         for seconds in (request.min_validity, request.timeout, request.wait):
             assert seconds is None or (isinstance(seconds, float) and abs(seconds) <= MAX_SECONDS)
         assert request.account is None or len(request.account) <= 64

@@ -15,7 +15,7 @@ Inside, one module per concern, imports pointing down the list:
 Provider facts (endpoints, clouds, mail servers) come from mailoauthd.presets.
 """
 
-from mailoauthd.config.load import load, parse, parse_duration
+from mailoauthd.config.load import load, parse
 from mailoauthd.config.model import (
     Account,
     Config,
@@ -46,6 +46,5 @@ __all__ = [
     "StoreSettings",
     "load",
     "parse",
-    "parse_duration",
     "to_mapping",
 ]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import difflib
 import tomllib
 from collections.abc import Mapping
-from datetime import timedelta
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 from mailoauthd.config import build
 from mailoauthd.config import values as v
 from mailoauthd.config.model import Config, DaemonSettings
-from mailoauthd.config.problems import ConfigProblems, Invalid, Problems, got
+from mailoauthd.config.problems import ConfigProblems, Problems, got
 from mailoauthd.config.schema import DAEMON_KEYS, TABLES, read_table, unknown_key
 
 
@@ -128,20 +127,3 @@ def load(path: Path) -> Config:
         message = f"{path}: cannot read the configuration: {why}"
         raise ConfigProblems([message], hint=hint if missing else None) from exc
     return parse(text, source=str(path), base_dir=path.absolute().parent)
-
-
-def parse_duration(value: object, *, where: str) -> timedelta:
-    """
-    A duration: "90s", "3m", "1h", "2d", combinations such as "1h30m", or seconds ≥ 0.
-
-    Args:
-        value: a string, or a number that is not a bool.
-        where: names the setting in the error message.
-
-    Raises:
-        ConfigProblems: naming `where` and saying what is accepted.
-    """
-    try:
-        return v.duration(value)
-    except Invalid as exc:
-        raise ConfigProblems([f"{where}: {exc}"]) from None

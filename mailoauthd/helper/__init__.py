@@ -3,7 +3,8 @@
 
 Standard library only (tests/test_client.py walks every import here, lazy ones
 included). Below it, and shared with the daemon, only the stdlib-only bottom:
-mailoauthd.errors, mailoauthd.protocol, mailoauthd.paths, mailoauthd.shared_files.
+mailoauthd.errors, mailoauthd.protocol, mailoauthd.fastpath, mailoauthd.paths,
+mailoauthd.shared_files.
 What needs the daemon's libraries runs as a child interpreter (`authorize --test`:
 mailoauthd.trial; email-oauth2-proxy's Fernet: mailoauthd.migrate_fernet).
 

@@ -95,14 +95,17 @@ def _proxy_status(reply: dict[str, object], rows: list[dict[str, object]]) -> No
 
 # `status --check`: the exit status for an unhealthy account's state; the most
 # urgent wins: a broken configuration or state file, then a person to sign in.
-_CHECK_EXITS = {"needs_authorization": errors.EXIT_NEEDS_AUTH, "failing": errors.EXIT_TEMPORARY}
+_CHECK_EXITS = {
+    protocol.Status.NEEDS_AUTHORIZATION: errors.EXIT_NEEDS_AUTH,
+    protocol.Status.FAILING: errors.EXIT_TEMPORARY,
+}
 _CHECK_ORDER = (errors.EXIT_ERROR, errors.EXIT_NEEDS_AUTH, errors.EXIT_TEMPORARY)
 
 
 def _check(rows: list[dict[str, object]], *, as_json: bool) -> int:
     """Report the accounts that need attention; the exit status says which kind."""
     # A daemon that predates `healthy` is judged by the state alone.
-    sick = [row for row in rows if not row.get("healthy", row.get("status") == "ok")]
+    sick = [row for row in rows if not row.get("healthy", row.get("status") == protocol.Status.OK)]
     status = errors.EXIT_OK
     if sick:
         found = {_CHECK_EXITS.get(str(row.get("status")), errors.EXIT_ERROR) for row in sick}
@@ -120,7 +123,7 @@ def _check(rows: list[dict[str, object]], *, as_json: bool) -> int:
         since = f" since {_short_time(row['error_since'])}" if row.get("error_since") else ""
         why = f": {row['last_error']}" if row.get("last_error") else ""
         hint = row.get("hint")
-        if not hint and row.get("status") == "needs_authorization":
+        if not hint and row.get("status") == protocol.Status.NEEDS_AUTHORIZATION:
             hint = f"run 'mailoauth authorize {row.get('account')}'"
         hint = f"; {hint}" if hint else ""
         print(f"{row.get('account')}: {row.get('status')}{since}{why}{hint}")

@@ -5,8 +5,9 @@ Mail programs spawn `mailoauth token ACCOUNT` once per connection, so the
 `token` and `sasl` paths import nothing beyond what the interpreter has already
 loaded plus two C modules (`_socket`, `_json`) and `binascii`; no argparse, no
 json, no pathlib, and not even `__future__` (this module, transport, errors,
-protocol and paths spell their annotations for Python 3.11 as it runs them).
-A test holds us to that. Every other command goes to
+protocol, fastpath and paths spell their annotations for Python 3.11 as it runs
+them). A token handed out does not even load `errors`: this module and transport
+import it where something failed. A test holds us to that. Every other command goes to
 commands.py, imported only then.
 
 Every failure is a MailoauthdError; `main` is the one place that turns it into
@@ -17,8 +18,14 @@ reported by the daemon, 2 usage, 3 daemon unreachable, 4 needs authorization,
 
 import sys
 
-from mailoauthd import errors, protocol
+from mailoauthd import protocol
 from mailoauthd.helper.transport import ANSWER_GRACE, DEFAULT_TIMEOUT, DEFAULT_WAIT, request_reply
+
+# mypy reads `if TYPE_CHECKING:` as true whatever defines the name; `errors` is
+# imported where a failure needs it (see above), and here only for annotations.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from mailoauthd import errors
 
 USAGE = """\
 usage: mailoauth [--socket PATH] COMMAND ...
@@ -68,11 +75,15 @@ def main(argv: list[str]) -> int:
         from mailoauthd.helper import commands
 
         return commands.main(argv)
-    except errors.MailoauthdError as exc:
-        sys.stderr.write(f"mailoauth: {exc}\n")
-        return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        from mailoauthd import errors  # loaded on failure only (see above)
+
+        if not isinstance(exc, errors.MailoauthdError):
+            raise
+        sys.stderr.write(f"mailoauth: {exc}\n")
+        return exc.exit_code
 
 
 def _leading_socket(argv: list[str]) -> tuple[str | None, list[str]]:
@@ -84,7 +95,9 @@ def _leading_socket(argv: list[str]) -> tuple[str | None, list[str]]:
     return None, argv
 
 
-def _usage(message: str) -> errors.UsageError:
+def _usage(message: str) -> "errors.UsageError":
+    from mailoauthd import errors  # loaded on failure only (see above)
+
     return errors.UsageError(f"{message}\n{USAGE}")
 
 
@@ -150,6 +163,8 @@ def _hot(command: str, args: list[str], socket_path: str | None) -> int:
     reply = request_reply(request, socket_path, timeout + wait + ANSWER_GRACE)
     token = reply.get("token")
     if not isinstance(token, str) or not token:
+        from mailoauthd import errors  # loaded on failure only (see above)
+
         raise errors.MailoauthdError(f"{account}: the daemon sent no token")
     if command == "token":
         out = token

@@ -2,15 +2,17 @@
 The helper's transport: which socket to try, one request line out, one reply line back.
 
 Standard library only, and cheap: `mailoauth token` goes through here on every
-mail connection, so it uses the C `_socket` module rather than `socket`.
+mail connection, so it uses the C `_socket` module rather than `socket`
+(fastpath.sockets, which falls back to `socket` where `_socket` is missing).
 A failure is raised as the errors.py class it is: DaemonUnreachable, TimedOut,
-or the one the daemon's reply names.
+or the one the daemon's reply names; `errors` is imported there, so that a
+token handed out never loads it.
 """
 
-import _socket  # the C module: `socket` costs the helper a visible share of its start-up
 import os
 
-from mailoauthd import errors, paths, protocol
+from mailoauthd import paths, protocol
+from mailoauthd.fastpath import sockets  # `_socket`: `socket` costs a visible share of start-up
 
 # How long a token request waits for a due refresh unless --timeout says otherwise.
 DEFAULT_TIMEOUT = 15.0
@@ -28,7 +30,7 @@ def candidate_sockets(socket_path: str | None) -> list[str]:
     return paths.helper_sockets(dict(os.environ), os.getuid())
 
 
-def connect(socket_path: str | None, timeout: float | None) -> _socket.socket:
+def connect(socket_path: str | None, timeout: float | None) -> sockets.socket:
     """
     A connection to the daemon: the first candidate socket that answers.
 
@@ -38,7 +40,7 @@ def connect(socket_path: str | None, timeout: float | None) -> _socket.socket:
     tried = candidate_sockets(socket_path)
     failures: list[str] = []
     for path in tried:
-        candidate = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        candidate = sockets.socket(sockets.AF_UNIX, sockets.SOCK_STREAM)
         candidate.settimeout(timeout)
         try:
             _connect(candidate, path, timeout)
@@ -47,6 +49,8 @@ def connect(socket_path: str | None, timeout: float | None) -> _socket.socket:
             failures.append(f"{path}: {exc.strerror or exc}")
             continue
         return candidate
+    from mailoauthd import errors  # on failure only (see above)
+
     raise errors.DaemonUnreachable(
         f"cannot reach mailoauthd: {'; '.join(failures)}", hint=unreachable_hint(socket_path)
     )
@@ -64,7 +68,7 @@ def unreachable_hint(socket_path: str | None) -> str:
     )
 
 
-def _connect(sock: _socket.socket, path: str, timeout: float | None) -> None:
+def _connect(sock: sockets.socket, path: str, timeout: float | None) -> None:
     """
     connect(), waiting while the daemon's listen queue is full.
 
@@ -118,8 +122,12 @@ def request_reply(request: bytes, socket_path: str | None, timeout: float) -> di
             if chunk.endswith(b"\n"):
                 break
     except TimeoutError:
+        from mailoauthd import errors  # on failure only (see above)
+
         raise errors.TimedOut(f"mailoauthd did not answer within {timeout:g} s") from None
     except OSError as exc:
+        from mailoauthd import errors
+
         raise errors.DaemonUnreachable(
             f"lost the connection to mailoauthd: {exc}", hint=""
         ) from None
@@ -128,14 +136,18 @@ def request_reply(request: bytes, socket_path: str | None, timeout: float) -> di
     try:
         reply = protocol.decode(b"".join(chunks))
     except protocol.WireError as exc:
+        from mailoauthd import errors
+
         raise errors.MailoauthdError(f"mailoauthd sent a reply that is {exc}") from None
     if reply.get("ok") is True:
         return reply
-    code = str(reply.get("error", "error"))
+    from mailoauthd import errors
+
+    code = str(reply.get("error", errors.MailoauthdError.code))
     message = str(reply.get("message", "the daemon reported an error"))
     hint = reply.get("hint") or ""
     names = reply.get("accounts")
-    if code == "unknown-account" and isinstance(names, list):
+    if code == errors.UnknownAccount.code and isinstance(names, list):
         # Only on this failure path: difflib is not worth importing for every token.
         import difflib
 
