@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
@@ -195,3 +195,124 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[[Path], DaemonProcess]]:
             proc.proc.kill()
             proc.proc.wait()
         proc._log.close()
+
+
+# --- Test levels -------------------------------------------------------------------------
+# Two levels, both run by `make test`: unit tests run in this process (`make unit` runs only
+# these), integration tests start real programs (the daemon, the helper, mail clients,
+# etcd, ...) as subprocesses. A test is integration when it lives in one of these places or
+# uses one of these fixtures; otherwise it must not start a process, and a guard fails it if
+# it does, so the unit level stays in-process without anyone keeping a list by hand.
+
+TESTS = Path(__file__).parent
+# Whole suites whose every test runs real programs.
+INTEGRATION_PATHS = (
+    TESTS / "e2e",
+    TESTS / "reliability",
+    TESTS / "fleet",
+    TESTS / "test_systemd.py",
+)
+# Fixtures that start `mailoauthd` as a program; a fixture built on one inherits it.
+INTEGRATION_FIXTURES = frozenset({"start_daemon"})
+# Tests that start programs without those fixtures, in files whose owners have not yet
+# marked them `@pytest.mark.integration` (move each mark into its file, then drop it here).
+# A stale entry only fails loudly: the guard below refuses the unmarked test's process.
+INTEGRATION_TESTS = (
+    "tests/test_access.py::TestTokens",  # as other users, through `setpriv` and the helper
+    "tests/test_access.py::TestManagement",
+    "tests/test_access.py::TestReload",
+    "tests/test_access.py::TestAudit",
+    "tests/test_authorize.py::TestRevoke",  # `mailoauth revoke`
+    "tests/test_authorize.py::TestExplanations",  # `mailoauth status` and `token`
+    # python -X importtime
+    "tests/test_client.py::TestImports::test_hot_path_imports_nothing_heavy",
+    "tests/test_client.py::TestImports::test_only_stdlib_in_helper_modules",
+    "tests/test_client.py::TestUnreachable",  # the helper's exit codes
+    "tests/test_config.py::TestSecretSource::test_command",  # client_secret_command
+    "tests/test_config.py::TestSecretSource::test_failing_command_shows_no_output",
+    "tests/test_config.py::TestSecretSource::test_missing_program",
+    "tests/test_config.py::TestSecretSource::test_silent_command",
+    "tests/test_daemon.py::TestCheckConfig",  # `mailoauthd check-config`
+    "tests/test_daemon.py::TestOperations",  # the daemon under a NOTIFY_SOCKET
+    "tests/test_manpages.py::test_man_renders",  # man, bash, zsh, fish
+    "tests/test_manpages.py::test_zsh_loads",
+    "tests/test_manpages.py::TestBash",
+    "tests/test_manpages.py::TestFish",
+    "tests/test_probe.py::TestCheckOnline",  # `mailoauthd check-config --online`
+    "tests/test_socket_hardening.py::test_peer_with_many_groups",  # a client under setpriv
+    "tests/test_socket_hardening.py::test_daemon_is_not_dumpable_and_raises_its_descriptor_limit",
+    "tests/test_trial.py::TestTrialSignIn",  # `mailoauth authorize --test`
+)
+
+
+def is_integration(item: pytest.Item) -> bool:
+    """Whether a test belongs to the integration level (explicitly or by place or fixture)."""
+    if item.get_closest_marker("integration") is not None:
+        return True
+    if any(item.path == p or p in item.path.parents for p in INTEGRATION_PATHS):
+        return True
+    if any(
+        item.nodeid == t or item.nodeid.startswith((f"{t}::", f"{t}[")) for t in INTEGRATION_TESTS
+    ):
+        return True
+    return not INTEGRATION_FIXTURES.isdisjoint(getattr(item, "fixturenames", ()))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark the integration tests, so that `-m "not integration"` selects the unit level."""
+    for item in items:
+        if is_integration(item) and item.get_closest_marker("integration") is None:
+            item.add_marker(pytest.mark.integration)
+
+
+class SpawnInUnitTest(AssertionError):
+    """A test not marked integration started a process."""
+
+
+@contextmanager
+def no_processes(item: pytest.Item) -> Iterator[None]:
+    """In a unit test, refuse every way the standard library starts a process.
+
+    The refusal raises at once, and the phase fails afterwards even if the code under test
+    caught the error (a configured command that "failed" must not pass as tested).
+    """
+    if item.get_closest_marker("integration") is not None:
+        yield
+        return
+    tried: list[str] = []
+
+    def refuse(name: str) -> Callable[..., object]:
+        def refused(*args: object, **kwargs: object) -> object:
+            tried.append(f"{name}{args[1:2] if name == 'subprocess.Popen' else args[:1]}")
+            raise SpawnInUnitTest(f"{item.nodeid} starts a process; mark it integration")
+
+        return refused
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(subprocess.Popen, "__init__", refuse("subprocess.Popen"))
+        for name in ("fork", "posix_spawn", "posix_spawnp", "system"):
+            mp.setattr(os, name, refuse(f"os.{name}"))
+        yield
+    if tried:
+        raise SpawnInUnitTest(
+            f"{item.nodeid} is not marked integration but started a process: {tried[0]}"
+        )
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+    """Fixtures of any scope set up for a unit test are guarded too."""
+    with no_processes(item):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    with no_processes(item):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    with no_processes(item):
+        return (yield)

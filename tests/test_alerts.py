@@ -172,6 +172,7 @@ async def settle() -> None:
 
 @pytest.mark.slow
 class TestReminders:
+    @pytest.mark.integration
     async def test_fires_once_repeats_and_stops_after_sign_in(
         self, clock: trio.testing.MockClock, dev: DevProvider, tmp_path: Path, record: Path
     ) -> None:
@@ -220,6 +221,7 @@ class TestReminders:
         secrets = [*dev.issued_secrets(), "seeded-work", refresh_token]
         assert [s for s in secrets if s in everything] == []
 
+    @pytest.mark.integration
     async def test_reminds_at_start_of_what_was_lost_before(
         self, clock: trio.testing.MockClock, dev: DevProvider, tmp_path: Path, record: Path
     ) -> None:
@@ -253,6 +255,7 @@ class TestReminders:
             await settle()
         assert runs(record) == []
 
+    @pytest.mark.integration
     async def test_refresh_token_cut_off_is_shown_and_warned_of_once(
         self, clock: trio.testing.MockClock, dev: DevProvider, tmp_path: Path, record: Path
     ) -> None:
