@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
 
+import hypothesis
 import pytest
 import trio
 import trio.testing
@@ -316,3 +317,13 @@ def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
     with no_processes(item):
         return (yield)
+
+
+# --- Hypothesis on a shared machine ------------------------------------------------------
+# The too-slow health check times the first examples' generation by the wall clock, so a
+# busy machine (two cores, other suites running) failed a test whose data were fine. The
+# other health checks (filters, data too large) and every test's examples stay as they are.
+hypothesis.settings.register_profile(
+    "mailoauthd", suppress_health_check=[hypothesis.HealthCheck.too_slow]
+)
+hypothesis.settings.load_profile("mailoauthd")
