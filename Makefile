@@ -32,9 +32,10 @@ man: $(RUN_STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -W error -q
 
-# The unit level alone, in this process, no program started: the quick loop while editing.
+# The unit level alone: no program started, the quick loop while editing. Spread over
+# every core (pytest-xdist): these tests share nothing but ephemeral ports and tmp_path.
 unit: $(STAMP)
-	$(BIN)/python -m pytest -W error -q -m "not integration"
+	$(BIN)/python -m pytest -W error -q -m "not integration" -n auto
 
 lint: $(STAMP)
 	$(BIN)/ruff format --check mailoauthd tests bench
