@@ -201,9 +201,9 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[[Path], DaemonProcess]]:
 # --- Test levels -------------------------------------------------------------------------
 # Two levels, both run by `make test`: unit tests run in this process (`make unit` runs only
 # these), integration tests start real programs (the daemon, the helper, mail clients,
-# etcd, ...) as subprocesses. A test is integration when it lives in one of these places or
-# uses one of these fixtures; otherwise it must not start a process, and a guard fails it if
-# it does, so the unit level stays in-process without anyone keeping a list by hand.
+# etcd, ...) as subprocesses. A test is integration when it lives in one of these places,
+# uses one of these fixtures or is marked; otherwise it must not start a process, and a
+# guard fails it if it does, so the unit level stays in-process and no mark is forgotten.
 
 TESTS = Path(__file__).parent
 # Whole suites whose every test runs real programs.
@@ -315,6 +315,11 @@ def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    """The test's own teardown is guarded; not the end of a module or of the session, where
+    pytest also tears down the shared fixtures (an e2e Dovecot, a module's system users) of
+    the integration tests that came before, whatever test happens to be the last."""
+    if nextitem is None or nextitem.path != item.path:
+        return (yield)
     with no_processes(item):
         return (yield)
 
