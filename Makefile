@@ -33,7 +33,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -W error -q
 
 # The unit level alone: no program started, the quick loop while editing. Spread over
-# every core (pytest-xdist): these tests share nothing but ephemeral ports and tmp_path.
+# every core (pytest-xdist): these tests share nothing but ephemeral ports and tmp_path;
+# each worker collects the suite again, so it helps when the cores are otherwise idle.
 unit: $(STAMP)
 	$(BIN)/python -m pytest -W error -q -m "not integration" -n auto
 
