@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 RUN_STAMP := $(VENV)/.installed-run
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test check lint clean bench soak man
+.PHONY: demo test unit check lint clean bench soak man
 
 $(RUN_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,8 +27,16 @@ demo: $(RUN_STAMP)
 man: $(RUN_STAMP)
 	$(BIN)/python -m mailoauthd.manpages share
 
+# Everything: the unit tests and the integration tests, which start the real programs
+# (tests/conftest.py says which are which; docs/architecture.md, "Test levels").
 test: $(STAMP)
 	$(BIN)/python -m pytest -W error -q
+
+# The unit level alone: no program started, the quick loop while editing. Spread over
+# every core (pytest-xdist): these tests share nothing but ephemeral ports and tmp_path;
+# each worker collects the suite again, so it helps when the cores are otherwise idle.
+unit: $(STAMP)
+	$(BIN)/python -m pytest -W error -q -m "not integration" -n auto
 
 lint: $(STAMP)
 	$(BIN)/ruff format --check mailoauthd tests bench

@@ -10,11 +10,12 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
 
+import hypothesis
 import pytest
 import trio
 import trio.testing
@@ -274,3 +275,107 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[[Path], DaemonProcess]]:
             proc.proc.kill()
             proc.proc.wait()
         proc._log.close()
+
+
+# --- Test levels -------------------------------------------------------------------------
+# Two levels, both run by `make test`: unit tests run in this process (`make unit` runs only
+# these), integration tests start real programs (the daemon, the helper, mail clients,
+# etcd, ...) as subprocesses. A test is integration when it lives in one of these places,
+# uses one of these fixtures or is marked; otherwise it must not start a process, and a
+# guard fails it if it does, so the unit level stays in-process and no mark is forgotten.
+
+TESTS = Path(__file__).parent
+# Whole suites whose every test runs real programs.
+INTEGRATION_PATHS = (
+    TESTS / "e2e",
+    TESTS / "reliability",
+    TESTS / "fleet",
+    TESTS / "test_systemd.py",
+)
+# Fixtures that start `mailoauthd` as a program; a fixture built on one inherits it.
+INTEGRATION_FIXTURES = frozenset({"start_daemon"})
+# Any other test that starts a program carries `@pytest.mark.integration` in its file.
+
+
+def is_integration(item: pytest.Item) -> bool:
+    """Whether a test belongs to the integration level (explicitly or by place or fixture)."""
+    if item.get_closest_marker("integration") is not None:
+        return True
+    if any(item.path == p or p in item.path.parents for p in INTEGRATION_PATHS):
+        return True
+    return not INTEGRATION_FIXTURES.isdisjoint(getattr(item, "fixturenames", ()))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark the integration tests, so that `-m "not integration"` selects the unit level."""
+    for item in items:
+        if is_integration(item) and item.get_closest_marker("integration") is None:
+            item.add_marker(pytest.mark.integration)
+
+
+class SpawnInUnitTest(AssertionError):
+    """A test not marked integration started a process."""
+
+
+@contextmanager
+def no_processes(item: pytest.Item) -> Iterator[None]:
+    """In a unit test, refuse every way the standard library starts a process.
+
+    The refusal raises at once, and the phase fails afterwards even if the code under test
+    caught the error (a configured command that "failed" must not pass as tested).
+    """
+    if item.get_closest_marker("integration") is not None:
+        yield
+        return
+    tried: list[str] = []
+
+    def refuse(name: str) -> Callable[..., object]:
+        def refused(*args: object, **kwargs: object) -> object:
+            tried.append(f"{name}{args[1:2] if name == 'subprocess.Popen' else args[:1]}")
+            raise SpawnInUnitTest(f"{item.nodeid} starts a process; mark it integration")
+
+        return refused
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(subprocess.Popen, "__init__", refuse("subprocess.Popen"))
+        for name in ("fork", "posix_spawn", "posix_spawnp", "system"):
+            mp.setattr(os, name, refuse(f"os.{name}"))
+        yield
+    if tried:
+        raise SpawnInUnitTest(
+            f"{item.nodeid} is not marked integration but started a process: {tried[0]}"
+        )
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+    """Fixtures of any scope set up for a unit test are guarded too."""
+    with no_processes(item):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    with no_processes(item):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    """The test's own teardown is guarded; not the end of a module or of the session, where
+    pytest also tears down the shared fixtures (an e2e Dovecot, a module's system users) of
+    the integration tests that came before, whatever test happens to be the last."""
+    if nextitem is None or nextitem.path != item.path:
+        return (yield)
+    with no_processes(item):
+        return (yield)
+
+
+# --- Hypothesis on a shared machine ------------------------------------------------------
+# The too-slow health check times the first examples' generation by the wall clock, so a
+# busy machine (two cores, other suites running) failed a test whose data were fine. The
+# other health checks (filters, data too large) and every test's examples stay as they are.
+hypothesis.settings.register_profile(
+    "mailoauthd", suppress_health_check=[hypothesis.HealthCheck.too_slow]
+)
+hypothesis.settings.load_profile("mailoauthd")

@@ -197,6 +197,7 @@ REFUSED = [
 ]
 
 
+@pytest.mark.integration  # ,  # as other users, through `setpriv` and the helper
 class TestTokens:
     @pytest.mark.parametrize(("role", "account"), ALLOWED)
     def test_allowed_peers_get_the_token(
@@ -251,6 +252,7 @@ class TestTokens:
         assert primary.returncode == 0, primary.stderr
 
 
+@pytest.mark.integration  # ,
 class TestManagement:
     @pytest.mark.parametrize(
         ("role", "visible"),
@@ -318,6 +320,7 @@ class TestManagement:
         assert helper("token", "shared", socket=system.socket).stdout == before
 
 
+@pytest.mark.integration  # ,
 class TestReload:
     def test_allow_lists_change_on_reload(self, people: People, system: System) -> None:
         """A user added to allow_users gets the token after `mailoauth reload`; a broken
@@ -343,6 +346,7 @@ class TestReload:
         assert as_user(people, system, "carol", "token", "shared").returncode == 1
 
 
+@pytest.mark.integration  # ,
 class TestAudit:
     def test_handouts_and_refusals_are_logged(self, people: People, system: System) -> None:
         """Each hand-out is a debug event with uid, pid and program; each refusal an info event."""

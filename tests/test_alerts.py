@@ -150,6 +150,7 @@ def seed(tmp: Path, st: state.AccountState) -> None:
 
 @pytest.mark.slow
 class TestReminders:
+    @pytest.mark.integration
     async def test_fires_once_repeats_and_stops_after_sign_in(
         self, clock: trio.testing.MockClock, dev: DevProvider, tmp_path: Path, record: Path
     ) -> None:
@@ -198,6 +199,7 @@ class TestReminders:
         secrets = [*dev.issued_secrets(), "seeded-work", refresh_token]
         assert [s for s in secrets if s in everything] == []
 
+    @pytest.mark.integration
     async def test_reminds_at_start_of_what_was_lost_before(
         self, clock: trio.testing.MockClock, dev: DevProvider, tmp_path: Path, record: Path
     ) -> None:
@@ -231,6 +233,7 @@ class TestReminders:
             await tasks.ended()
         assert runs(record) == []
 
+    @pytest.mark.integration
     async def test_refresh_token_cut_off_is_shown_and_warned_of_once(
         self, clock: trio.testing.MockClock, dev: DevProvider, tmp_path: Path, record: Path
     ) -> None:

@@ -950,6 +950,7 @@ async def run_helper(*args: str, d: daemon.Daemon) -> subprocess.CompletedProces
     return await trio.to_thread.run_sync(lambda: helper(*args, socket=d.socket_path))
 
 
+@pytest.mark.integration  # ,  # `mailoauth revoke`
 @pytest.mark.slow
 class TestRevoke:
     async def test_revokes_at_the_provider_then_forgets(
@@ -1013,6 +1014,7 @@ class TestRevoke:
         assert not state_file(tmp_path).exists()
 
 
+@pytest.mark.integration  # ,  # `mailoauth status` and `token`
 @pytest.mark.slow
 class TestExplanations:
     @pytest.mark.parametrize(

@@ -26,6 +26,7 @@ pytestmark = pytest.mark.slow
     shutil.which("cc") is None and shutil.which("gcc") is None,
     reason="the load generator needs a C compiler (bench/setup.sh installs gcc)",
 )
+@pytest.mark.integration
 def test_bench_smoke_run_writes_the_report(tmp_path: Path) -> None:
     """`bench/run.py --smoke` runs every benchmark end to end and writes the report."""
     out, raw = tmp_path / "performance.md", tmp_path / "figures.json"
@@ -234,6 +235,7 @@ def test_a_part_run_alone_is_dated_in_the_header() -> None:
     assert report._parts({}) == ""
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler")
 def test_the_reference_server_answers_the_canned_bytes(tmp_path: Path) -> None:
     """A real refserver, and the real load generator against it."""
@@ -262,6 +264,7 @@ def test_the_reference_server_answers_the_canned_bytes(tmp_path: Path) -> None:
     assert run["requests"] > 100
 
 
+@pytest.mark.integration
 def test_the_scale_reference_parses_every_file(tmp_path: Path) -> None:
     from common import account_names, seed_state, write_config
 

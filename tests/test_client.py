@@ -51,6 +51,7 @@ def imported_by(args: list[str], tmp_path: Path) -> set[str]:
 
 
 class TestImports:
+    @pytest.mark.integration  # ,
     @pytest.mark.parametrize("command", ["token", "sasl"])
     def test_hot_path_imports_nothing_heavy(self, command: str, tmp_path: Path) -> None:
         """`mailoauth token|sasl` loads no third-party module and none of the costly stdlib ones."""
@@ -60,6 +61,7 @@ class TestImports:
         assert not top & THIRD_PARTY
         assert not extra & HEAVY_STDLIB, extra
 
+    @pytest.mark.integration  # the real helper, run with -X importtime
     def test_a_token_handed_out_loads_no_error_classes(self, tmp_path: Path) -> None:
         """On success `mailoauth token` does not even load errors.py (its classes cost a
         visible share of start-up; fastpath.py, which it does load, is paid for so)."""
@@ -82,6 +84,7 @@ class TestImports:
         assert {"mailoauthd.helper.token", "mailoauthd.fastpath"} <= extra  # it ran
         assert "mailoauthd.errors" not in extra
 
+    @pytest.mark.integration  # ,
     def test_only_stdlib_in_helper_modules(self) -> None:
         """Every module the helper can reach imports only the standard library."""
         # What the interpreter loaded before us (site hooks, an editable
@@ -172,6 +175,7 @@ def imports_in(path: Path) -> set[str]:
     return names
 
 
+@pytest.mark.integration  # ,  # the helper's exit codes
 class TestUnreachable:
     def test_missing_socket_exits_3_and_names_the_path(self, tmp_path: Path) -> None:
         """With no daemon, the helper exits 3 and says which socket it tried."""

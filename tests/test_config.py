@@ -674,12 +674,14 @@ class TestSecretSource:
             SecretSource(file=tmp_path / "empty").read(where="w")
         assert info.value.message == f"w: {tmp_path / 'empty'} is empty"
 
+    @pytest.mark.integration  # ,  # client_secret_command
     def test_command(self) -> None:
         """A command's stdout, stripped, is the secret."""
         source = SecretSource(command=(sys.executable, "-c", "print(' s3cret ')"))
         assert source.key == "client_secret_command"
         assert source.read(where="w") == Secret("s3cret")
 
+    @pytest.mark.integration  # ,
     def test_failing_command_shows_no_output(self) -> None:
         """A failing command is reported by program and status, never by its output."""
         code = "import sys; print('leaked-secret'); sys.stderr.write('leaked-err'); sys.exit(3)"
@@ -693,6 +695,7 @@ class TestSecretSource:
         )
         assert info.value.__cause__ is None
 
+    @pytest.mark.integration  # ,
     def test_missing_program(self, tmp_path: Path) -> None:
         """A program that does not exist is named with the OS error."""
         with pytest.raises(ConfigError) as info:
@@ -701,6 +704,7 @@ class TestSecretSource:
             f"w: {str(tmp_path / 'nope')!r} cannot be run: No such file or directory"
         )
 
+    @pytest.mark.integration  # ,
     def test_silent_command(self) -> None:
         """A command that prints nothing is an error."""
         with pytest.raises(ConfigError, match="printed nothing on stdout"):

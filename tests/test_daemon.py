@@ -317,6 +317,7 @@ class TestBadClients:
         assert answer["error"] == "timeout"
 
 
+@pytest.mark.integration  # ,  # the daemon under a NOTIFY_SOCKET
 class TestOperations:
     def test_sighup_reloads_and_keeps_old_config_on_error(
         self, setup: Path, provider: DevProvider, start_daemon: Start
@@ -392,6 +393,7 @@ class TestOperations:
                 proc.wait()
 
 
+@pytest.mark.integration  # ,  # `mailoauthd check-config`
 class TestCheckConfig:
     def test_good_config_exits_0(self, setup: Path) -> None:
         """check-config validates and exits 0 without starting anything."""

@@ -820,6 +820,7 @@ class TestObservation:
         assert set(wanted + [flow["device_code"], "demo-secret"]) <= set(issued)
 
 
+@pytest.mark.integration
 class TestCommandLine:
     def test_subprocess(self) -> None:
         """The command line prints one JSON line once listening, serves, and exits 0 on SIGTERM."""

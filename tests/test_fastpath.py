@@ -92,6 +92,7 @@ class TestAccept:
 HIDE = "import socket, sys; sys.modules['_json'] = None; sys.modules['_socket'] = None; "
 
 
+@pytest.mark.integration  # fresh interpreters without _json and _socket
 class TestWithoutPrivateModules:
     def test_fallbacks_are_chosen(self) -> None:
         """With `_json` and `_socket` missing, fastpath picks the public modules."""

@@ -52,6 +52,7 @@ def example_secrets(directory: Path) -> Path:
 # --- the helper ----------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 class TestHelper:
     def test_version(self) -> None:
         """`mailoauth --version` works like `mailoauthd --version`."""
@@ -134,6 +135,7 @@ class TestHelper:
 # --- check-config -------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 class TestCheckConfig:
     def test_example_as_installed_passes(self, tmp_path: Path) -> None:
         """The example, printed by example-config, passes with its secret files in place."""
@@ -247,6 +249,7 @@ class TestCheckConfig:
 
 @pytest.mark.slow
 class TestDemo:
+    @pytest.mark.integration
     def test_never_system_paths(self, tmp_path: Path) -> None:
         """Without a runtime directory (root's case) the demo's socket is its own, in /tmp."""
         env = {k: v for k, v in os.environ.items() if k not in ("XDG_RUNTIME_DIR",)}
@@ -297,6 +300,7 @@ class TestDemo:
 
 
 class TestDocs:
+    @pytest.mark.integration
     def test_no_file_cites_a_document_the_repository_lacks(self) -> None:
         """Nothing refers to the CONTRACT.md of the project's planning: the repo stands alone."""
         listed = subprocess.run(
@@ -354,6 +358,7 @@ class TestDocs:
         assert "useradd" in readme
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(not shutil.which("make"), reason="needs make")
 def test_make_demo_installs_only_the_program(tmp_path: Path) -> None:
     """`make demo` on a fresh machine installs mailoauthd alone: no pytest, ruff or mypy."""

@@ -9,6 +9,7 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
 import structlog
 import structlog.testing
 import trio
@@ -22,6 +23,7 @@ from mailoauthd.lastresort import guarded
 RECORDER = "import sys; open(sys.argv[1], 'a').write(sys.argv[2] + '\\n')"
 
 
+@pytest.mark.integration
 async def test_a_notify_command_that_cannot_start_ends_nothing(tmp_path: Path) -> None:
     """A command that cannot start (here a NUL byte in its argv; a NUL in a provider's
     error_description did it before provider text was cleaned) raises ValueError at the

@@ -54,6 +54,7 @@ def test_pages_say_what_help_says() -> None:
     assert "print only the account names" in page
 
 
+@pytest.mark.integration  # ,  # man, bash, zsh, fish
 @pytest.mark.skipif(not shutil.which("man"), reason="needs man (man-db)")
 @pytest.mark.parametrize("page", PAGES)
 def test_man_renders(page: str) -> None:
@@ -87,6 +88,7 @@ def shell_env() -> dict[str, str]:
     return env
 
 
+@pytest.mark.integration  # ,
 @pytest.mark.skipif(not shutil.which("bash"), reason="needs bash")
 class TestBash:
     def complete(self, *words: str) -> list[str]:
@@ -128,6 +130,7 @@ class TestBash:
         assert done.stdout.strip() == "complete -F _mailoauthd mailoauthd"
 
 
+@pytest.mark.integration  # ,
 @pytest.mark.skipif(not shutil.which("zsh"), reason="needs zsh")
 @pytest.mark.parametrize("program", ["mailoauth", "mailoauthd"])
 def test_zsh_loads(tmp_path: Path, program: str) -> None:
@@ -145,6 +148,7 @@ def test_zsh_loads(tmp_path: Path, program: str) -> None:
     assert done.stdout.split() == [f"_{program}", "loaded"]
 
 
+@pytest.mark.integration  # ,
 @pytest.mark.skipif(not shutil.which("fish"), reason="needs fish")
 class TestFish:
     def complete(self, line: str, tmp_path: Path, socket: Path | None = None) -> list[str]:

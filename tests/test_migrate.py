@@ -9,6 +9,7 @@ The imported token must then work: the daemon refreshes with it.
 from __future__ import annotations
 
 import base64
+import importlib.util
 import json
 import os
 import re
@@ -57,13 +58,17 @@ def works(socket: Path) -> None:
     assert refreshed.returncode == 0, refreshed.stderr
 
 
-@pytest.fixture
-def gnupg(tmp_path: Path) -> Iterator[dict[str, str]]:
-    """A GnuPG home with one key without passphrase; its agent stopped at the end."""
+@pytest.fixture(scope="module")
+def gnupg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A GnuPG home with one key without passphrase; its agent stopped at the end.
+
+    One for the module: making the key and starting the agent took seconds per test, and
+    the tests only encrypt to and decrypt with it.
+    """
     if not shutil.which("gpg"):
         pytest.skip("needs gpg (gnupg)")
-    home = tmp_path / "gnupg"
-    home.mkdir(mode=0o700)
+    home = tmp_path_factory.mktemp("gnupg")
+    home.chmod(0o700)
     env = {**os.environ, "GNUPGHOME": str(home)}
     subprocess.run(
         [
@@ -269,17 +274,13 @@ def test_oama_gpg_record(
     works(socket)
 
 
-def _emailproxy_python(tmp_path: Path) -> Path | None:
-    """email-oauth2-proxy installed in a venv of its own, if pip can get it here."""
-    venv = tmp_path / "emailproxy-venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
-    pip = subprocess.run(
-        [str(venv / "bin/pip"), "install", "--quiet", "emailproxy"],
-        capture_output=True,
-        timeout=600,
-        check=False,
-    )
-    return venv / "bin/python" if pip.returncode == 0 else None
+def _emailproxy_python() -> Path | None:
+    """A Python that has email-oauth2-proxy (`emailproxy`, in the test extras), if ours has it.
+
+    It used to be installed from the package index into a venv of its own on every run:
+    20 s or more, and not offline.
+    """
+    return Path(sys.executable) if importlib.util.find_spec("emailproxy") is not None else None
 
 
 @pytest.mark.slow
@@ -287,13 +288,14 @@ def test_email_oauth2_proxy_sealed_by_the_proxy(
     tmp_path: Path, provider: DevProvider, socket: Path
 ) -> None:
     """
-    The proxy's own Cryptographer seals the token with the account's password (installed from
-    the package index into a venv of its own); without it, the scheme its source documents.
+    The proxy's own Cryptographer seals the token with the account's password (at its own
+    1,200,000 PBKDF2 rounds, so this test takes seconds); without it, the scheme its source
+    documents.
     """
     pytest.importorskip("cryptography")
     token = provider.issue_refresh_token(USER)
     config = tmp_path / "emailproxy.config"
-    python = _emailproxy_python(tmp_path)
+    python = _emailproxy_python()
     if python is not None:
         seal = (
             "import configparser, sys, emailproxy\n"

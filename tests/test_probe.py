@@ -120,6 +120,7 @@ def blocks(out: str) -> dict[str, str]:
     return found
 
 
+@pytest.mark.integration  # ,  # `mailoauthd check-config --online`
 @pytest.mark.slow
 class TestCheckOnline:
     @pytest.fixture

@@ -13,6 +13,7 @@ from conftest import DaemonProcess, config_text
 from mailoauthd.testing import DevProvider
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl and /proc are Linux's")
 def test_forbid_sets_the_process_non_dumpable() -> None:
     """forbid() turns PR_GET_DUMPABLE to 0 and the core size limit to 0."""

@@ -233,6 +233,7 @@ class TestParsingCannotCrash:
 
 
 class TestFaultsAtStartAndInTasks:
+    @pytest.mark.integration
     async def test_nul_in_a_stored_error_does_not_stop_the_start(
         self, clock: trio.testing.MockClock, dev: DevProvider, tmp_path: Path
     ) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
+from certs import self_signed
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -118,6 +119,7 @@ class TestConfig:
             assert not hostport.is_loopback(hostport.parse(where).host)
 
 
+@pytest.mark.integration
 def test_check_config_refuses_a_remote_listener_without_certificate(tmp_path: Path) -> None:
     """`mailoauthd check-config` names the file, the table and the key, and exits 1."""
     import sys
@@ -150,27 +152,13 @@ class NoAccounts:
 
 @pytest.fixture(scope="module")
 def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    directory = tmp_path_factory.mktemp("cert")
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=localhost"],
-        check=True, capture_output=True, timeout=30,
-    )  # fmt: skip
-    return cert, key
+    return self_signed(tmp_path_factory.mktemp("cert"))
 
 
 @pytest.fixture(scope="module")
 def other_certificate(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A second self-signed certificate for localhost: not the one the test server has."""
-    directory = tmp_path_factory.mktemp("other")
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-         "-nodes", "-keyout", str(directory / "key.pem"), "-out", str(directory / "cert.pem"),
-         "-days", "2", "-subj", "/CN=localhost"],
-        check=True, capture_output=True, timeout=30,
-    )  # fmt: skip
-    return directory / "cert.pem"
+    return self_signed(tmp_path_factory.mktemp("other"))[0]
 
 
 def server_context(certificate: tuple[Path, Path]) -> ssl.SSLContext:
@@ -441,6 +429,7 @@ class TestUpstreamTLS:
             nursery.cancel_scope.cancel()
 
 
+@pytest.mark.integration
 def test_the_open_files_limit_is_lifted_to_the_hard_one() -> None:
     """1,024 sessions need over 2,048 descriptors; systemd's default soft limit is 1,024."""
     code = (

@@ -173,6 +173,7 @@ class TestKeySource:
         with pytest.raises(ConfigError, match=r"encryption_key_file.*cannot read.*nokey"):
             seal.load_keyring(tmp_path / "nokey", None, {})
 
+    @pytest.mark.integration
     def test_key_command(self, tmp_path: Path) -> None:
         (tmp_path / "k").write_text(f"{b64(KEY)}\n{b64(OLD_KEY)}\n")
         ring = seal.load_keyring(None, ("cat", str(tmp_path / "k")))
@@ -180,6 +181,7 @@ class TestKeySource:
         assert ring.keys == (KEY, OLD_KEY)
         assert "encryption_key_command ('cat')" in ring.source
 
+    @pytest.mark.integration
     def test_failing_key_command_is_named(self) -> None:
         with pytest.raises(ConfigError, match=r"encryption_key_command.*'false'.*status 1"):
             seal.load_keyring(None, ("false",))
@@ -188,6 +190,7 @@ class TestKeySource:
         assert seal.load_keyring(None, None) is None
 
 
+@pytest.mark.integration
 def test_helper_path_never_loads_sealing() -> None:
     """`mailoauth token` never touches state: neither seal, store nor cryptography is loaded."""
     report = (

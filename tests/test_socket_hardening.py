@@ -138,6 +138,7 @@ class TestChannel:
         await stream.aclose()
 
 
+@pytest.mark.integration  # ,  # a client under setpriv
 @pytest.mark.skipif(os.geteuid() != 0, reason="setgroups(2) needs root")
 @pytest.mark.parametrize("count", [10, 300, 5000])
 def test_peer_with_many_groups(tmp_path: Path, count: int) -> None:
@@ -182,6 +183,7 @@ def test_refusal_log_limit() -> None:
     assert json.dumps(limit.suppressed(1001)) == "{}"
 
 
+@pytest.mark.integration  # ,
 @pytest.mark.skipif(os.geteuid() != 0, reason="runs the daemon as another user")
 def test_daemon_is_not_dumpable_and_raises_its_descriptor_limit() -> None:
     """The real daemon, under an ordinary uid with a low soft RLIMIT_NOFILE: its /proc

@@ -236,6 +236,7 @@ class TestSave:
         assert old_bytes == old_link.read_bytes()  # the old inode was never written to
         assert small == store.load("work")
 
+    @pytest.mark.integration
     def test_failed_write_leaves_old_file_intact(self, tmp_path: Path) -> None:
         """A write that fails half-way (file size limit) leaves the old file whole and no temp."""
         directory = tmp_path / "state"
@@ -291,6 +292,7 @@ else:
 
 
 class TestLock:
+    @pytest.mark.integration
     def test_second_daemon_is_refused(self, store: TokenStore) -> None:
         """A second process opening the directory gets StateLocked naming it and our pid."""
         result = run_python(_SECOND_OPEN, str(store.directory))
@@ -306,6 +308,7 @@ class TestLock:
         assert str(store.directory) in info.value.message
         assert "state-locked" == info.value.code
 
+    @pytest.mark.integration
     def test_lock_can_be_taken_after_close(self, tmp_path: Path) -> None:
         """Once close() has run, another process and then this one can take the lock."""
         first = TokenStore(tmp_path / "state")

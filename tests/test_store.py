@@ -221,6 +221,7 @@ class TestRekey:
 
 
 class TestAtStart:
+    @pytest.mark.integration
     @pytest.mark.parametrize("problem", ["wrong_key", "missing_key_file", "no_key"])
     def test_refused_with_the_key_source_named_and_state_untouched(
         self, tmp_path: Path, provider: DevProvider, problem: str
@@ -245,6 +246,7 @@ class TestAtStart:
         assert files(tmp_path / "state") == before
         assert not (tmp_path / "run" / "socket").exists()
 
+    @pytest.mark.integration
     def test_check_config_reads_the_key_source(self, tmp_path: Path, provider: DevProvider) -> None:
         key_file = tmp_path / "mailoauthd.key"
         key_file.write_text("c2hvcnQ=\n")
@@ -343,6 +345,7 @@ class TestDaemonSealed:
             assert helper("token", name, socket=d.socket).returncode == 0
         assert d.stop() == 0
 
+    @pytest.mark.integration
     def test_rekey_without_a_key_is_refused(self, tmp_path: Path, provider: DevProvider) -> None:
         run = mailoauthd(write_config(tmp_path, provider, ""), "rekey")
         assert run.returncode == 1

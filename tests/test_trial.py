@@ -55,6 +55,7 @@ def jwt(claims: dict[str, object]) -> str:
     return f"eyJhbGciOiJub25lIn0.{part}.sig"
 
 
+@pytest.mark.integration  # ,  # `mailoauth authorize --test`
 @pytest.mark.slow
 class TestTrialSignIn:
     def test_a_working_profile(self, tmp_path: Path, provider: DevProvider) -> None:
