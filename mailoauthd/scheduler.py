@@ -18,6 +18,7 @@ import dataclasses
 import random
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime, timedelta
+from functools import partial
 
 import httpx
 import structlog
@@ -67,6 +68,17 @@ ON_DEMAND_REFRESH_GAP_SECONDS = 60
 # A request's min_validity is capped at the lifetime of the tokens the provider
 # issues, less this: more than that no refresh can give.
 LIFETIME_MARGIN_SECONDS = 60
+# A fleet (store.may_refresh False: another daemon refreshes): a token request
+# waits for that daemon's new grant until this long before its own deadline,
+# so that it can still be answered with a clear error rather than time out.
+FLEET_WAIT_MARGIN_SECONDS = 0.5
+# What a fleet's store raises when another daemon wrote the grant since, or
+# this one no longer leads (fleet.Superseded): the answer is dropped.
+SUPERSEDED = "state-superseded"
+# After an import on a daemon that does not refresh: how long it waits for the
+# refresher's first token before answering "stored" (the refresher needs one
+# check, or a lease TTL when it must first be elected).
+FLEET_IMPORT_WAIT_SECONDS = 20
 
 
 def backoff_seconds(failures: int, rng: random.Random) -> float:
@@ -220,7 +232,7 @@ class Scheduler:
             self._check_age(slot, now)
             if slot.in_flight is not None or slot.scheduled or slot.retry_at is not None:
                 continue
-            if not self._refreshable(slot):
+            if not self._refreshable(slot) or not self.store.may_refresh(slot.account.name):
                 continue
             remaining = slot.state.valid_for(now)
             interrupted = slot.state.refresh_sent is not None
@@ -358,11 +370,14 @@ class Scheduler:
     async def _attempt(self, slot: Slot) -> None:
         generation = slot.generation
         account = slot.account
+        if not self.store.may_refresh(account.name):
+            return  # fleet: another daemon refreshes; its grant comes through adopt()
         try:
             if slot.unsaved is not None:
                 # Tokens we hold but could not write: they come first, and the
                 # provider may already have retired the refresh token on disk.
-                await self._persist(slot, slot.unsaved, generation)
+                if not await self._persist(slot, slot.unsaved, generation):
+                    return
                 if slot.state.valid_for(self.now()) > account.refresh_before.total_seconds():
                     await self._succeeded(slot)  # on disk at last: that refresh is done
                     return
@@ -410,7 +425,8 @@ class Scheduler:
                     log.info("token.refresh_dropped", reason="account re-imported or revoked")
                     return
                 slot.unsaved = new
-                await self._persist(slot, new, generation)
+                if not await self._persist(slot, new, generation):
+                    return
         except GrantError as exc:
             await self._failed(slot, exc, generation)
         except OSError as exc:
@@ -496,11 +512,17 @@ class Scheduler:
             )
 
     async def _persist(self, slot: Slot, new: AccountState, generation: int) -> bool:
-        """Write `new` and make it current; False if the account moved on meanwhile."""
+        """Write `new` (a refresher's write) and make it current; False if the account moved on."""
         async with slot.write_lock:
             if generation != slot.generation:
                 return False
-            await trio.to_thread.run_sync(self.store.save, new)
+            try:
+                await trio.to_thread.run_sync(partial(self.store.save, new, refresh=True))
+            except StateError as exc:
+                if exc.code != SUPERSEDED:
+                    raise
+                self._superseded(slot, exc)
+                return False
             slot.state = new
             if slot.unsaved is new:
                 slot.unsaved = None
@@ -677,7 +699,10 @@ class Scheduler:
                     raise self._last_failure(slot)
             if slot.in_flight is None:
                 slot.last_on_demand = trio.current_time()
-            await self._start_refresh(slot).wait()
+            if not self.store.may_refresh(name):
+                await self._await_adopted(slot, min_validity, deadline)
+            else:
+                await self._start_refresh(slot).wait()
             waited = True
 
     async def refresh(self, name: str) -> AccountState:
@@ -689,6 +714,7 @@ class Scheduler:
             self._raise_unusable(slot)
         if slot.in_flight is not None:
             await slot.in_flight.wait()  # a refresh that started before we asked
+        self._raise_not_refresher(slot)
         await self._start_refresh(slot).wait()
         if slot.last_exc is not None:
             raise self._last_failure(slot)
@@ -710,6 +736,10 @@ class Scheduler:
         self.on_event("imported", slot.account, "", "")
         if slot.in_flight is not None:
             await slot.in_flight.wait()  # a refresh that started with the old grant
+        if not self.store.may_refresh(name):
+            # Stored for the fleet: the daemon that refreshes takes it from there.
+            await self._await_adopted(slot, None, trio.current_time() + FLEET_IMPORT_WAIT_SECONDS)
+            return slot.state
         await self._start_refresh(slot).wait()
         if slot.last_exc is not None:
             # Said, so that nobody imports again what is already kept.
@@ -848,6 +878,61 @@ class Scheduler:
         log.info("account.revoked", account=name, at_provider=revoked)
         self.on_event("revoked", slot.account, "", "")
         return note
+
+    # --- a fleet: another daemon may refresh (store.may_refresh, adopt, poke) ----------
+
+    def adopt(self, name: str) -> None:
+        """Another daemon changed the stored grant: take it, wake who waits, reschedule."""
+        slot = self._slots.get(name)
+        if slot is not None and slot.in_flight is None:
+            self._reload(slot)
+
+    def poke(self) -> None:
+        """The right to refresh may have changed: check now; interrupted refreshes at once."""
+        now = self.now()
+        for slot in self._slots.values():
+            if slot.unsaved is not None and slot.in_flight is None:
+                slot.retry_at = now  # tokens we hold but could not store: store them first
+        self.next_check = None
+        self._wakeup.set()
+
+    def _reload(self, slot: Slot) -> None:
+        """Make the stored grant the slot's (what another daemon wrote)."""
+        fresh = self._new_slot(slot.account)
+        slot.replace_grant(fresh.state)
+        slot.broken, slot.last_exc = fresh.broken, fresh.last_exc
+        if slot.account.token_file is not None and self._nursery is not None:
+            self._nursery.start_soon(self._write_token_file, slot)
+        if self.store.may_refresh(slot.account.name):
+            self.next_check = None  # the new grant may be due, or interrupted
+            self._wakeup.set()
+
+    def _superseded(self, slot: Slot, exc: StateError) -> None:
+        """A refresher's write was refused: another daemon leads or wrote since; take its grant."""
+        log.info("token.refresh_dropped", reason=exc.message)
+        self._reload(slot)
+
+    async def _await_adopted(self, slot: Slot, min_validity: float | None, deadline: float) -> None:
+        """Wait (bounded) until another daemon's grant gives the token asked for."""
+        with trio.move_on_at(deadline - FLEET_WAIT_MARGIN_SECONDS):
+            while slot.state.valid_for(self.now()) < self._capped(
+                slot, _wanted(slot, min_validity)
+            ):
+                await slot.changed.wait()
+        if slot.state.valid_for(self.now()) <= 0 and slot.last_exc is None:
+            slot.last_exc = TransientGrantError(
+                "no token: another daemon of the fleet refreshes this account, and no new "
+                "token came from it in time",
+                hint="'mailoauth status' says whether this daemon reaches etcd and who leads",
+            )
+
+    def _raise_not_refresher(self, slot: Slot) -> None:
+        if not self.store.may_refresh(slot.account.name):
+            raise TransientGrantError(
+                f"{slot.account.name}: this daemon does not refresh: another daemon of the "
+                "fleet does (or none reaches etcd)",
+                hint="run it on the fleet's leader ('mailoauth status' names it)",
+            )
 
     def status(self) -> list[dict[str, object]]:
         """One row per account, for `mailoauth status`."""

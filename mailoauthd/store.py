@@ -42,8 +42,18 @@ class GrantStore(Protocol):
     def load(self, account: str) -> AccountState | None:
         """An account's grant, or None; raises StateError naming what is unreadable."""
 
-    def save(self, state: AccountState) -> None:
-        """Store a grant durably before it is used; raises OSError, the old one intact."""
+    def save(self, state: AccountState, *, refresh: bool = False) -> None:
+        """
+        Store a grant durably before it is used; raises OSError, the old one intact.
+
+        `refresh`: the refresher's own write (its note before a request, the answer),
+        which a fleet fences with the refresher's lock; raises StateError
+        "state-superseded" when another daemon wrote the grant since, or this one
+        may no longer refresh.
+        """
+
+    def may_refresh(self, account: str) -> bool:
+        """Whether this daemon may refresh the account now (in a fleet: while it leads)."""
 
     def remove(self, account: str) -> None:
         """Forget an account's grant."""
@@ -88,9 +98,13 @@ class FilesStore(TokenStore):
         raw = self._preread.pop(account, None)
         return raw if raw is not None else super().read(account)
 
-    def save(self, state: AccountState) -> None:
+    def save(self, state: AccountState, *, refresh: bool = False) -> None:
         self._preread.pop(state.account, None)
         super().save(state)
+
+    def may_refresh(self, account: str) -> bool:
+        """Always: the state directory's lock makes this daemon its only user."""
+        return True
 
     def remove(self, account: str) -> None:
         self._preread.pop(account, None)
