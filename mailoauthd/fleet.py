@@ -98,10 +98,11 @@ class Lock:
         self.lease = lease
         self.holder = holder
         self.revision = 0  # the lock key's create_revision while we hold it
+        self.lease_id = 0  # the lease it was taken with: a lease granted anew holds nothing
 
     @property
     def held(self) -> bool:
-        return self.revision != 0 and self.lease.held
+        return self.revision != 0 and self.lease.held and self.lease.id == self.lease_id
 
     async def acquire(self) -> bool:
         """Take the lock if it is free (or already ours under this lease); whether we hold it."""
@@ -114,6 +115,7 @@ class Lock:
             ours = current is not None and current.lease == self.lease.id
             revision = current.create_revision if current is not None and ours else None
         self.revision = revision or 0
+        self.lease_id = self.lease.id
         return self.held
 
     def fence(self) -> Compare:
@@ -196,6 +198,26 @@ class EtcdStore:
             else:
                 self._cache[account] = (event.kv.value, event.kv.mod_revision)
             on_change(account)
+
+    async def resync(self) -> list[str]:
+        """
+        Read every grant again (after the watch was lost); the accounts another daemon changed.
+
+        What writes compare (the revision loaded) stays: a grant changed underneath is
+        taken (`load`) before it is overwritten.
+        """
+        kvs, revision = await self.etcd.get_prefix(f"{self.prefix}grants/")
+        base = len(f"{self.prefix}grants/")
+        fresh = {kv.key[base:]: (kv.value, kv.mod_revision) for kv in kvs}
+        changed = [
+            account
+            for account in sorted(set(fresh) | set(self._cache))
+            if fresh.get(account) != self._cache.get(account) and account not in self._writing
+        ]
+        for account in changed:
+            self._seen[account] = max(self._seen.get(account, 0), fresh.get(account, (b"", 0))[1])
+        self._cache, self.revision = fresh, revision
+        return changed
 
     # --- GrantStore -----------------------------------------------------------------
 
