@@ -203,7 +203,9 @@ def test_chaos(fleet: Fleet) -> None:
         for cycle in range(CYCLES):
             fault = rng.choice(FAULTS)
             counts[fault] = counts.get(fault, 0) + 1
-            node = rng.choice(fleet.nodes)
+            # Half the faults hit the leader: its death or isolation is what must not cost a token.
+            leader = fleet.leader()
+            node = leader if leader is not None and rng.random() < 0.5 else rng.choice(fleet.nodes)
             if fault == "kill daemon":
                 asker.skip.add(node.name)
                 node.kill()
@@ -242,4 +244,12 @@ def test_chaos(fleet: Fleet) -> None:
             assert_valid_token(fleet, node, account)
     assert fleet.refused_as_reused() == 0
     assert not asker.failures, asker.failures[:5]
-    print(f"fault cycles: {counts}; tokens served and checked: {asker.served}")
+    refreshes = fleet.provider.count(grant_type="refresh_token")
+    logs = [path.read_text(errors="replace") for n in fleet.nodes for path in n.dir.glob("*.log")]
+    became_leader = sum(text.count('"leading": true') for text in logs)
+    dropped = sum(text.count("token.refresh_dropped") for text in logs)
+    print(
+        f"fault cycles: {counts}; tokens served and checked: {asker.served}; "
+        f"refreshes: {refreshes}; a daemon became leader {became_leader} times; "
+        f"refresh writes refused (fence or newer grant): {dropped}"
+    )
