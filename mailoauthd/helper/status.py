@@ -138,7 +138,10 @@ def _check(
     if fleet_sick and fleet is not None:
         print(fleet_line(fleet))
     if not sick:
-        print(f"{'UNHEALTHY' if fleet_sick else 'OK'}: {plural(len(rows), 'account')} healthy")
+        if fleet_sick:
+            print(f"UNHEALTHY: the fleet's store; {plural(len(rows), 'account')} served meanwhile")
+        else:
+            print(f"OK: {plural(len(rows), 'account')} healthy")
         return status
     names = ", ".join(f"{row.get('account')} {row.get('status')}" for row in sick)
     print(f"UNHEALTHY: {len(sick)} of {plural(len(rows), 'account')}: {names}")

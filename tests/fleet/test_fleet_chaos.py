@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from mailoauthd.errors import EXIT_TEMPORARY
 from mailoauthd.testing import DevProvider
 from tests.conftest import USER
 from tests.fleet.cluster import Cluster
@@ -163,6 +164,81 @@ def test_one_leader_refreshes_every_node_serves(fleet: Fleet) -> None:
         check=False,
     ).stdout
     assert "store: etcd" in text
+
+
+def test_a_leader_paused_mid_refresh_is_fenced_out(fleet: Fleet) -> None:
+    """
+    The leader's request has left (its note `refresh_sent` is in etcd) when it is paused
+    past its lease: the next leader retries with the same refresh token inside the reuse
+    window, and the old leader's answer, when it wakes, is refused by the fence and dropped.
+    """
+    leader = fleet.leader()
+    assert leader is not None
+    before = fleet.provider.received
+    fleet.provider.add_fault("delay", seconds=1.0)
+    wait_until(lambda: fleet.provider.received > before, LIFETIME, "a refresh")
+    leader.pause()
+    try:
+        wait_until(
+            lambda: (new := fleet.leader()) is not None and new is not leader,
+            LEASE_TTL + 5,
+            "a new leader",
+        )
+        # The new leader retried the interrupted refresh with the spent token, at once.
+        wait_until(lambda: _retried(fleet), LEASE_TTL + 5, "the interrupted refresh retried")
+    finally:
+        time.sleep(1)
+        leader.resume()
+    wait_until(
+        lambda: "token.refresh_dropped" in _full_log(leader), 10, "the old leader's answer dropped"
+    )
+    for node in fleet.nodes:
+        for account in ACCOUNTS:
+            assert_valid_token(fleet, node, account)
+    assert fleet.refused_as_reused() == 0
+
+
+def test_a_node_cut_from_etcd_serves_refreshes_nothing_and_says_so(fleet: Fleet) -> None:
+    leader = fleet.leader()
+    assert leader is not None
+    leader.cut()
+    try:
+        wait_until(
+            lambda: (new := fleet.leader()) is not None and new is not leader,
+            LEASE_TTL + 5,
+            "a new leader on the majority side",
+        )
+        wait_until(lambda: _check(leader).returncode != 0, LEASE_TTL + 5, "status --check fails")
+        done = _check(leader)
+        assert done.returncode == EXIT_TEMPORARY, done.stdout
+        assert "store: etcd UNHEALTHY" in done.stdout
+        assert "refreshing nothing; serving the tokens held" in done.stdout
+        reply = json.loads(leader.status().stdout)
+        assert not reply["store"]["refreshing"]
+        assert not reply["store"]["reachable"]
+        for account in ACCOUNTS:
+            assert_valid_token(fleet, leader, account)  # what it holds, it serves
+        assert _check(fleet.leader()).returncode == 0  # type: ignore[arg-type]
+    finally:
+        leader.restore()
+    wait_until(lambda: _check(leader).returncode == 0, LEASE_TTL + 10, "healthy again")
+    assert fleet.refused_as_reused() == 0
+
+
+def _check(node: Node) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*_helper(node), "status", "--check"], capture_output=True, text=True, check=False
+    )
+
+
+def _retried(fleet: Fleet) -> bool:
+    """Whether a refresh token was used twice (the retry of a refresh that died in flight)."""
+    used = [r.used for r in fleet.provider.rotations]
+    return len(used) != len(set(used))
+
+
+def _full_log(node: Node) -> str:
+    return "".join(path.read_text(errors="replace") for path in node.dir.glob("*.log"))
 
 
 class Asker(threading.Thread):
