@@ -118,6 +118,7 @@ class Node:
         prefix: str,
     ) -> None:
         self.name = f"node{index}"
+        self.prefix = prefix
         self.dir = base / self.name
         self.dir.mkdir(parents=True)
         self.relays = [Relay(port) for port in members]

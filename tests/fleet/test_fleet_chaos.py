@@ -9,6 +9,7 @@ MAILOAUTHD_SOAK=1 runs 300 fault cycles instead of 30.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import random
@@ -16,8 +17,10 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
+import httpx
 import pytest
 
 from mailoauthd.errors import EXIT_TEMPORARY
@@ -223,6 +226,42 @@ def test_a_node_cut_from_etcd_serves_refreshes_nothing_and_says_so(fleet: Fleet)
         leader.restore()
     wait_until(lambda: _check(leader).returncode == 0, LEASE_TTL + 10, "healthy again")
     assert fleet.refused_as_reused() == 0
+
+
+def test_a_tampered_or_swapped_grant_in_etcd_is_refused_and_reported(fleet: Fleet) -> None:
+    prefix = fleet.nodes[0].prefix
+    endpoint = fleet.cluster.endpoints[0]
+    work = _etcd_get(endpoint, f"{prefix}grants/work")
+    tampered = bytearray(_etcd_get(endpoint, f"{prefix}grants/home"))
+    tampered[-5] ^= 1
+    _etcd_put(endpoint, f"{prefix}grants/home", bytes(tampered))
+    _etcd_put(endpoint, f"{prefix}grants/shared", work)  # another account's sealed grant
+    for node in fleet.nodes:
+        for account, why in (("home", "home"), ("shared", "another account")):
+            refused = partial(lambda n, a: n.token(a).returncode != 0, node, account)
+            wait_until(refused, 10, f"{account} refused")
+            done = node.token(account)
+            assert f"etcd:{prefix}grants/{account}" in done.stderr, done.stderr
+            assert why in done.stderr
+            rows = json.loads(node.status().stdout)["accounts"]
+            row = next(r for r in rows if r["account"] == account)
+            assert row["status"] != "ok" or row.get("last_error"), row
+        assert_valid_token(fleet, node, "work")
+    assert fleet.refused_as_reused() == 0
+
+
+def _etcd_get(endpoint: str, key: str) -> bytes:
+    answer = httpx.post(f"{endpoint}/v3/kv/range", json={"key": _b64(key.encode())})
+    return base64.b64decode(answer.json()["kvs"][0]["value"])
+
+
+def _etcd_put(endpoint: str, key: str, value: bytes) -> None:
+    body = {"key": _b64(key.encode()), "value": _b64(value)}
+    httpx.post(f"{endpoint}/v3/kv/put", json=body).raise_for_status()
+
+
+def _b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode()
 
 
 def _check(node: Node) -> subprocess.CompletedProcess[str]:
