@@ -1,14 +1,17 @@
 """
 `make bench`: measure the helper, the socket and many accounts; write docs/performance.md.
 
-    bench/.venv/bin/python bench/run.py [--out docs/performance.md] [--smoke] [--only proxy]
+    bench/.venv/bin/python bench/run.py [--out docs/performance.md] [--smoke] [--only proxy|fleet]
 
 Runs the programs of the installation whose interpreter runs this script
 (bench/setup.sh makes bench/.venv, a non-editable install, as users get).
 `--smoke` runs every part with tiny counts, for the test suite: it checks that
 the bench works, and its figures mean nothing. `--only PART` runs one part and
 puts its figures into the last run's (the --json file), which the report then
-shows with that part's own date and revision.
+shows with that part's own date and revision. `--only fleet` runs
+bench/fleet.py (3 daemons on a 3-member etcd cluster, 10,000 accounts; 2 in
+--smoke) and replaces the report's fleet section; a full run keeps the
+section that is there.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import fleet
 import helper_latency
 import proxy
 import report
@@ -104,13 +108,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-mutt", action="store_true", help="skip mutt_oauth2.py")
     parser.add_argument(
         "--only",
-        choices=["proxy"],
+        choices=["proxy", "fleet"],
         help="run this part only, into the figures of the last run (--json)",
     )
     args = parser.parse_args(argv)
     # Stopped from outside: unwind, so that every daemon started is stopped too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
+    if args.only == "fleet":
+        return fleet.main(["--accounts", "30" if args.smoke else "10000", "--out", str(args.out)])
     if args.render:
         args.out.write_text(report.render(json.loads(args.render.read_text())))
         return 0
@@ -230,7 +236,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.json.parent.is_dir():
         args.json.write_text(json.dumps(results, indent=1))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(report.render(results))
+    kept = fleet.section(args.out.read_text()) if args.out.is_file() else ""
+    args.out.write_text(
+        fleet.splice(report.render(results), kept) if kept else report.render(results)
+    )
     log(f"wrote {args.out} in {results['minutes']:.1f} min")
     return 0
 
