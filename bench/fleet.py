@@ -221,6 +221,7 @@ def render(figures: dict[str, Any], where: str) -> str:
     """The fleet section of docs/performance.md."""
     ready = ", ".join(f"{s:.1f}" for s in figures["ready_seconds"])
     fleet, single = figures["helper_fleet"], figures["helper_single_host"]
+    load = figures.get("load", [float("nan"), float("nan")])
     rows = [
         (f"grants written into etcd first (sealed, {WRITERS} at once)", "", ""),
         ("time to ready, each daemon (reads every grant, opens each)", f"{ready} s", ""),
@@ -253,6 +254,8 @@ def render(figures: dict[str, Any], where: str) -> str:
 Measured {where} by `bench/fleet.py` (`bench/run.py --only fleet`): a real
 3-member etcd 3.4 cluster and 3 daemons on one machine (loopback), sharing
 {figures["accounts"]:,} accounts sealed with one key; `lease_ttl` {figures["lease_ttl"]} s.
+The machine's load average (1 min) was {load[0]:.1f} before and {load[1]:.1f} after:
+other work ran beside it, and the latencies move with it.
 
 | figure | value | target |
 |---|---|---|
@@ -293,8 +296,10 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if ETCD is None:
         parser.error("etcd is not installed (Debian: etcd-server)")
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="mob-fleet-") as tmp:
         figures = run(Path(tmp), args.accounts, args.calls)
+    figures["load"] = [load_before, os.getloadavg()[0]]
     print(json.dumps(figures, indent=1))
     where = time.strftime("%Y-%m-%d", time.gmtime()) + f" on {_machine()}"
     before = args.out.read_text() if args.out.is_file() else ""
