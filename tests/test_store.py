@@ -348,6 +348,13 @@ class TestDaemonSealed:
         assert run.returncode == 1
         assert "[store]: no encryption_key_file or encryption_key_command" in run.stderr
 
+    def test_rekey_of_an_etcd_store_is_refused(self, tmp_path: Path, provider: DevProvider) -> None:
+        key_file = write_keys(tmp_path / "keys", new_key())
+        text = f'encryption_key_file = "{key_file}"\n{_ETCD}'
+        run = mailoauthd(write_config(tmp_path, provider, text), "rekey")
+        assert run.returncode == 1
+        assert "rekey works on a state directory" in run.stderr
+
 
 _ETCD = "backend = 'etcd'\nendpoints = ['https://10.0.0.1:2379', 'http://127.0.0.1:2379']"
 
