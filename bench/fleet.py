@@ -31,14 +31,13 @@ import httpx
 import trio
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.append(str(ROOT))  # for tests.fleet.cluster; mailoauthd is the installed one
 
 from mailoauthd import oauth, seal, state  # noqa: E402
 from mailoauthd.etcd import Etcd  # noqa: E402
 from mailoauthd.fleet import EtcdStore  # noqa: E402
 from mailoauthd.secret import Secret  # noqa: E402
 from mailoauthd.testing import DevProvider  # noqa: E402
-from tests.conftest import DaemonProcess, config_text  # noqa: E402
 from tests.fleet.cluster import ETCD, Cluster  # noqa: E402
 
 # 3 s: the lease TTL of the fleet measured (failover's target is TTL + 5 s).
@@ -50,6 +49,50 @@ CALLS = 200
 # Refreshes asked of the leader to count etcd's writes per refresh.
 REFRESHES = 50
 MARKER, END = "<!-- fleet -->", "<!-- /fleet -->"
+
+
+class DaemonProcess:
+    """`mailoauthd --config PATH` of this installation, its log in a file."""
+
+    def __init__(self, config_path: Path, socket: Path, log_path: Path) -> None:
+        self.socket = socket
+        self.log_path = log_path
+        env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
+        with log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [str(Path(sys.executable).parent / "mailoauthd"), "--config", str(config_path)],
+                stdout=log,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+                env=env,
+            )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=60)
+
+
+def config_text(base: Path, provider: DevProvider, accounts: tuple[str, ...]) -> str:
+    """One profile on the development provider and `accounts` on it (as tests/conftest.py)."""
+    (base / "client-secret").write_text("demo-secret\n")
+    text = f"""[daemon]
+state_dir = "{base / "state"}"
+socket = "{base / "run" / "socket"}"
+log_level = "info"
+log_format = "json"
+
+[providers.dev]
+client_id = "demo-client"
+client_secret_file = "{base / "client-secret"}"
+token_endpoint = "{provider.endpoints["token_endpoint"]}"
+"""
+    return text + "".join(
+        f'\n[accounts.{name}]\nprovider = "dev"\nusername = "{name}@example.com"\n'
+        for name in accounts
+    )
 
 
 def _grant(name: str, refresh_token: str, now: datetime) -> state.AccountState:
@@ -153,15 +196,13 @@ def run(base: Path, accounts: int, calls: int = CALLS) -> dict[str, Any]:
             node.mkdir(parents=True)
             (node / "fleet.key").write_text(key + "\n")
             (node / "fleet.key").chmod(0o600)
-            text = config_text(node, provider, accounts=tuple(names))
+            text = config_text(node, provider, tuple(names))
             endpoints = ", ".join(f'"{e}"' for e in cluster.endpoints)
             text += (
                 f'\n[store]\nbackend = "etcd"\nendpoints = [{endpoints}]\nprefix = "/bench/"\n'
                 f'lease_ttl = "{LEASE_TTL}s"\nencryption_key_file = "{node / "fleet.key"}"\n'
             )
-            (node / "config.toml").write_text(
-                text.replace('log_level = "debug"', 'log_level = "info"')
-            )
+            (node / "config.toml").write_text(text)
             started = time.monotonic()
             daemon = DaemonProcess(node / "config.toml", node / "run" / "socket", node / "log")
             _wait_ready(daemon)
@@ -207,8 +248,7 @@ def _single_host(
     for grant in grants:
         store.save(grant)
     store.close()
-    text = config_text(base, provider, accounts=tuple(names))
-    (base / "config.toml").write_text(text.replace('log_level = "debug"', 'log_level = "info"'))
+    (base / "config.toml").write_text(config_text(base, provider, tuple(names)))
     daemon = DaemonProcess(base / "config.toml", base / "run" / "socket", base / "log")
     try:
         _wait_ready(daemon)

@@ -9,7 +9,7 @@ Runs the programs of the installation whose interpreter runs this script
 the bench works, and its figures mean nothing. `--only PART` runs one part and
 puts its figures into the last run's (the --json file), which the report then
 shows with that part's own date and revision. `--only fleet` runs
-bench/fleet.py (3 daemons on a 3-member etcd cluster, 10,000 accounts; 2 in
+bench/fleet.py (3 daemons on a 3-member etcd cluster, 10,000 accounts; 5 in
 --smoke) and replaces the report's fleet section; a full run keeps the
 section that is there.
 """
@@ -17,6 +17,7 @@ section that is there.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import shutil
 import signal
@@ -27,7 +28,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import fleet
 import helper_latency
 import proxy
 import report
@@ -63,6 +63,25 @@ def run_proxy(install: Install, base: Path, sizes: dict[str, Any]) -> dict[str, 
     keys = ("proxy_rounds", "proxy_logins", "fetch_mb", "submit_mb", "idle_sessions")
     figures["sizes"] = {k: sizes[k] for k in (*keys, "proxy_idle_seconds")}
     return figures
+
+
+def fleet_bench() -> Any:
+    """bench/fleet.py, loaded by its path (proxy.py puts tests/, with its package fleet, first)."""
+    spec = importlib.util.spec_from_file_location("fleet_bench", Path(__file__).parent / "fleet.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def keep_fleet(rendered: str, out: Path) -> str:
+    """The report with the fleet section of `out` kept (`--only fleet` writes it)."""
+    before = out.read_text() if out.is_file() else ""
+    start, end = before.find("<!-- fleet -->"), before.find("<!-- /fleet -->")
+    if start < 0 or end < 0:
+        return rendered
+    return rendered.rstrip("\n") + "\n\n" + before[start : end + len("<!-- /fleet -->")] + "\n"
 
 
 def only(part: str, args: argparse.Namespace, sizes: dict[str, Any]) -> int:
@@ -116,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     if args.only == "fleet":
-        return fleet.main(["--accounts", "30" if args.smoke else "10000", "--out", str(args.out)])
+        counts = ["--accounts", "5", "--calls", "5"] if args.smoke else []
+        return fleet_bench().main([*counts, "--out", str(args.out)])
     if args.render:
         args.out.write_text(report.render(json.loads(args.render.read_text())))
         return 0
@@ -236,10 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json.parent.is_dir():
         args.json.write_text(json.dumps(results, indent=1))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    kept = fleet.section(args.out.read_text()) if args.out.is_file() else ""
-    args.out.write_text(
-        fleet.splice(report.render(results), kept) if kept else report.render(results)
-    )
+    args.out.write_text(keep_fleet(report.render(results), args.out))
     log(f"wrote {args.out} in {results['minutes']:.1f} min")
     return 0
 
