@@ -93,7 +93,7 @@ class Relay:
                     key.data.setblocking(True)
                     key.data.sendall(data)
                     key.data.setblocking(False)
-        except OSError:
+        except (OSError, ValueError):  # cut: the sockets were closed under the selector
             return
         finally:
             selector.close()
