@@ -9,13 +9,12 @@ daemon does not lead, or when the test has another daemon write first.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
 from pathlib import Path
 
 import httpx
-import pytest
 import trio
 import trio.testing
 
@@ -27,22 +26,17 @@ from mailoauthd.scheduler import Scheduler
 from mailoauthd.secret import Secret
 from mailoauthd.store import FilesStore
 from mailoauthd.testing import DevProvider
+from tests import test_scheduler
 from tests.conftest import T0, USER, make_config, mock_now
 from tests.test_scheduler import refreshes, settle
 
 FAST = 'refresh_spread = "0s"'
 
 
-@pytest.fixture
-def clock() -> trio.testing.MockClock:
-    """A clock that stands still until the test jumps it."""
-    return trio.testing.MockClock(rate=0)
-
-
-@pytest.fixture
-def dev(clock: trio.testing.MockClock) -> Iterator[DevProvider]:
-    with DevProvider(clock=lambda: mock_now(clock)().timestamp()) as p:
-        yield p
+# The scheduler tests' fixtures: a MockClock that stands still until jumped, and a
+# development provider on that clock.
+clock = test_scheduler.clock
+dev = test_scheduler.dev
 
 
 class FleetLike(FilesStore):
