@@ -56,6 +56,7 @@ bench:
 soak: $(STAMP)
 	MAILOAUTHD_SOAK=1 MAILOAUTHD_RELIABILITY_REPORT=docs/reliability.md \
 		$(BIN)/python -m pytest -W error -q tests/reliability
+	MAILOAUTHD_SOAK=1 $(BIN)/python -m pytest -W error -q tests/fleet/test_fleet_chaos.py
 
 clean:
 	rm -rf $(VENV) bench/.venv build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,19 +1,23 @@
 """
 `make bench`: measure the helper, the socket and many accounts; write docs/performance.md.
 
-    bench/.venv/bin/python bench/run.py [--out docs/performance.md] [--smoke] [--only proxy]
+    bench/.venv/bin/python bench/run.py [--out docs/performance.md] [--smoke] [--only proxy|fleet]
 
 Runs the programs of the installation whose interpreter runs this script
 (bench/setup.sh makes bench/.venv, a non-editable install, as users get).
 `--smoke` runs every part with tiny counts, for the test suite: it checks that
 the bench works, and its figures mean nothing. `--only PART` runs one part and
 puts its figures into the last run's (the --json file), which the report then
-shows with that part's own date and revision.
+shows with that part's own date and revision. `--only fleet` runs
+bench/fleet.py (3 daemons on a 3-member etcd cluster, 10,000 accounts; 5 in
+--smoke) and replaces the report's fleet section; a full run keeps the
+section that is there.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import shutil
 import signal
@@ -61,6 +65,25 @@ def run_proxy(install: Install, base: Path, sizes: dict[str, Any]) -> dict[str, 
     return figures
 
 
+def fleet_bench() -> Any:
+    """bench/fleet.py, loaded by its path (proxy.py puts tests/, with its package fleet, first)."""
+    spec = importlib.util.spec_from_file_location("fleet_bench", Path(__file__).parent / "fleet.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def keep_fleet(rendered: str, out: Path) -> str:
+    """The report with the fleet section of `out` kept (`--only fleet` writes it)."""
+    before = out.read_text() if out.is_file() else ""
+    start, end = before.find("<!-- fleet -->"), before.find("<!-- /fleet -->")
+    if start < 0 or end < 0:
+        return rendered
+    return rendered.rstrip("\n") + "\n\n" + before[start : end + len("<!-- /fleet -->")] + "\n"
+
+
 def only(part: str, args: argparse.Namespace, sizes: dict[str, Any]) -> int:
     """One part into the last run's figures; the report says when and on what it ran."""
     results = json.loads(args.json.read_text())
@@ -104,13 +127,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-mutt", action="store_true", help="skip mutt_oauth2.py")
     parser.add_argument(
         "--only",
-        choices=["proxy"],
+        choices=["proxy", "fleet"],
         help="run this part only, into the figures of the last run (--json)",
     )
     args = parser.parse_args(argv)
     # Stopped from outside: unwind, so that every daemon started is stopped too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
+    if args.only == "fleet":
+        counts = ["--accounts", "5", "--calls", "5"] if args.smoke else []
+        return fleet_bench().main([*counts, "--out", str(args.out)])
     if args.render:
         args.out.write_text(report.render(json.loads(args.render.read_text())))
         return 0
@@ -230,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json.parent.is_dir():
         args.json.write_text(json.dumps(results, indent=1))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(report.render(results))
+    args.out.write_text(keep_fleet(report.render(results), args.out))
     log(f"wrote {args.out} in {results['minutes']:.1f} min")
     return 0
 

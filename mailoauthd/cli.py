@@ -201,6 +201,11 @@ def _rekey(cfg: config.Config, env: dict[str, str], system: bool) -> int:
             f"{cfg.source}: [store]: no encryption_key_file or encryption_key_command; "
             "nothing to seal with"
         )
+    if cfg.store.backend == "etcd":
+        raise ConfigError(
+            f"{cfg.source}: [store]: rekey works on a state directory; a fleet's grants in "
+            "etcd are sealed with the first key as they are refreshed (docs/fleet.md)"
+        )
     state_dir = cfg.daemon.state_dir or Path(paths.state_dir(env, system=system))
     grants = store.open_store(cfg.store, state_dir, env)
     try:

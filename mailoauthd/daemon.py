@@ -25,7 +25,7 @@ import httpx
 import structlog
 import trio
 
-from mailoauthd import __version__, config, oauth, paths, proxy, tokenfile
+from mailoauthd import __version__, config, fleetd, oauth, paths, proxy, tokenfile
 from mailoauthd.access import Policy
 from mailoauthd.alerts import REFRESH_TOKEN_EXPIRING, Reminders
 from mailoauthd.discovery import Discovery
@@ -36,7 +36,7 @@ from mailoauthd.scheduler import Scheduler
 from mailoauthd.secret import Secret
 from mailoauthd.server import Server, bind, inherited, listen_fds
 from mailoauthd.state import NEEDS_AUTHORIZATION
-from mailoauthd.store import GrantStore, open_store
+from mailoauthd.store import GrantStore
 from mailoauthd.systemd import Notifier
 
 log = structlog.get_logger(__name__)
@@ -258,7 +258,7 @@ async def run(
     for warning in (*cfg.warnings, *access_warnings):
         log.warning("config.warning", warning=warning)
     secrets = read_secrets(cfg)
-    store = open_store(cfg.store, state_dir, plain_env)
+    store = await fleetd.open_store(cfg.store, state_dir, plain_env)
     # The start-up builds the long-lived heap: an account, a slot and a state per
     # account. The cyclic GC would traverse it again and again as it grows (0.4 to
     # 0.8 s of CPU with 10,000 accounts, docs/performance.md), and every full
@@ -321,6 +321,7 @@ async def run(
                 await root.start(reminders.run)
                 daemon.remind_at_start()
                 await root.start(scheduler.run)
+                await root.start(fleetd.run, store, scheduler)  # a fleet's election and watch
                 # Only now: a token request may start a refresh, which needs the
                 # scheduler running. Clients that connect earlier wait in the backlog.
                 await root.start(daemon.server.serve, listener)

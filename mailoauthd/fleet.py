@@ -1,17 +1,17 @@
 """
 The building blocks of a fleet on etcd: a lease kept alive, and a lease-backed lock with a fence.
 
-Not yet used by the daemon: `[store] backend = "etcd"` is refused by the
-configuration until the scheduler runs on them (docs/fleet.md says what is
-done and what is not).
+The daemon runs on them with `[store] backend = "etcd"` (fleetd.py starts
+them; docs/fleet.md has the design).
 
 - `Lease` grants an etcd lease and renews it every third of its TTL. It
   counts its validity from *before* each renewal was sent, on trio's clock, so
   its `held` is never later than etcd's own expiry: a daemon paused (SIGSTOP)
   or cut off from etcd finds on its next look that it holds nothing.
 - `EtcdStore` keeps grants under a prefix: a GrantStore (store.py) whose
-  writes are fenced transactions, sealed like state files, served from a
-  cache that a watch keeps current.
+  writes compare the revision the daemon read, sealed like state files,
+  served from a cache that a watch keeps current; the refresher's writes
+  are fenced by the leader's lock as well.
 - `Lock` is one key created with the lease only if it does not exist (a
   transaction on create_revision 0). Its `fence()` is the comparison every
   write of the holder carries: the lock key still exists with the
@@ -25,6 +25,7 @@ import errno
 import math
 from collections.abc import Callable
 from datetime import UTC, datetime
+from functools import partial
 
 import trio
 
@@ -97,10 +98,11 @@ class Lock:
         self.lease = lease
         self.holder = holder
         self.revision = 0  # the lock key's create_revision while we hold it
+        self.lease_id = 0  # the lease it was taken with: a lease granted anew holds nothing
 
     @property
     def held(self) -> bool:
-        return self.revision != 0 and self.lease.held
+        return self.revision != 0 and self.lease.held and self.lease.id == self.lease_id
 
     async def acquire(self) -> bool:
         """Take the lock if it is free (or already ours under this lease); whether we hold it."""
@@ -113,6 +115,7 @@ class Lock:
             ours = current is not None and current.lease == self.lease.id
             revision = current.create_revision if current is not None and ours else None
         self.revision = revision or 0
+        self.lease_id = self.lease.id
         return self.held
 
     def fence(self) -> Compare:
@@ -134,11 +137,13 @@ class EtcdStore:
     worker threads (trio.to_thread), as the scheduler calls a store, and reach
     etcd through trio.from_thread. `load` reads the cache only, so it may be
     called anywhere. Each write compares the grant's mod_revision with the one
-    this store last saw (and, when `fence` is given, the holder's lock): a write
-    based on an older grant, or by a daemon that lost its lock, is refused
-    with Superseded and changes nothing. etcd unreachable is an OSError, as a
-    full disk is for files: the scheduler holds the new tokens in memory and
-    tries again.
+    the daemon last read (`load`) or wrote, and a refresher's write (`refresh`)
+    also compares the `leader` lock: a write based on an older grant, or by a
+    daemon that does not hold the lock, is refused with Superseded and changes
+    nothing. The watch changes the cache, not what a write compares: a grant
+    changed underneath is seen (`load`) before it is overwritten. etcd
+    unreachable is an OSError, as a full disk is for files: the scheduler holds
+    the new tokens in memory and tries again.
     """
 
     def __init__(
@@ -146,16 +151,18 @@ class EtcdStore:
         etcd: Etcd,
         prefix: str,
         keyring: seal.Keyring | None = None,
-        fence: Callable[[], Compare] | None = None,
+        leader: Lock | None = None,
     ) -> None:
         self.etcd = etcd
         self.prefix = prefix
         self.keyring = keyring
-        self.fence = fence
+        self.leader = leader
         self.revision = 0  # the revision the cache is current to
         self._cache: dict[str, tuple[bytes, int]] = {}  # account -> (stored value, mod_revision)
         # account -> the last revision read or written (deletes too)
         self._seen: dict[str, int] = {}
+        # account -> the revision of the grant the daemon last loaded or wrote: what writes compare
+        self._based: dict[str, int] = {}
         # Our writes whose answer is not back yet: the watch may report them first.
         self._writing: dict[str, bytes | None] = {}
 
@@ -171,6 +178,7 @@ class EtcdStore:
         base = len(f"{self.prefix}grants/")
         self._cache = {kv.key[base:]: (kv.value, kv.mod_revision) for kv in kvs}
         self._seen = {account: revision for account, (_, revision) in self._cache.items()}
+        self._based = dict(self._seen)
 
     async def follow(self, on_change: Callable[[str], None]) -> None:
         """Keep the cache current from a watch; `on_change(account)` for others' writes."""
@@ -191,6 +199,26 @@ class EtcdStore:
                 self._cache[account] = (event.kv.value, event.kv.mod_revision)
             on_change(account)
 
+    async def resync(self) -> list[str]:
+        """
+        Read every grant again (after the watch was lost); the accounts another daemon changed.
+
+        What writes compare (the revision loaded) stays: a grant changed underneath is
+        taken (`load`) before it is overwritten.
+        """
+        kvs, revision = await self.etcd.get_prefix(f"{self.prefix}grants/")
+        base = len(f"{self.prefix}grants/")
+        fresh = {kv.key[base:]: (kv.value, kv.mod_revision) for kv in kvs}
+        changed = [
+            account
+            for account in sorted(set(fresh) | set(self._cache))
+            if fresh.get(account) != self._cache.get(account) and account not in self._writing
+        ]
+        for account in changed:
+            self._seen[account] = max(self._seen.get(account, 0), fresh.get(account, (b"", 0))[1])
+        self._cache, self.revision = fresh, revision
+        return changed
+
     # --- GrantStore -----------------------------------------------------------------
 
     def open(self) -> None:
@@ -202,8 +230,13 @@ class EtcdStore:
     def accounts(self) -> list[str]:
         return sorted(self._cache)
 
+    def may_refresh(self, account: str) -> bool:
+        """While this daemon holds the leader lock with a live lease."""
+        return self.leader is not None and self.leader.held
+
     def load(self, account: str) -> AccountState | None:
         found = self._cache.get(account)
+        self._based[account] = found[1] if found is not None else 0
         if found is None:
             return None
         where = self.path(account)
@@ -217,14 +250,14 @@ class EtcdStore:
             raise StateError(f"{where}: holds account {loaded.account!r}, not {account!r}")
         return loaded
 
-    def save(self, grant: AccountState) -> None:
-        trio.from_thread.run(self.save_async, grant)
+    def save(self, grant: AccountState, *, refresh: bool = False) -> None:
+        trio.from_thread.run(partial(self.save_async, grant, refresh=refresh))
 
-    async def save_async(self, grant: AccountState) -> None:
-        """Write a grant if nobody wrote it since we read it (and we hold the lock)."""
+    async def save_async(self, grant: AccountState, *, refresh: bool = False) -> None:
+        """Write a grant if nobody wrote it since we read it (and, to refresh, we lead)."""
         account = grant.account
         value = seal_plain(self.keyring, account, state.to_toml(grant).encode("utf-8"))
-        await self._write(account, value)
+        await self._write(account, value, fenced=refresh)
 
     def remove(self, account: str) -> None:
         trio.from_thread.run(self._write, account, None)
@@ -245,12 +278,14 @@ class EtcdStore:
         except Unavailable as exc:
             raise OSError(errno.EHOSTUNREACH, exc.message) from None
 
-    async def _write(self, account: str, value: bytes | None) -> None:
+    async def _write(self, account: str, value: bytes | None, *, fenced: bool = False) -> None:
         key = self.key(account)
-        known = self._cache.get(account, (b"", 0))[1]
+        known = self._based.get(account, self._cache.get(account, (b"", 0))[1])
         compares = [Compare(key, "MOD", known)]
-        if self.fence is not None:
-            compares.append(self.fence())
+        if fenced:
+            if self.leader is None or not self.leader.held:
+                raise Superseded(f"{self.path(account)}: not written: this daemon does not lead")
+            compares.append(self.leader.fence())
         self._writing[account] = value
         try:
             if value is None:
@@ -271,3 +306,5 @@ class EtcdStore:
         else:
             self._cache[account] = (value, revision)
         self._seen[account] = max(self._seen.get(account, 0), revision)
+        # A deleted key compares as mod_revision 0, as one never written.
+        self._based[account] = 0 if value is None else revision

@@ -21,7 +21,7 @@ from mailoauthd.attempt import write_token_file
 from mailoauthd.config import Account
 from mailoauthd.errors import GrantError, StateError, UsageError
 from mailoauthd.flows import Flow
-from mailoauthd.ondemand import last_failure
+from mailoauthd.ondemand import adopted, last_failure, raise_unusable
 from mailoauthd.refresher import Refresher
 from mailoauthd.secret import Secret
 from mailoauthd.state import AccountState
@@ -50,6 +50,13 @@ class Grants:
             slot.replace_grant(new)
         log.info("account.imported", account=name)
         self.shared.on_event("imported", slot.account, "", "")
+        if not self.shared.store.may_refresh(name):
+            # In a fleet the daemon that refreshes takes the grant from the store and
+            # refreshes it: a refresh here would spend the token it is about to use.
+            # The wait is bounded by the request (handlers).
+            await adopted(slot, None, "the imported refresh token")
+            raise_unusable(slot)
+            return slot.state
         if slot.in_flight is not None:
             await slot.in_flight.wait()  # a refresh that started with the old grant
         await self.refresher.start(slot).wait()

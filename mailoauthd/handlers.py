@@ -24,7 +24,7 @@ import httpx
 import structlog
 import trio
 
-from mailoauthd import __version__, config, protocol, proxy, signin
+from mailoauthd import __version__, config, fleetd, protocol, proxy, signin
 from mailoauthd.access import Policy
 from mailoauthd.channel import Channel
 from mailoauthd.discovery import Discovery
@@ -45,6 +45,7 @@ from mailoauthd.provider_input import is_b64token
 from mailoauthd.request import Request, shown
 from mailoauthd.scheduler import Scheduler
 from mailoauthd.state import AccountState
+from mailoauthd.store import GrantStore
 
 log = structlog.get_logger(__name__)
 
@@ -73,6 +74,7 @@ class Parts(Protocol):
     policy: Policy
     discovery: Discovery
     last_reload_error: str | None
+    store: GrantStore  # a fleet's store: its health joins the status
     proxy: proxy.Proxy | None  # [proxy]: its counters join the status
 
     async def reload(self) -> bool:
@@ -178,11 +180,12 @@ class Handlers:
         rows = [
             r for r in daemon.scheduler.status() if daemon.policy.visible(peer, str(r["account"]))
         ]
+        reply: dict[str, object] = {"ok": True, "version": __version__, "accounts": rows}
         if daemon.proxy is not None:
             for row in rows:
                 row.update(daemon.proxy.row(str(row["account"])))
-            return {"ok": True, "version": __version__, "accounts": rows, **daemon.proxy.status()}
-        return {"ok": True, "version": __version__, "accounts": rows}
+            reply.update(daemon.proxy.status())
+        return {**reply, **fleetd.health(daemon.store)}
 
     async def reload(self, request: Request, peer: Peer) -> dict[str, object]:
         """Re-read the configuration, as SIGHUP does; refused with its problems."""

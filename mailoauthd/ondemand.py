@@ -70,7 +70,7 @@ async def token(
             return slot.state
         raise_unusable(slot)
         if not refresher.shared.store.may_refresh(name):
-            await _adopted(slot, deadline, f"{wanted:g} s")
+            await adopted(slot, deadline, f"{wanted:g} s")
             continue
         if waited:
             remaining = slot.state.valid_for(now)
@@ -131,10 +131,13 @@ async def refresh(refresher: Refresher, name: str) -> AccountState:
     if slot.account.flow != Flow.CLIENT_CREDENTIALS and slot.state.refresh_token is None:
         raise_unusable(slot)
     if not refresher.shared.store.may_refresh(name):
-        # Another daemon refreshes it: what it stores next is the answer.
-        await _adopted(slot, None, "a refresh")
-        raise_unusable(slot)
-        return slot.state
+        # In a fleet only the leader refreshes; waiting here for its next scheduled
+        # refresh could take most of an hour, so say at once where to ask.
+        raise TransientGrantError(
+            f"{name}: this daemon does not refresh: another daemon of the fleet does "
+            "(or none reaches etcd)",
+            hint="run it on the fleet's leader ('mailoauth status' names it)",
+        )
     if slot.in_flight is not None:
         await slot.in_flight.wait()  # a refresh that started before we asked
     await refresher.start(slot).wait()
@@ -143,7 +146,7 @@ async def refresh(refresher: Refresher, name: str) -> AccountState:
     return slot.state
 
 
-async def _adopted(slot: Slot, deadline: float | None, wanted: str) -> None:
+async def adopted(slot: Slot, deadline: float | None, wanted: str) -> None:
     """Wait until another daemon's grant is adopted (Refresher.adopt), up to `deadline`."""
     with trio.move_on_at(math.inf if deadline is None else deadline):
         await slot.changed.wait()

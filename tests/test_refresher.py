@@ -93,6 +93,18 @@ class MemoryStore:
         return self.refresh_allowed
 
 
+class NotingStore(MemoryStore):
+    """A MemoryStore whose `saved` is set once a save (made in a worker thread) is done."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.saved = trio.Event()
+
+    def save(self, state: AccountState, *, refresh: bool = False) -> None:
+        super().save(state, refresh=refresh)
+        trio.from_thread.run_sync(self.saved.set)
+
+
 def grant(
     provider: DevProvider,
     account: str = "work",
@@ -303,14 +315,11 @@ class TestStoreSeam:
                 clock.jump(180)  # the next check
             assert refreshes(dev) == 0
 
-    @pytest.mark.parametrize("forced", [False, True], ids=["token", "refresh"])
-    async def test_requests_wait_for_the_grant_another_daemon_stores(
-        self, clock: trio.testing.MockClock, dev: DevProvider, tmp_path: Path, forced: bool
+    async def test_a_request_waits_for_the_grant_another_daemon_stores(
+        self, clock: trio.testing.MockClock, dev: DevProvider, tmp_path: Path
     ) -> None:
-        """
-        Not ours to refresh: a request for a longer-lived token, or `mailoauth refresh`,
-        waits until `adopt` brings the grant the other daemon stored.
-        """
+        """Not ours to refresh: a request for a longer-lived token waits until `adopt`
+        brings the grant the other daemon stored."""
         store = MemoryStore()
         store.grants["work"] = grant(dev, expires_in=300)
         store.refresh_allowed = False
@@ -319,14 +328,52 @@ class TestStoreSeam:
             async with trio.open_nursery() as nursery:
 
                 async def ask() -> None:
-                    if forced:
-                        got.append(await scheduler.refresh("work"))
-                    else:
-                        got.append(await scheduler.token("work", 600, trio.current_time() + 15))
+                    got.append(await scheduler.token("work", 600, trio.current_time() + 15))
 
                 nursery.start_soon(ask)
                 await trio.testing.wait_all_tasks_blocked()
                 assert got == []
+                store.grants["work"] = grant(dev, expires_in=3600, token="from-leader")
+                scheduler.adopt("work")
+        assert [st.access_token for st in got] == [Secret("from-leader")]
+        assert refreshes(dev) == 0
+
+    async def test_a_forced_refresh_is_refused_at_once_naming_the_leader(
+        self, clock: trio.testing.MockClock, dev: DevProvider, tmp_path: Path
+    ) -> None:
+        """`mailoauth refresh` on a daemon that may not refresh: told where to ask, at
+        once (the leader's next refresh may be most of an hour away), and nothing sent."""
+        store = MemoryStore()
+        store.grants["work"] = grant(dev, expires_in=300)
+        store.refresh_allowed = False
+        async with running(tmp_path, dev, clock, store) as scheduler:
+            with pytest.raises(TransientGrantError, match="another daemon of the fleet"):
+                await scheduler.refresh("work")
+        assert refreshes(dev) == 0
+
+    async def test_an_import_on_a_follower_leaves_the_refresh_to_the_leader(
+        self, clock: trio.testing.MockClock, dev: DevProvider, tmp_path: Path
+    ) -> None:
+        """`mailoauth import` on a daemon that may not refresh: the grant is stored (not as
+        a refresh's write), nothing is sent, and the answer is the grant the leader
+        stores after refreshing with it."""
+        store = NotingStore()
+        store.refresh_allowed = False
+        token = Secret(dev.issue_refresh_token(USER))
+        got: list[AccountState] = []
+        async with running(tmp_path, dev, clock, store) as scheduler:
+            async with trio.open_nursery() as nursery:
+
+                async def ask() -> None:
+                    got.append(await scheduler.import_token("work", token))
+
+                nursery.start_soon(ask)
+                await store.saved.wait()  # the save runs in a worker thread
+                await trio.testing.wait_all_tasks_blocked()
+                assert got == []
+                assert [(st.refresh_token, refresh) for st, refresh in store.saves] == [
+                    (token, False)
+                ]
                 store.grants["work"] = grant(dev, expires_in=3600, token="from-leader")
                 scheduler.adopt("work")
         assert [st.access_token for st in got] == [Secret("from-leader")]

@@ -12,7 +12,7 @@ import os
 import shutil
 import subprocess
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -351,6 +351,17 @@ class TestDaemonSealed:
         assert run.returncode == 1
         assert "[store]: no encryption_key_file or encryption_key_command" in run.stderr
 
+    @pytest.mark.integration  # `mailoauthd rekey`
+    def test_rekey_of_an_etcd_store_is_refused(self, tmp_path: Path, provider: DevProvider) -> None:
+        key_file = write_keys(tmp_path / "keys", new_key())
+        text = f'encryption_key_file = "{key_file}"\n{_ETCD}'
+        run = mailoauthd(write_config(tmp_path, provider, text), "rekey")
+        assert run.returncode == 1
+        assert "rekey works on a state directory" in run.stderr
+
+
+_ETCD = "backend = 'etcd'\nendpoints = ['https://10.0.0.1:2379', 'http://127.0.0.1:2379']"
+
 
 class TestStoreConfig:
     def test_defaults(self) -> None:
@@ -371,16 +382,44 @@ class TestStoreConfig:
                 'encryption_key_file = "k"\nencryption_key_command = ["x"]',
                 "c: [store] encryption_key_command: set only one of",
             ),
-            ('backend = "etcd"', "c: [store] backend: 'etcd' is not supported yet"),
+            ('backend = "etcd"', "c: [store] endpoints: required with backend = 'etcd'"),
             ('backend = "s3"', "c: [store] backend:"),
             ('encryption_key = "x"', "c: [store] encryption_key: unknown key"),
-            ('lease_ttl = "10s"', "c: [store] lease_ttl: is for backend 'etcd', which is not"),
+            ('lease_ttl = "10s"', "c: [store] lease_ttl: is for backend = 'etcd' only"),
+            (
+                f"{_ETCD}\nlease_ttl = '1s'",
+                "c: [store] lease_ttl: must be whole seconds, at least 2",
+            ),
+            (f"{_ETCD}\nlease_ttl = 2.5", "c: [store] lease_ttl: must be whole seconds"),
+            ("backend = 'etcd'\nendpoints = []", "c: [store] endpoints: must be a non-empty list"),
+            (
+                "backend = 'etcd'\nendpoints = ['http://10.0.0.1:2379']",
+                "c: [store] endpoints: must use https",
+            ),
+            (f"{_ETCD}\nprefix = 'mailoauthd'", "c: [store] prefix: must be a key prefix ending"),
+            (f"{_ETCD}\ncert_file = 'c.pem'", "c: [store] key_file: required with cert_file"),
+            (f"{_ETCD}\npassword_file = 'p'", "c: [store] username: required with password_file"),
         ],
     )
     def test_mistakes_name_the_table_and_key(self, text: str, message: str) -> None:
         with pytest.raises(ConfigError) as caught:
             config.parse(f"[store]\n{text}\n", source="c")
         assert message in caught.value.message
+
+    def test_etcd_keys(self) -> None:
+        cfg = config.parse(
+            f"[store]\n{_ETCD}\nprefix = '/m/'\nca_file = 'ca.pem'\ncert_file = "
+            "'${CREDENTIALS_DIRECTORY}/c.pem'\nkey_file = 'k.pem'\nusername = 'm'\n"
+            "password_file = 'pw'\nlease_ttl = '3s'\n",
+            source="/etc/m/c.toml",
+        )
+        st = cfg.store
+        assert st.backend == "etcd"
+        assert st.endpoints == ("https://10.0.0.1:2379", "http://127.0.0.1:2379")
+        assert (st.prefix, st.username, st.lease_ttl) == ("/m/", "m", timedelta(seconds=3))
+        assert st.ca_file == Path("/etc/m/ca.pem")
+        assert st.cert_file == Path("${CREDENTIALS_DIRECTORY}/c.pem")
+        assert (st.key_file, st.password_file) == (Path("/etc/m/k.pem"), Path("/etc/m/pw"))
 
     def test_round_trip(self) -> None:
         import tomli_w

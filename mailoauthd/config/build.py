@@ -267,16 +267,27 @@ def build_proxy(problems: Problems, raw: Mapping[str, object]) -> ProxySettings:
 
 
 def build_store(problems: Problems, raw: Mapping[str, object], base_dir: Path) -> StoreSettings:
-    """The [store] table; the etcd backend's keys are refused for what they are."""
+    """The [store] table: the etcd keys with backend 'etcd' only, and together where they pair."""
     before = len(problems.lines)
-    for key in [key for key in raw if key in ETCD_KEYS]:
-        problems.add("store", key, "is for backend 'etcd', which is not supported yet")
-    raw = {key: value for key, value in raw.items() if key not in ETCD_KEYS}
     values = read_table(problems, "store", raw, STORE_KEYS)
     _at_most_one(problems, "store", raw, ("encryption_key_file", "encryption_key_command"))
-    if path := values.get("encryption_key_file"):
-        values["encryption_key_file"] = secret_path(path, base_dir)
-    if values.get("backend") == "etcd":
-        why = "'etcd' is not supported yet by this version (docs/fleet.md); use 'files'"
-        problems.add("store", "backend", why)
+    for key in ("encryption_key_file", "ca_file", "cert_file", "key_file", "password_file"):
+        if path := values.get(key):
+            values[key] = secret_path(path, base_dir)
+    for key, problem in _etcd_rules(values.get("backend", "files"), raw):
+        problems.add("store", key, problem)
     return StoreSettings(**values) if len(problems.lines) == before else StoreSettings()
+
+
+def _etcd_rules(backend: str, raw: Mapping[str, object]) -> Rule:
+    """The etcd keys: only for backend 'etcd', endpoints required, certificate and key together."""
+    if backend != "etcd":
+        for key in [key for key in raw if key in ETCD_KEYS]:
+            yield key, "is for backend = 'etcd' only (docs/fleet.md)"
+        return
+    if "endpoints" not in raw:
+        yield "endpoints", "required with backend = 'etcd': etcd's client URLs"
+    for one, other in (("cert_file", "key_file"), ("username", "password_file")):
+        if (one in raw) != (other in raw):
+            missing = other if one in raw else one
+            yield missing, f"required with {one if one in raw else other}: they go together"

@@ -47,6 +47,17 @@ class StoreSettings:
     backend: str = "files"
     encryption_key_file: Path | None = None  # "$VAR" and "${VAR}" are expanded when read
     encryption_key_command: tuple[str, ...] | None = None  # argv, never a shell string
+    # backend "etcd" only (docs/fleet.md): the cluster, where under it, and how to log in.
+    endpoints: tuple[str, ...] = ()
+    prefix: str = "/mailoauthd/"
+    ca_file: Path | None = None  # "$VAR" and "${VAR}" are expanded when read, as for secrets
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    username: str | None = None
+    password_file: Path | None = None
+    # 10 s: a dead leader is replaced within this plus one check, while a leader
+    # under load (or etcd electing its own leader, ~1 s) does not lose it by accident.
+    lease_ttl: timedelta = timedelta(seconds=10)
 
 
 def _empty() -> Mapping[str, Any]:

@@ -10,12 +10,13 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from mailoauthd import presets
 from mailoauthd.config import values as v
 from mailoauthd.config.model import Config, StoreSettings
-from mailoauthd.config.problems import Invalid, Problems
+from mailoauthd.config.problems import Invalid, Problems, got
 
 # What other tools (pizauth, mutt_oauth2.py, Google's client_secret.json) call our keys.
 _RENAMED = {
@@ -106,12 +107,51 @@ PROXY_KEYS = {
     "tls_certificate_file": Key(v.absolute_path, str),
     "tls_key_file": Key(v.absolute_path, str),
 }
+
+
+def _endpoints(value: object) -> tuple[str, ...]:
+    """etcd's client URLs: https://, or http:// to loopback (as for every URL we call)."""
+    if not isinstance(value, list) or not value:
+        raise Invalid(
+            f"must be a non-empty list of URLs, e.g. ['https://10.0.0.1:2379'] {got(value)}"
+        )
+    return tuple(v.url(item) for item in value)
+
+
+def _prefix(value: object) -> str:
+    """Where the fleet's keys live in etcd: one path, its own, ending in '/'."""
+    text = v.text(value)
+    if not text.endswith("/") or any(c.isspace() or c == "\0" for c in text):
+        raise Invalid(
+            f"must be a key prefix ending in '/', without spaces, e.g. '/mailoauthd/' {got(value)}"
+        )
+    return text
+
+
+def _lease_ttl(value: object) -> timedelta:
+    """Whole seconds (etcd's unit), at least MIN_LEASE_TTL."""
+    span = v.duration(value)
+    if span.total_seconds() < MIN_LEASE_TTL or span.total_seconds() % 1:
+        raise Invalid(f"must be whole seconds, at least {MIN_LEASE_TTL} s {got(value)}")
+    return span
+
+
+# 2 s: the lease is renewed every third of its TTL, and a renewal must fit in a third.
+MIN_LEASE_TTL = 2
 STORE_KEYS = {
     "backend": Key(v.one_of("files", "etcd")),
     "encryption_key_file": Key(v.secret_file, str),
     "encryption_key_command": Key(v.argv, list),
+    "endpoints": Key(_endpoints, list),
+    "prefix": Key(_prefix),
+    "ca_file": Key(v.secret_file, str),
+    "cert_file": Key(v.secret_file, str),
+    "key_file": Key(v.secret_file, str),
+    "username": Key(v.text),
+    "password_file": Key(v.secret_file, str),
+    "lease_ttl": Key(_lease_ttl, v.dump_duration),
 }
-# The fleet backend's keys (docs/fleet.md): named, so that they are refused for what they are.
+# The fleet backend's keys (docs/fleet.md): refused with backend "files".
 ETCD_KEYS = ("endpoints prefix ca_file cert_file key_file username password_file lease_ttl").split()
 TABLES = {
     "daemon": ("[daemon]", DAEMON_KEYS),
@@ -161,6 +201,12 @@ def read_table(
     return values
 
 
+def _dump_store(store: StoreSettings) -> dict[str, Any]:
+    """[store]'s keys that differ from the defaults (the etcd ones are refused with 'files')."""
+    table, default = _dump(store, STORE_KEYS), _dump(StoreSettings(), STORE_KEYS)
+    return {key: value for key, value in table.items() if default.get(key) != value}
+
+
 def _dump(obj: object, keys: Mapping[str, Key]) -> dict[str, Any]:
     table = {}
     for key, spec in keys.items():
@@ -195,7 +241,7 @@ def to_mapping(config: Config) -> dict[str, Any]:
     document = {
         "daemon": _dump(config.daemon, DAEMON_KEYS),
         "proxy": _dump(config.proxy, PROXY_KEYS),
-        "store": _dump(config.store, STORE_KEYS) if config.store != StoreSettings() else {},
+        "store": _dump_store(config.store),
         "providers": providers,
         "accounts": accounts,
     }

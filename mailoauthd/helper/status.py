@@ -36,12 +36,16 @@ def main(
     if names:
         sys.stdout.write("".join(f"{row.get('account')}\n" for row in rows))
         return 0
+    store = reply.get("store")
+    fleet = store if isinstance(store, dict) else None  # a fleet's etcd (docs/fleet.md)
     if check:
-        return _check(rows, as_json=as_json)
+        return _check(rows, as_json=as_json, fleet=fleet)
     if as_json:
         shown = {"version": reply.get("version"), "accounts": rows}
         if isinstance(reply.get("listeners"), dict):
             shown["listeners"] = reply["listeners"]  # the proxy's (docs/proxy.md)
+        if fleet is not None:
+            shown["store"] = fleet
         json.dump(shown, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return 0
@@ -76,7 +80,18 @@ def main(
                 f"run 'mailoauth authorize {name}' before then"
             )
     _proxy_status(reply, rows)
+    if fleet is not None:
+        print(fleet_line(fleet))
     return 0
+
+
+def fleet_line(fleet: dict[str, object]) -> str:
+    """One line on the fleet: etcd reachable or not, who leads, whether this daemon refreshes."""
+    if not fleet.get("healthy"):
+        return f"store: etcd UNHEALTHY: {fleet.get('problem')}"
+    if fleet.get("refreshing"):
+        return f"store: etcd; this daemon ({fleet.get('this_daemon')}) leads and refreshes"
+    return f"store: etcd; {fleet.get('leader')} leads and refreshes, this daemon serves"
 
 
 def _proxy_status(reply: dict[str, object], rows: list[dict[str, object]]) -> None:
@@ -102,7 +117,9 @@ _CHECK_EXITS = {
 _CHECK_ORDER = (errors.EXIT_ERROR, errors.EXIT_NEEDS_AUTH, errors.EXIT_TEMPORARY)
 
 
-def _check(rows: list[dict[str, object]], *, as_json: bool) -> int:
+def _check(
+    rows: list[dict[str, object]], *, as_json: bool, fleet: dict[str, object] | None = None
+) -> int:
     """Report the accounts that need attention; the exit status says which kind."""
     # A daemon that predates `healthy` is judged by the state alone.
     sick = [row for row in rows if not row.get("healthy", row.get("status") == protocol.Status.OK)]
@@ -110,12 +127,24 @@ def _check(rows: list[dict[str, object]], *, as_json: bool) -> int:
     if sick:
         found = {_CHECK_EXITS.get(str(row.get("status")), errors.EXIT_ERROR) for row in sick}
         status = next(code for code in _CHECK_ORDER if code in found)
+    # A fleet whose etcd is out of reach refreshes nothing: temporary, as a failing account.
+    fleet_sick = fleet is not None and not fleet.get("healthy")
+    if fleet_sick and status == errors.EXIT_OK:
+        status = errors.EXIT_TEMPORARY
     if as_json:
-        json.dump({"healthy": not sick, "accounts": rows}, sys.stdout, indent=2)
+        shown: dict[str, object] = {"healthy": not sick and not fleet_sick, "accounts": rows}
+        if fleet is not None:
+            shown["store"] = fleet
+        json.dump(shown, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return status
+    if fleet_sick and fleet is not None:
+        print(fleet_line(fleet))
     if not sick:
-        print(f"OK: {plural(len(rows), 'account')} healthy")
+        if fleet_sick:
+            print(f"UNHEALTHY: the fleet's store; {plural(len(rows), 'account')} served meanwhile")
+        else:
+            print(f"OK: {plural(len(rows), 'account')} healthy")
         return status
     names = ", ".join(f"{row.get('account')} {row.get('status')}" for row in sick)
     print(f"UNHEALTHY: {len(sick)} of {plural(len(rows), 'account')}: {names}")

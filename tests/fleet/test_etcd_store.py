@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -102,23 +103,44 @@ async def test_the_lock_fences_every_write(etcd: Etcd) -> None:
         await nursery.start(lease_b.run)
         lock_a = Lock(etcd, "/s3/leader", lease_a, "a")
         lock_b = Lock(etcd, "/s3/leader", lease_b, "b")
-        a = EtcdStore(etcd, "/s3/", fence=lock_a.fence)
-        b = EtcdStore(etcd, "/s3/", fence=lock_b.fence)
+        a = EtcdStore(etcd, "/s3/", leader=lock_a)
+        b = EtcdStore(etcd, "/s3/", leader=lock_b)
+        refresh = partial(
+            trio.to_thread.run_sync, lambda store, grant: store.save(grant, refresh=True)
+        )
         await a.start()
         await b.start()
         assert await lock_a.acquire()
         assert not await lock_b.acquire()
-        await trio.to_thread.run_sync(a.save, full_state())
+        assert a.may_refresh("work")
+        assert not b.may_refresh("work")
+        await refresh(a, full_state())
         await b.start()  # b is current, but holds no lock
         with pytest.raises(Superseded):
-            await trio.to_thread.run_sync(b.save, full_state(failures=1))
+            await refresh(b, full_state(failures=1))
+        # A person's write (import, sign-in) needs no lock, only the revision read.
+        await trio.to_thread.run_sync(b.save, full_state(failures=5))
+        await a.start()
         await lease_a.revoke()
+        assert not a.may_refresh("work")
         assert await lock_b.acquire()
-        await trio.to_thread.run_sync(b.save, full_state(failures=1))
+        await refresh(b, full_state(failures=1))
         await a.start()
         with pytest.raises(Superseded):
-            await trio.to_thread.run_sync(a.save, full_state(failures=2))
+            await refresh(a, full_state(failures=2))
+        # Even if a believed it still held its lock (it cannot: its clock runs
+        # ahead of etcd's), etcd's transaction refuses the old fence.
+        with pytest.raises(Superseded):
+            await etcd_refused(a, full_state(failures=3))
         nursery.cancel_scope.cancel()
+
+
+async def etcd_refused(store: EtcdStore, grant: object) -> None:
+    """A fenced write whose lock looks held locally: etcd's transaction is what refuses it."""
+    assert store.leader is not None
+    store.leader.lease.valid_until = trio.current_time() + 60
+    store.leader.lease.id = store.leader.lease.id or 1
+    await trio.to_thread.run_sync(lambda: store.save(grant, refresh=True))  # type: ignore[arg-type]
 
 
 async def test_a_value_swapped_between_accounts_is_refused(etcd: Etcd, cluster: Cluster) -> None:
