@@ -193,7 +193,9 @@ def test_a_leader_paused_mid_refresh_is_fenced_out(fleet: Fleet) -> None:
         time.sleep(1)
         leader.resume()
     wait_until(
-        lambda: "token.refresh_superseded" in _full_log(leader), 10, "the old leader's answer dropped"
+        lambda: "token.refresh_superseded" in _full_log(leader),
+        10,
+        "the old leader's answer dropped",
     )
     for node in fleet.nodes:
         for account in ACCOUNTS:
