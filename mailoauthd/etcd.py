@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import json
+import ssl
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +42,12 @@ class Unavailable(EtcdError):
     """No endpoint answered, or none had a leader (no quorum)."""
 
     code = "etcd-unavailable"
+
+
+class TlsRefused(Unavailable):
+    """TLS failed with every endpoint: a certificate, CA or key to fix, no outage to wait out."""
+
+    code = "etcd-tls"
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +115,28 @@ def _kv(doc: dict[str, Any]) -> KeyValue:
     )
 
 
+def _why(exc: httpx.HTTPError) -> tuple[str, bool]:
+    """What went wrong with a request, and whether it was TLS (the SSLError under httpx's)."""
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, ssl.SSLError):
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return f"TLS: etcd's certificate is not trusted ({cause.verify_message}; ca_file)", True
+    if isinstance(cause, ssl.SSLError):
+        if "BAD_CERTIFICATE" in str(cause) or "CERTIFICATE_REQUIRED" in str(cause):
+            why = "etcd refused our client certificate (cert_file/key_file: none, or not signed"
+            return f"TLS: {why} by the CA etcd trusts)", True
+        return f"TLS failed: {cause.reason or cause}", True
+    return type(exc).__name__, False
+
+
+def _message(answer: httpx.Response, doc: object) -> str:
+    """etcd's reason for a refusal: its JSON `message`, else its plain text (the gateway's own)."""
+    if isinstance(doc, dict) and doc.get("message"):
+        return str(doc["message"])
+    return answer.text.strip()[:200] or str(answer.status_code)
+
+
 def _unavailable(doc: dict[str, Any]) -> bool:
     message = str(doc.get("message") or doc.get("error") or "")
     return any(
@@ -148,14 +177,16 @@ class Etcd:
             Unavailable: no endpoint answered, or none had a leader.
             EtcdError: etcd refused the request.
         """
-        problems = []
+        problems, tls = [], 0
         for attempt in range(len(self.endpoints)):
             index = (self._current + attempt) % len(self.endpoints)
             endpoint = self.endpoints[index]
             try:
                 answer = await self._post(endpoint, path, body)
             except httpx.HTTPError as exc:
-                problems.append(f"{endpoint}: {type(exc).__name__}")
+                why, was_tls = _why(exc)
+                problems.append(f"{endpoint}: {why}")
+                tls += was_tls
                 continue
             try:
                 doc = answer.json()
@@ -167,17 +198,20 @@ class Etcd:
             if answer.status_code >= 500 or _unavailable(doc):
                 problems.append(f"{endpoint}: {doc.get('message') or answer.status_code}")
                 continue
-            raise EtcdError(
-                f"etcd {endpoint}/v3/{path}: {doc.get('message') or answer.status_code}"
-            )
-        raise Unavailable("etcd is unavailable (" + "; ".join(problems) + ")")
+            raise EtcdError(f"etcd {endpoint}/v3/{path}: {_message(answer, doc)}")
+        kind = TlsRefused if tls == len(self.endpoints) else Unavailable
+        raise kind("etcd is unavailable (" + "; ".join(problems) + ")")
+
+    async def _headers(self, endpoint: str) -> dict[str, str]:
+        """etcd's auth token as the gateway takes it (`Authorization`), got once and kept."""
+        if self.username is None:
+            return {}
+        if self._token is None:
+            self._token = await self._authenticate(endpoint)
+        return {"Authorization": self._token}
 
     async def _post(self, endpoint: str, path: str, body: dict[str, Any]) -> httpx.Response:
-        headers = {}
-        if self.username is not None:
-            if self._token is None:
-                self._token = await self._authenticate(endpoint)
-            headers["Authorization"] = self._token
+        headers = await self._headers(endpoint)
         answer = await self.http.post(
             f"{endpoint}/v3/{path}", json=body, headers=headers, timeout=self.timeout
         )
@@ -196,9 +230,16 @@ class Etcd:
             json={"name": self.username, "password": self.password.reveal()},
             timeout=self.timeout,
         )
-        token = answer.json().get("token") if answer.status_code == 200 else None
-        if not isinstance(token, str):
-            raise EtcdError(f"etcd {endpoint}: authentication as {self.username!r} refused")
+        try:
+            doc = answer.json()
+        except ValueError:
+            doc = {}
+        token = doc.get("token") if isinstance(doc, dict) else None
+        if answer.status_code != 200 or not isinstance(token, str):
+            raise EtcdError(
+                f"etcd {endpoint}: authentication as {self.username!r} refused: "
+                f"{_message(answer, doc)} (username, password_file)"
+            )
         return token
 
     # --- keys ------------------------------------------------------------------
@@ -318,8 +359,9 @@ class Etcd:
                 }
             }
             try:
+                headers = await self._headers(endpoint)
                 async with self.http.stream(
-                    "POST", f"{endpoint}/v3/watch", json=request, timeout=None
+                    "POST", f"{endpoint}/v3/watch", json=request, headers=headers, timeout=None
                 ) as answer:
                     if answer.status_code != 200:
                         raise httpx.HTTPError(f"HTTP {answer.status_code}")
@@ -332,6 +374,9 @@ class Etcd:
                             raise httpx.HTTPError(str(doc["error"]))
                         if int(result.get("compact_revision", 0)):
                             raise EtcdError(f"etcd: the watch of {prefix} fell behind a compaction")
+                        if result.get("canceled"):  # an expired auth token, for one
+                            self._token = None
+                            raise httpx.HTTPError(str(result.get("cancel_reason")))
                         failures = 0
                         for event in result.get("events") or []:
                             kv = _kv(event.get("kv", {}))

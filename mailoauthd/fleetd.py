@@ -36,7 +36,7 @@ from mailoauthd import store as stores
 from mailoauthd.config import StoreSettings
 from mailoauthd.config.secrets import SecretSource
 from mailoauthd.errors import ConfigError, StateError
-from mailoauthd.etcd import Etcd, EtcdError, Unavailable
+from mailoauthd.etcd import Etcd, EtcdError, TlsRefused, Unavailable
 from mailoauthd.fleet import EtcdStore, Lease, Lock
 
 log = structlog.get_logger(__name__)
@@ -130,6 +130,8 @@ async def _first_read(store: FleetStore, settings: StoreSettings) -> None:
             try:
                 await store.start()
                 break
+            except TlsRefused as exc:  # no wait: a certificate to fix, not an outage
+                raise StateError(f"[store] etcd: {exc.message}") from None
             except Unavailable as exc:
                 store.problem = exc.message
             except EtcdError as exc:
