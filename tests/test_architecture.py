@@ -1,0 +1,150 @@
+"""
+docs/architecture.md's layers hold for the real imports.
+
+The document's `layers` block lists the layers top to bottom, each with its packages
+(`proxy/`) and modules (`refresh/scheduler.py`). Every module of mailoauthd must belong to
+exactly one layer, and import (lazy imports inside functions and TYPE_CHECKING imports
+included: they are still a dependency a reader must know) only its own layer and the
+layers below. A listed `refresh/scheduler.py` is mailoauthd/refresh/scheduler.py when that
+file exists, else the flat mailoauthd/scheduler.py, so the check reads either layout.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import mailoauthd
+
+PACKAGE = Path(mailoauthd.__file__).parent
+DOC = PACKAGE.parent / "docs" / "architecture.md"
+
+# Imports that go up against the layers, each with why it is there. Each must still occur
+# (the test fails when one no longer does, so the list can only shrink) and no other may.
+# The pairs are written as the document names modules.
+UP_IMPORTS: dict[tuple[str, str], str] = {
+    # The status reply joins the proxy's session counters; handlers names proxy.Proxy.
+    ("serve/handlers.py", "proxy/__init__.py"): "status reads the proxy's counters",
+    # The catch-all for background tasks lives with the server but imports nothing.
+    ("refresh/alerts.py", "serve/lastresort.py"): "notify_command runs under guarded()",
+    ("refresh/refresher.py", "serve/lastresort.py"): "refresh tasks run under guarded()",
+    ("authorization/signin.py", "serve/lastresort.py"): "browser pages run under guarded()",
+    # check-config's provider rules are pure data checks kept beside the provider code.
+    ("config/build.py", "provider/provider_checks.py"): "config applies the provider rules",
+}
+
+
+def layer_entries() -> list[tuple[str, list[str]]]:
+    """The document's layers, top to bottom: (layer name, its entries)."""
+    text = DOC.read_text(encoding="utf-8")
+    block = re.search(r"^```layers\n(.*?)^```", text, re.MULTILINE | re.DOTALL)
+    assert block is not None, "docs/architecture.md has no ```layers block"
+    layers = []
+    for line in block.group(1).splitlines():
+        line = line.split("#", 1)[0].strip()
+        if ":" in line:  # "name: entries"; a line without a name continues the layer above
+            name, _, entries = line.partition(":")
+            layers.append((name.strip(), entries.split()))
+        elif line:
+            layers[-1][1].extend(line.split())
+    return layers
+
+
+def resolve(entry: str) -> Path:
+    """A listed `package/module.py` or `package/`: the moved layout first, else the flat one."""
+    path = PACKAGE / entry
+    if path.exists() or entry.endswith("/") or "/" not in entry:
+        return path
+    return PACKAGE / entry.split("/", 1)[1]
+
+
+def module_files() -> list[Path]:
+    return sorted(PACKAGE.rglob("*.py"))
+
+
+def layer_of() -> dict[Path, int]:
+    """Each module file's layer (0 = top); every file in exactly one layer."""
+    owners: dict[Path, list[int]] = {}
+    files = module_files()
+    for index, (_, entries) in enumerate(layer_entries()):
+        for entry in entries:
+            path = resolve(entry)
+            assert path.exists(), f"docs/architecture.md lists {entry}, which does not exist"
+            covered = [f for f in files if f.is_relative_to(path)] if path.is_dir() else [path]
+            for file in covered:
+                owners.setdefault(file, []).append(index)
+    for file in files:
+        if file not in owners and file.name == "__init__.py":
+            # A package's face (the moved layout's refresh/__init__.py) joins its modules.
+            inside = {owners[f][0] for f in files if f.parent == file.parent and f in owners}
+            if len(inside) == 1:
+                owners[file] = list(inside)
+    problems = {str(f.relative_to(PACKAGE)): o for f, o in owners.items() if len(o) != 1}
+    missing = [str(f.relative_to(PACKAGE)) for f in files if f not in owners]
+    assert missing == [], f"modules in no layer of docs/architecture.md: {missing}"
+    assert problems == {}, f"modules in more than one layer: {problems}"
+    return {f: o[0] for f, o in owners.items()}
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def imported(path: Path, names: dict[str, Path]) -> set[Path]:
+    """The files of ours one module imports, wherever in it the import statement is."""
+    current = module_name(path)
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = current.split(".")
+                if path.name != "__init__.py":
+                    parts.pop()
+                parts = parts[: len(parts) - (node.level - 1)]
+                base = ".".join([*parts, base] if base else parts)
+            for alias in node.names:
+                candidate = f"{base}.{alias.name}"
+                found.add(candidate if candidate in names else base)
+    return {names[name] for name in found if name in names} - {path}
+
+
+def up_imports() -> set[tuple[Path, Path]]:
+    layers = layer_of()
+    names = {module_name(f): f for f in module_files()}
+    return {
+        (importer, target)
+        for importer in module_files()
+        for target in imported(importer, names)
+        if layers[target] < layers[importer]
+    }
+
+
+def shown(pairs: set[tuple[Path, Path]]) -> list[str]:
+    return sorted(f"{a.relative_to(PACKAGE)} -> {b.relative_to(PACKAGE)}" for a, b in pairs)
+
+
+def test_every_module_in_one_layer() -> None:
+    layers = layer_of()
+    assert len(layers) == len(module_files())
+
+
+def test_imports_point_down() -> None:
+    """No module imports a layer above its own, apart from the listed exceptions."""
+    allowed = {(resolve(a), resolve(b)) for a, b in UP_IMPORTS}
+    actual = up_imports()
+    assert shown(actual - allowed) == [], "imports against docs/architecture.md's layers"
+    assert shown(allowed - actual) == [], "exceptions that no longer occur: remove them"
+
+
+def test_exceptions_are_in_the_document() -> None:
+    """The document names every import that goes against its layers."""
+    text = DOC.read_text(encoding="utf-8")
+    for importer, target in UP_IMPORTS:
+        assert f"`{importer}` → `{target}`" in text, (importer, target)
