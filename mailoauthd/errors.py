@@ -44,13 +44,14 @@ EXIT_TEMPORARY = 5
 INTERNAL = "internal"
 CANCELLED = "cancelled"
 # Codes of classes that live with what raises them (their modules import more than
-# the standard library): seal.UnknownKey, etcd.EtcdError and etcd.Unavailable,
-# fleet.Superseded. Their `code` is one of these.
+# the standard library): seal.UnknownKey, etcd.EtcdError, etcd.Unavailable and
+# etcd.TlsRefused, fleet.Superseded. Their `code` is one of these.
 STATE_KEY = "state-key"
 ETCD = "etcd"
 ETCD_UNAVAILABLE = "etcd-unavailable"
+ETCD_TLS = "etcd-tls"
 STATE_SUPERSEDED = "state-superseded"
-ELSEWHERE = (STATE_KEY, ETCD, ETCD_UNAVAILABLE, STATE_SUPERSEDED)
+ELSEWHERE = (STATE_KEY, ETCD, ETCD_UNAVAILABLE, ETCD_TLS, STATE_SUPERSEDED)
 
 
 def exit_code_for(code: str) -> int:

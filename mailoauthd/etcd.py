@@ -28,6 +28,7 @@ from typing import Any
 
 import httpx
 
+from mailoauthd import errors
 from mailoauthd.errors import StateError
 from mailoauthd.secret import Secret
 
@@ -35,19 +36,19 @@ from mailoauthd.secret import Secret
 class EtcdError(StateError):
     """etcd refused a request (a bug or a misconfiguration on our side, or no permission)."""
 
-    code = "etcd"
+    code = errors.ETCD
 
 
 class Unavailable(EtcdError):
     """No endpoint answered, or none had a leader (no quorum)."""
 
-    code = "etcd-unavailable"
+    code = errors.ETCD_UNAVAILABLE
 
 
 class TlsRefused(Unavailable):
     """TLS failed with every endpoint: a certificate, CA or key to fix, no outage to wait out."""
 
-    code = "etcd-tls"
+    code = errors.ETCD_TLS
 
 
 @dataclass(frozen=True, slots=True)

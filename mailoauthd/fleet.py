@@ -29,7 +29,7 @@ from functools import partial
 
 import trio
 
-from mailoauthd import seal, state
+from mailoauthd import errors, seal, state
 from mailoauthd.errors import StateError
 from mailoauthd.etcd import Compare, Etcd, Event, Unavailable
 from mailoauthd.state import AccountState
@@ -126,7 +126,7 @@ class Lock:
 class Superseded(StateError):
     """A fenced write was refused: another daemon wrote the grant since, or holds its lock."""
 
-    code = "state-superseded"
+    code = errors.STATE_SUPERSEDED
 
 
 class EtcdStore:
