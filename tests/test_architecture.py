@@ -6,7 +6,7 @@ The document's `layers` block lists the layers top to bottom, each with its pack
 exactly one layer, and import (lazy imports inside functions and TYPE_CHECKING imports
 included: they are still a dependency a reader must know) only its own layer and the
 layers below. A listed `refresh/scheduler.py` is mailoauthd/refresh/scheduler.py when that
-file exists, else the flat mailoauthd/scheduler.py, so the check reads either layout.
+file exists, else the flat mailoauthd/refresh/scheduler.py, so the check reads either layout.
 """
 
 from __future__ import annotations
