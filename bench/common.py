@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from mailoauthd import state
 from mailoauthd.secret import Secret
+from mailoauthd.storage import state
 from mailoauthd.testing import DevProvider
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")

@@ -33,10 +33,11 @@ import trio
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.append(str(ROOT))  # for tests.fleet.cluster; mailoauthd is the installed one
 
-from mailoauthd import oauth, seal, state  # noqa: E402
-from mailoauthd.etcd import Etcd  # noqa: E402
-from mailoauthd.fleet import EtcdStore  # noqa: E402
+from mailoauthd.provider import oauth  # noqa: E402
 from mailoauthd.secret import Secret  # noqa: E402
+from mailoauthd.storage import seal, state  # noqa: E402
+from mailoauthd.storage.etcd import Etcd  # noqa: E402
+from mailoauthd.storage.fleet import EtcdStore  # noqa: E402
 from mailoauthd.testing import DevProvider  # noqa: E402
 from tests.fleet.cluster import ETCD, Cluster  # noqa: E402
 

@@ -40,7 +40,7 @@ from common import (
 from socket_load import loadgen
 
 from mailoauthd import config as config_module
-from mailoauthd import state
+from mailoauthd.storage import state
 from mailoauthd.testing import DevProvider
 
 # A check every second, so that a few seconds of idling show many checks;

@@ -19,21 +19,11 @@ from pathlib import Path
 import structlog
 import trio
 
-from mailoauthd import (
-    __version__,
-    config,
-    daemon,
-    logs,
-    paths,
-    proc,
-    proxy,
-    seal,
-    state,
-    store,
-)
-from mailoauthd.access import Policy
+from mailoauthd import __version__, config, daemon, logs, paths, proc, proxy
 from mailoauthd.errors import ConfigError, MailoauthdError
 from mailoauthd.secret import Secret
+from mailoauthd.serve.access import Policy
+from mailoauthd.storage import seal, state, store
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -155,7 +145,7 @@ def _check_config(
     counts = f"{_plural(len(cfg.providers), 'provider')}, {_plural(len(cfg.accounts), 'account')}"
     print(f"{path}: OK ({counts})")
     if args.online:
-        from mailoauthd import probe
+        from mailoauthd.provider import probe
 
         return probe.run(cfg, daemon.read_secrets(cfg, env), args.profile)
     return 0

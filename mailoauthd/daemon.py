@@ -25,18 +25,20 @@ import httpx
 import structlog
 import trio
 
-from mailoauthd import __version__, config, fleetd, oauth, paths, proxy, tokenfile
-from mailoauthd.access import Policy
-from mailoauthd.alerts import REFRESH_TOKEN_EXPIRING, Reminders
-from mailoauthd.discovery import Discovery
+from mailoauthd import __version__, config, paths, proxy
 from mailoauthd.errors import ConfigError, GrantError
-from mailoauthd.handlers import Handlers
-from mailoauthd.lastresort import guarded
-from mailoauthd.scheduler import Scheduler
+from mailoauthd.provider import oauth
+from mailoauthd.provider.discovery import Discovery
+from mailoauthd.refresh.alerts import REFRESH_TOKEN_EXPIRING, Reminders
+from mailoauthd.refresh.scheduler import Scheduler
 from mailoauthd.secret import Secret
-from mailoauthd.server import Server, bind, inherited, listen_fds
-from mailoauthd.state import NEEDS_AUTHORIZATION
-from mailoauthd.store import GrantStore
+from mailoauthd.serve.access import Policy
+from mailoauthd.serve.handlers import Handlers
+from mailoauthd.serve.lastresort import guarded
+from mailoauthd.serve.server import Server, bind, inherited, listen_fds
+from mailoauthd.storage import fleetd, tokenfile
+from mailoauthd.storage.state import NEEDS_AUTHORIZATION
+from mailoauthd.storage.store import GrantStore
 from mailoauthd.systemd import Notifier
 
 log = structlog.get_logger(__name__)

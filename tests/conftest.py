@@ -21,7 +21,7 @@ import trio
 import trio.testing
 
 from mailoauthd import config, daemon
-from mailoauthd.scheduler import Scheduler
+from mailoauthd.refresh.scheduler import Scheduler
 from mailoauthd.testing import DevProvider
 
 BIN = Path(sys.executable).parent

@@ -17,10 +17,11 @@ import trio.testing
 from conftest import T0, USER, eventually, in_process_daemon, make_config, mock_now, watch_tasks
 from test_authorize import Conversation, browse, run_helper, sign_in_keys
 
-from mailoauthd import config, state
-from mailoauthd.alerts import command_env, refresh_token_deadline, warning_time
+from mailoauthd import config
+from mailoauthd.refresh.alerts import command_env, refresh_token_deadline, warning_time
 from mailoauthd.secret import Secret
-from mailoauthd.state import TokenStore
+from mailoauthd.storage import state
+from mailoauthd.storage.state import TokenStore
 from mailoauthd.testing import DevProvider
 
 DAY = timedelta(days=1)

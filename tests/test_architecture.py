@@ -5,8 +5,8 @@ The document's `layers` block lists the layers top to bottom, each with its pack
 (`proxy/`) and modules (`refresh/scheduler.py`). Every module of mailoauthd must belong to
 exactly one layer, and import (lazy imports inside functions and TYPE_CHECKING imports
 included: they are still a dependency a reader must know) only its own layer and the
-layers below. A listed `refresh/scheduler.py` is mailoauthd/refresh/scheduler.py when that
-file exists, else the flat mailoauthd/scheduler.py, so the check reads either layout.
+layers below. A listed `refresh/scheduler.py` is mailoauthd/refresh/scheduler.py; one that
+does not exist fails the check.
 """
 
 from __future__ import annotations
@@ -52,11 +52,8 @@ def layer_entries() -> list[tuple[str, list[str]]]:
 
 
 def resolve(entry: str) -> Path:
-    """A listed `package/module.py` or `package/`: the moved layout first, else the flat one."""
-    path = PACKAGE / entry
-    if path.exists() or entry.endswith("/") or "/" not in entry:
-        return path
-    return PACKAGE / entry.split("/", 1)[1]
+    """A listed `package/module.py`, `package/` or `module.py`, below mailoauthd/."""
+    return PACKAGE / entry
 
 
 def module_files() -> list[Path]:
@@ -76,7 +73,7 @@ def layer_of() -> dict[Path, int]:
                 owners.setdefault(file, []).append(index)
     for file in files:
         if file not in owners and file.name == "__init__.py":
-            # A package's face (the moved layout's refresh/__init__.py) joins its modules.
+            # A package's face (refresh/__init__.py) joins its modules' layer.
             inside = {owners[f][0] for f in files if f.parent == file.parent and f in owners}
             if len(inside) == 1:
                 owners[file] = list(inside)

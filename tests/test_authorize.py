@@ -34,12 +34,15 @@ from conftest import (
     mock_now,
 )
 
-from mailoauthd import authorize, config, daemon, idtoken, protocol, state
+from mailoauthd import config, daemon, protocol
+from mailoauthd.authorization import authorize
 from mailoauthd.errors import AuthorizationFailed, Misconfigured, TransientGrantError
 from mailoauthd.flows import GrantType
 from mailoauthd.helper import token as helper_token
-from mailoauthd.oauth import TokenSet
+from mailoauthd.provider import idtoken
+from mailoauthd.provider.oauth import TokenSet
 from mailoauthd.secret import Secret
+from mailoauthd.storage import state
 from mailoauthd.testing import DevProvider
 
 # --- helpers -----------------------------------------------------------------------------

@@ -18,11 +18,12 @@ import pytest
 from conftest import USER, DaemonProcess, config_text, helper, in_process_daemon
 from test_authorize import Conversation, browse
 
-from mailoauthd import config, state
-from mailoauthd.discovery import Discovery, metadata_urls, parse_metadata
+from mailoauthd import config
 from mailoauthd.errors import Misconfigured, TransientGrantError
+from mailoauthd.provider.discovery import Discovery, metadata_urls, parse_metadata
 from mailoauthd.secret import Secret
-from mailoauthd.state import TokenStore
+from mailoauthd.storage import state
+from mailoauthd.storage.state import TokenStore
 from mailoauthd.testing import DevProvider
 
 OIDC = "/.well-known/openid-configuration"

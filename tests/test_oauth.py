@@ -1,4 +1,7 @@
-"""Tests for mailoauthd.oauth: building grant requests, classifying responses, and `send`."""
+"""
+Tests for mailoauthd.provider.oauth: building grant requests, classifying responses, and
+`send`.
+"""
 
 from __future__ import annotations
 
@@ -15,15 +18,15 @@ import httpx
 import pytest
 import trio
 
-from mailoauthd import oauth, provider_http
 from mailoauthd.errors import (
     GrantError,
     Misconfigured,
     ReauthorizationRequired,
     TransientGrantError,
 )
-from mailoauthd.oauth import Client, explain, parse_token_response
 from mailoauthd.presets import MICROSOFT_EXPLANATIONS
+from mailoauthd.provider import oauth, provider_http
+from mailoauthd.provider.oauth import Client, explain, parse_token_response
 from mailoauthd.secret import Secret
 
 T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)

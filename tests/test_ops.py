@@ -17,9 +17,9 @@ from conftest import in_process_daemon, make_config
 
 from mailoauthd import __version__, errors, protocol
 from mailoauthd.errors import ProtocolError
-from mailoauthd.handlers import Handlers
-from mailoauthd.ops import OPS, Access
-from mailoauthd.request import parse
+from mailoauthd.serve.handlers import Handlers
+from mailoauthd.serve.ops import OPS, Access
+from mailoauthd.serve.request import parse
 from mailoauthd.testing import DevProvider
 
 PROTOCOL_MD = Path(__file__).parent.parent / "docs" / "protocol.md"

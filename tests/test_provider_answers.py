@@ -37,16 +37,8 @@ from conftest import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mailoauthd import (
-    attempt,
-    authorize,
-    config,
-    discovery,
-    oauth,
-    provider_http,
-    provider_input,
-    state,
-)
+from mailoauthd import config
+from mailoauthd.authorization import authorize
 from mailoauthd.errors import (
     AuthorizationFailed,
     ConfigError,
@@ -54,8 +46,11 @@ from mailoauthd.errors import (
     Misconfigured,
     TransientGrantError,
 )
+from mailoauthd.provider import discovery, oauth, provider_http, provider_input
+from mailoauthd.refresh import attempt
 from mailoauthd.secret import Secret
-from mailoauthd.state import TokenStore
+from mailoauthd.storage import state
+from mailoauthd.storage.state import TokenStore
 from mailoauthd.testing import DevProvider, HostileAnswer
 
 FAST = 'refresh_spread = "0s"'

@@ -36,7 +36,7 @@ from mailoauthd.proxy.common import (
 from mailoauthd.proxy.service import Client, Proxy
 from mailoauthd.proxy.socketmap import BadNetstring, netstring, read_netstring
 from mailoauthd.proxy.tls import TLSStream
-from mailoauthd.state import AccountState
+from mailoauthd.storage.state import AccountState
 
 BASE = """
 [providers.dev]

@@ -27,13 +27,13 @@ import trio
 import trio.testing
 from conftest import T0, USER, make_config, mock_now, quiet
 
-from mailoauthd import state
-from mailoauthd.accounts import Phase, Slot
 from mailoauthd.errors import StateError, TransientGrantError
-from mailoauthd.scheduler import Scheduler
+from mailoauthd.refresh.accounts import Phase, Slot
+from mailoauthd.refresh.scheduler import Scheduler
 from mailoauthd.secret import Secret
-from mailoauthd.state import AccountState
-from mailoauthd.store import FilesStore, GrantStore
+from mailoauthd.storage import state
+from mailoauthd.storage.state import AccountState
+from mailoauthd.storage.store import FilesStore, GrantStore
 from mailoauthd.testing import DevProvider
 
 FAST = 'refresh_spread = "0s"'

@@ -18,10 +18,10 @@ import trio
 import trio.testing
 from conftest import T0, USER, in_process_daemon, make_config, mock_now, quiet
 
-from mailoauthd import state
 from mailoauthd.errors import ReauthorizationRequired, StateError
 from mailoauthd.secret import Secret
-from mailoauthd.state import TokenStore
+from mailoauthd.storage import state
+from mailoauthd.storage.state import TokenStore
 from mailoauthd.testing import DevProvider
 
 FAST = 'refresh_spread = "0s"'

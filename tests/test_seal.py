@@ -1,4 +1,7 @@
-"""Tests for mailoauthd.seal: the envelope, its binding to an account, keys and key sources."""
+"""
+Tests for mailoauthd.storage.seal: the envelope, its binding to an account, keys and key
+sources.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +15,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mailoauthd import seal
 from mailoauthd.errors import ConfigError, StateError
+from mailoauthd.storage import seal
 
 PLAIN = b'version = 1\naccount = "work"\nrefresh_token = "rt-77b2e0-do-not-print"\n'
 
@@ -208,4 +211,4 @@ def test_helper_path_never_loads_sealing() -> None:
         loaded("mailoauthd.helper.token, mailoauthd.helper.commands, mailoauthd.protocol") == "[]"
     )
     # The check sees sealing when it is there: the daemon's side loads it.
-    assert "'mailoauthd.seal'" in loaded("mailoauthd.store")
+    assert "'mailoauthd.storage.seal'" in loaded("mailoauthd.storage.store")

@@ -13,8 +13,8 @@ from pathlib import Path
 import trio
 import trio.testing
 
-from mailoauthd.request import Request, parse
-from mailoauthd.server import Peer, Server, bind
+from mailoauthd.serve.request import Request, parse
+from mailoauthd.serve.server import Peer, Server, bind
 
 ANSWER = {"ok": True, "token": "tok", "expires_at": 1, "username": "u"}
 

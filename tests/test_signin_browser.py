@@ -20,7 +20,7 @@ import pytest
 from conftest import MAILOAUTH, USER, DaemonProcess, config_text, in_process_daemon, make_config
 from test_authorize import Conversation, browse, finish, query, read_until, sign_in_keys
 
-from mailoauthd import signin_page
+from mailoauthd.authorization import signin_page
 from mailoauthd.testing import DevProvider
 
 Start = Callable[..., DaemonProcess]

@@ -21,8 +21,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from test_authorize import Conversation, browse, flow_config, state_file
 
-from mailoauthd import config, idtoken, provider_input
+from mailoauthd import config
 from mailoauthd.errors import AuthorizationFailed
+from mailoauthd.provider import idtoken, provider_input
 from mailoauthd.secret import Secret
 from mailoauthd.testing import DevProvider
 

@@ -17,7 +17,7 @@ import trio
 from conftest import in_process_daemon
 from test_authorize import Conversation, browse, flow_config, free_port
 
-from mailoauthd.signin import MAX_BROWSER_CONNECTIONS
+from mailoauthd.authorization.signin import MAX_BROWSER_CONNECTIONS
 from mailoauthd.testing import DevProvider
 
 FLOOD = 300

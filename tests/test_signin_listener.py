@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from test_authorize import Conversation, browse, flow_config
 
-from mailoauthd import signin_listener, signin_page
+from mailoauthd.authorization import signin_listener, signin_page
 from mailoauthd.testing import DevProvider
 
 ASKED = signin_page.notice(200, "Asked", "the sign-in was asked")

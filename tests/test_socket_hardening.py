@@ -25,10 +25,10 @@ from hypothesis import strategies as st
 
 from mailoauthd import protocol
 from mailoauthd.errors import ProtocolError
-from mailoauthd.limits import LogLimit
-from mailoauthd.ops import OPS
-from mailoauthd.request import MAX_SECONDS, Request, parse
-from mailoauthd.server import Channel, peer_of
+from mailoauthd.serve.limits import LogLimit
+from mailoauthd.serve.ops import OPS
+from mailoauthd.serve.request import MAX_SECONDS, Request, parse
+from mailoauthd.serve.server import Channel, peer_of
 
 json_values = st.recursive(
     st.none()

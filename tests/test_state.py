@@ -1,4 +1,7 @@
-"""Tests for mailoauthd.state: the token store, its transitions, files, lock and safety checks."""
+"""
+Tests for mailoauthd.storage.state: the token store, its transitions, files, lock and safety
+checks.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +20,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mailoauthd import state
 from mailoauthd.errors import (
     GrantError,
     Misconfigured,
@@ -26,10 +28,11 @@ from mailoauthd.errors import (
     StateLocked,
     TransientGrantError,
 )
-from mailoauthd.oauth import TokenSet
-from mailoauthd.provider_input import MAX_MESSAGE, clean_text
+from mailoauthd.provider.oauth import TokenSet
+from mailoauthd.provider.provider_input import MAX_MESSAGE, clean_text
 from mailoauthd.secret import Secret
-from mailoauthd.state import AccountState, TokenStore, from_toml, to_toml
+from mailoauthd.storage import state
+from mailoauthd.storage.state import AccountState, TokenStore, from_toml, to_toml
 
 T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
 ACCESS = "at-3c1f9a-do-not-print"
@@ -249,7 +252,7 @@ class TestSave:
         code = """
 import resource, signal, sys
 from pathlib import Path
-from mailoauthd.state import AccountState, TokenStore
+from mailoauthd.storage.state import AccountState, TokenStore
 
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 store = TokenStore(Path(sys.argv[1]))
@@ -280,7 +283,7 @@ _SECOND_OPEN = """
 import sys
 from pathlib import Path
 from mailoauthd.errors import StateLocked
-from mailoauthd.state import TokenStore
+from mailoauthd.storage.state import TokenStore
 
 try:
     TokenStore(Path(sys.argv[1])).open()

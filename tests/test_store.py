@@ -1,5 +1,6 @@
 """
-Tests for mailoauthd.store: the files backend sealed at rest, the key checks at start, rekey.
+Tests for mailoauthd.storage.store: the files backend sealed at rest, the key checks at start,
+rekey.
 
 The daemon and `mailoauthd rekey` run as real programs against the development provider.
 """
@@ -17,10 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from mailoauthd import config, seal, state
+from mailoauthd import config
 from mailoauthd.errors import ConfigError, StateError
 from mailoauthd.secret import Secret
-from mailoauthd.store import FilesStore, GrantStore, rekey
+from mailoauthd.storage import seal, state
+from mailoauthd.storage.store import FilesStore, GrantStore, rekey
 from mailoauthd.testing import DevProvider
 from tests.conftest import MAILOAUTHD, USER, DaemonProcess, config_text, helper
 from tests.test_state import ACCESS, REFRESH, full_state

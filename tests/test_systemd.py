@@ -39,10 +39,12 @@ from conftest import (
     quiet,
 )
 
-from mailoauthd import config, daemon, logs, paths, server, state
+from mailoauthd import config, daemon, logs, paths
 from mailoauthd.errors import MailoauthdError
 from mailoauthd.secret import Secret
-from mailoauthd.state import TokenStore
+from mailoauthd.serve import server
+from mailoauthd.storage import state
+from mailoauthd.storage.state import TokenStore
 from mailoauthd.testing import DevProvider
 
 ROOT = Path(__file__).resolve().parents[1]

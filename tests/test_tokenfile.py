@@ -13,9 +13,9 @@ import trio
 import trio.testing
 from conftest import USER, in_process_daemon, make_config, mock_now
 
-from mailoauthd import tokenfile
 from mailoauthd.config import Account, Provider
 from mailoauthd.secret import Secret
+from mailoauthd.storage import tokenfile
 from mailoauthd.testing import DevProvider
 
 

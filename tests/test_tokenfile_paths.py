@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from mailoauthd import tokenfile
 from mailoauthd.config import Account, Provider
 from mailoauthd.secret import Secret
-from mailoauthd.server import bind
-from mailoauthd.state import TokenStore
+from mailoauthd.serve.server import bind
+from mailoauthd.storage import tokenfile
+from mailoauthd.storage.state import TokenStore
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="gives files to another uid")
 USER_UID = 65534

@@ -42,7 +42,7 @@ class DaemonSettings:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StoreSettings:
-    """[store]: where grants are kept, and the key that seals them (mailoauthd/store.py)."""
+    """[store]: where grants are kept, and the key that seals them (mailoauthd/storage/store.py)."""
 
     backend: str = "files"
     encryption_key_file: Path | None = None  # "$VAR" and "${VAR}" are expanded when read

@@ -6,7 +6,7 @@ included). Below it, and shared with the daemon, only the stdlib-only bottom:
 mailoauthd.errors, mailoauthd.protocol, mailoauthd.fastpath, mailoauthd.paths,
 mailoauthd.shared_files.
 What needs the daemon's libraries runs as a child interpreter (`authorize --test`:
-mailoauthd.trial; email-oauth2-proxy's Fernet: mailoauthd.migrate_fernet).
+mailoauthd.authorization.trial; email-oauth2-proxy's Fernet: mailoauthd.migrate_fernet).
 
     token.py        the entry point, and `token`/`sasl`: the quick path, no argparse
     transport.py    which socket, one request line, one reply line

@@ -5,7 +5,7 @@ The `mailoauth` commands people run by hand: the argparse parser, and one dispat
 json). Each command's work lives in its own module beside this one (status,
 signin_terminal, logincheck, tokeninfo, recipes, migrate), imported only when run.
 Standard library only, like the rest of the helper: `authorize --test` needs
-the daemon's libraries, so it runs as a child process (`python -m mailoauthd.trial`).
+the daemon's libraries, so it runs as a child process (`python -m mailoauthd.authorization.trial`).
 """
 
 from __future__ import annotations
@@ -287,7 +287,7 @@ def _trial(args: argparse.Namespace) -> int:
     """
     import subprocess
 
-    command = [sys.executable, "-P", "-m", "mailoauthd.trial", args.test]
+    command = [sys.executable, "-P", "-m", "mailoauthd.authorization.trial", args.test]
     if args.config is not None:
         command += ["--config", args.config]
     if args.flow is not None:

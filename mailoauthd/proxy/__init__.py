@@ -19,9 +19,9 @@ from pathlib import Path
 
 import trio
 
-from mailoauthd.access import Policy
 from mailoauthd.config import Config, ProxySettings
-from mailoauthd.server import Peer, bind
+from mailoauthd.serve.access import Policy
+from mailoauthd.serve.server import Peer, bind
 
 from . import imap, pop3, smtp
 from .service import Proxy, Tokens, read_passwords

@@ -43,7 +43,7 @@ from mailoauthd.proxy.common import (
     splice,
 )
 from mailoauthd.secret import Secret
-from mailoauthd.state import AccountState
+from mailoauthd.storage.state import AccountState
 
 log = structlog.get_logger(__name__)
 

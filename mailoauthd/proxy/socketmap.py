@@ -23,7 +23,7 @@ import trio
 from mailoauthd.errors import MailoauthdError, ReauthorizationRequired
 from mailoauthd.proxy.common import MAX_CONNECTIONS, READ_TIMEOUT, Closed
 from mailoauthd.proxy.service import TOKEN_TIMEOUT, Tokens
-from mailoauthd.server import Peer, peer_of
+from mailoauthd.serve.server import Peer, peer_of
 
 log = structlog.get_logger(__name__)
 

@@ -10,7 +10,7 @@ import httpx
 import pytest
 import trio
 
-from mailoauthd.etcd import Etcd
+from mailoauthd.storage.etcd import Etcd
 from tests.fleet.cluster import ETCD, Cluster
 
 

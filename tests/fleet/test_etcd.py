@@ -1,5 +1,6 @@
 """
-mailoauthd.etcd and mailoauthd.fleet against a real 3-member etcd cluster on loopback.
+mailoauthd.storage.etcd and mailoauthd.storage.fleet against a real 3-member etcd cluster on
+loopback.
 
 Lease expiry is etcd's own, in real time: these tests wait seconds, not mock time.
 """
@@ -11,8 +12,8 @@ import time
 import pytest
 import trio
 
-from mailoauthd.etcd import Compare, Etcd, Event, Unavailable
-from mailoauthd.fleet import Lease, Lock
+from mailoauthd.storage.etcd import Compare, Etcd, Event, Unavailable
+from mailoauthd.storage.fleet import Lease, Lock
 from tests.fleet.cluster import ETCD, Cluster
 from tests.fleet.conftest import wait_for
 

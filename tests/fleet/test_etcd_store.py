@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import trio
 
-from mailoauthd import seal
-from mailoauthd.etcd import Etcd
-from mailoauthd.fleet import EtcdStore, Lease, Lock, Superseded
 from mailoauthd.secret import Secret
+from mailoauthd.storage import seal
+from mailoauthd.storage.etcd import Etcd
+from mailoauthd.storage.fleet import EtcdStore, Lease, Lock, Superseded
 from tests.fleet.cluster import Cluster
 from tests.fleet.conftest import wait_for
 from tests.test_state import ACCESS, REFRESH, full_state

@@ -8,8 +8,9 @@ import pytest
 import trio
 import trio.testing
 
-from mailoauthd import config, fleetd
+from mailoauthd import config
 from mailoauthd.errors import ConfigError, StateError
+from mailoauthd.storage import fleetd
 from tests.fleet.cluster import free_port
 
 

@@ -18,13 +18,13 @@ import httpx
 import trio
 import trio.testing
 
-from mailoauthd import state
 from mailoauthd.config import Config
 from mailoauthd.errors import TransientGrantError
-from mailoauthd.fleet import Superseded
-from mailoauthd.scheduler import Scheduler
+from mailoauthd.refresh.scheduler import Scheduler
 from mailoauthd.secret import Secret
-from mailoauthd.store import FilesStore
+from mailoauthd.storage import state
+from mailoauthd.storage.fleet import Superseded
+from mailoauthd.storage.store import FilesStore
 from mailoauthd.testing import DevProvider
 from tests.conftest import T0, USER, make_config, mock_now, quiet
 from tests.test_scheduler import refreshes

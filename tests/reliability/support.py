@@ -27,8 +27,8 @@ from typing import ClassVar
 
 from conftest import MAILOAUTHD, USER, config_text
 
-from mailoauthd import state
 from mailoauthd.secret import Secret
+from mailoauthd.storage import state
 from mailoauthd.testing import DevProvider
 
 SOAK = os.environ.get("MAILOAUTHD_SOAK") == "1"

@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mailoauthd.protocol import MAX_LINE
-from mailoauthd.server import MAX_CONNECTIONS, READ_TIMEOUT
+from mailoauthd.serve.server import MAX_CONNECTIONS, READ_TIMEOUT
 from mailoauthd.testing import DevProvider
 
 from .support import (

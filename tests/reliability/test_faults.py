@@ -28,9 +28,9 @@ import trio.testing
 from conftest import T0, helper, in_process_daemon, mock_now, quiet
 
 from mailoauthd import config as config_module
-from mailoauthd import state
-from mailoauthd.attempt import BACKOFF_BASE_SECONDS
+from mailoauthd.refresh.attempt import BACKOFF_BASE_SECONDS
 from mailoauthd.secret import Secret
+from mailoauthd.storage import state
 from mailoauthd.testing import DevProvider
 
 from .support import Figures, Ledger, new_provider, write_config

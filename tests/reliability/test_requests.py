@@ -29,8 +29,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mailoauthd.limits import BURST
-from mailoauthd.server import ADMIN_RESERVE, MAX_CONNECTIONS, MAX_PER_UID
+from mailoauthd.serve.limits import BURST
+from mailoauthd.serve.server import ADMIN_RESERVE, MAX_CONNECTIONS, MAX_PER_UID
 from mailoauthd.testing import DevProvider
 
 from .support import (
