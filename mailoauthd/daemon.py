@@ -27,6 +27,7 @@ import trio
 
 from mailoauthd import __version__, config, paths, proxy
 from mailoauthd.errors import ConfigError, GrantError
+from mailoauthd.lastresort import guarded
 from mailoauthd.provider import oauth
 from mailoauthd.provider.discovery import Discovery
 from mailoauthd.refresh.alerts import REFRESH_TOKEN_EXPIRING, Reminders
@@ -34,7 +35,6 @@ from mailoauthd.refresh.scheduler import Scheduler
 from mailoauthd.secret import Secret
 from mailoauthd.serve.access import Policy
 from mailoauthd.serve.handlers import Handlers
-from mailoauthd.serve.lastresort import guarded
 from mailoauthd.serve.server import Server, bind, inherited, listen_fds
 from mailoauthd.storage import fleetd, tokenfile
 from mailoauthd.storage.state import NEEDS_AUTHORIZATION

@@ -17,8 +17,8 @@ import trio.testing
 from conftest import eventually
 
 from mailoauthd import config
+from mailoauthd.lastresort import guarded
 from mailoauthd.refresh.alerts import NEEDS_AUTHORIZATION, Reminders
-from mailoauthd.serve.lastresort import guarded
 
 RECORDER = "import sys; open(sys.argv[1], 'a').write(sys.argv[2] + '\\n')"
 

@@ -41,9 +41,9 @@ from mailoauthd.errors import (
     TransientGrantError,
 )
 from mailoauthd.flows import Flow
+from mailoauthd.lastresort import fault
 from mailoauthd.provider import idtoken, oauth, provider_http
 from mailoauthd.secret import Secret
-from mailoauthd.serve.lastresort import fault
 from mailoauthd.storage.state import AccountState
 
 log = structlog.get_logger(__name__)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from mailoauthd import hostport, presets
+from mailoauthd.config import provider_checks
 from mailoauthd.config.model import Account, DaemonSettings, Provider, ProxySettings, StoreSettings
 from mailoauthd.config.problems import Problems
 from mailoauthd.config.schema import (
@@ -24,7 +25,6 @@ from mailoauthd.config.schema import (
 )
 from mailoauthd.config.secrets import SecretSource, secret_path
 from mailoauthd.flows import Flow
-from mailoauthd.provider import provider_checks
 
 _SECRET_KEYS = ("client_secret", "client_secret_file", "client_secret_command")
 Rule = Iterator[tuple[str, str]]

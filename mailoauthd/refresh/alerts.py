@@ -19,9 +19,9 @@ import structlog
 import trio
 
 from mailoauthd.config import Account, Provider
+from mailoauthd.lastresort import guarded
 from mailoauthd.protocol import Status
 from mailoauthd.provider.provider_input import MAX_MESSAGE, clean_text
-from mailoauthd.serve.lastresort import guarded
 
 log = structlog.get_logger(__name__)
 

@@ -28,11 +28,11 @@ import trio
 from mailoauthd.config import Account, DaemonSettings
 from mailoauthd.errors import StateError, TransientGrantError, UnknownAccount
 from mailoauthd.flows import Flow
+from mailoauthd.lastresort import guarded
 from mailoauthd.refresh.accounts import Phase, Shared, Slot, iso, load_slot
 from mailoauthd.refresh.alerts import MAX_WAIT_SECONDS, warning_time
 from mailoauthd.refresh.attempt import Attempts, backoff_seconds, write_token_file
 from mailoauthd.secret import Secret
-from mailoauthd.serve.lastresort import guarded
 from mailoauthd.storage import state
 
 log = structlog.get_logger(__name__)

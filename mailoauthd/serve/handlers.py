@@ -24,7 +24,7 @@ import httpx
 import structlog
 import trio
 
-from mailoauthd import __version__, config, protocol, proxy
+from mailoauthd import __version__, config, protocol
 from mailoauthd.authorization import signin
 from mailoauthd.errors import (
     Busy,
@@ -66,6 +66,18 @@ def _or(value: float | None, default: float) -> float:
     return default if value is None else value
 
 
+class ProxyCounters(Protocol):
+    """What the status reply reads of the mail proxy when it runs (proxy.Proxy)."""
+
+    def row(self, name: str) -> dict[str, object]:
+        """One account's session counters, joined to its status row."""
+        ...
+
+    def status(self) -> dict[str, object]:
+        """The proxy's own part of the reply (its listeners)."""
+        ...
+
+
 class Parts(Protocol):
     """What the handlers use of the daemon that owns them (daemon.Daemon)."""
 
@@ -77,7 +89,11 @@ class Parts(Protocol):
     discovery: Discovery
     last_reload_error: str | None
     store: GrantStore  # a fleet's store: its health joins the status
-    proxy: proxy.Proxy | None  # [proxy]: its counters join the status
+
+    @property
+    def proxy(self) -> ProxyCounters | None:
+        """The mail proxy when [proxy] runs one: its counters join the status."""
+        ...
 
     async def reload(self) -> bool:
         """Read the configuration again; False (and last_reload_error) if it was refused."""

@@ -48,9 +48,9 @@ import trio
 from mailoauthd import protocol
 from mailoauthd.errors import INTERNAL, AccessDenied, Busy, MailoauthdError, ProtocolError, TimedOut
 from mailoauthd.fastpath import accept_fd
+from mailoauthd.lastresort import fault
 from mailoauthd.serve.channel import WRITE_TIMEOUT, Conversation
 from mailoauthd.serve.channel import Channel as Channel
-from mailoauthd.serve.lastresort import fault
 from mailoauthd.serve.listening import bind as bind
 from mailoauthd.serve.listening import inherited as inherited
 from mailoauthd.serve.listening import listen_fds as listen_fds
