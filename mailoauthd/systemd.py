@@ -19,6 +19,12 @@ class Notifier:
     def __init__(self, env: Mapping[str, str]) -> None:
         self.enabled = bool(env.get("NOTIFY_SOCKET"))
         self._sd = sdnotify.SystemdNotifier() if self.enabled else None
+        if self._sd is not None and self._sd.socket is not None:
+            # Never wait for the reader: a datagram socket whose reader is behind (a
+            # busy or hung systemd, a test harness that stopped reading) would block
+            # sendall, and with it the whole daemon. A notice that cannot go at once
+            # is dropped (sdnotify swallows the BlockingIOError); the next says it again.
+            self._sd.socket.setblocking(False)
         usec = env.get("WATCHDOG_USEC", "")
         pid = env.get("WATCHDOG_PID", "")
         owned = not pid or pid == str(os.getpid())
