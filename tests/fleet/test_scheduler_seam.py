@@ -9,27 +9,21 @@ daemon does not lead, or when the test has another daemon write first.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import timedelta
 from pathlib import Path
 
-import httpx
 import trio
 import trio.testing
 
-from mailoauthd.config import Config
 from mailoauthd.errors import TransientGrantError
-from mailoauthd.refresh.scheduler import Scheduler
 from mailoauthd.secret import Secret
 from mailoauthd.storage import state
 from mailoauthd.storage.fleet import Superseded
 from mailoauthd.storage.store import FilesStore
 from mailoauthd.testing import DevProvider
-from tests.conftest import T0, USER, make_config, mock_now, quiet
+from tests.conftest import T0, USER, quiet
+from tests.test_refresher import running
 from tests.test_scheduler import refreshes
-
-FAST = 'refresh_spread = "0s"'
 
 
 class FleetLike(FilesStore):
@@ -69,24 +63,6 @@ def grant(
     )
 
 
-@asynccontextmanager
-async def scheduler(
-    cfg: Config, store: FleetLike, clock: trio.testing.MockClock
-) -> AsyncIterator[Scheduler]:
-    async with httpx.AsyncClient() as http, trio.open_nursery() as nursery:
-        s = Scheduler(
-            store=store,
-            http=http,
-            settings=cfg.daemon,
-            accounts=cfg.accounts,
-            secrets={"dev": Secret("demo-secret")},
-            now=mock_now(clock),
-        )
-        await nursery.start(s.run)
-        yield s
-        nursery.cancel_scope.cancel()
-
-
 def fleet_store(tmp_path: Path, first: state.AccountState) -> FleetLike:
     (tmp_path / "state").mkdir(mode=0o700, exist_ok=True)
     store = FleetLike(tmp_path / "state")
@@ -98,10 +74,9 @@ async def test_a_follower_refreshes_nothing_and_serves_the_leaders_grant(
     clock: trio.testing.MockClock, dev: DevProvider, tmp_path: Path
 ) -> None:
     provider = dev
-    cfg = make_config(tmp_path, provider, daemon_keys=FAST)
     token = provider.issue_refresh_token(USER)
     store = fleet_store(tmp_path, grant(token, expires_in=300, access="old"))  # due
-    async with scheduler(cfg, store, clock) as s:
+    async with running(tmp_path, dev, clock, store) as s:
         await quiet(s)
         assert refreshes(provider) == 0
         got: list[str] = []
@@ -124,10 +99,9 @@ async def test_a_follower_refreshes_nothing_and_serves_the_leaders_grant(
 async def test_a_follower_waits_no_longer_than_the_request_and_says_why(
     clock: trio.testing.MockClock, dev: DevProvider, tmp_path: Path
 ) -> None:
-    cfg = make_config(tmp_path, dev, daemon_keys=FAST)
     token = dev.issue_refresh_token(USER)
     store = fleet_store(tmp_path, grant(token, expires_in=-10, access="expired"))
-    async with scheduler(cfg, store, clock) as s:
+    async with running(tmp_path, dev, clock, store) as s:
         failed: list[TransientGrantError] = []
 
         async def ask() -> None:
@@ -148,12 +122,11 @@ async def test_a_follower_waits_no_longer_than_the_request_and_says_why(
 async def test_poke_after_an_election_retries_an_interrupted_refresh_at_once(
     clock: trio.testing.MockClock, dev: DevProvider, tmp_path: Path
 ) -> None:
-    cfg = make_config(tmp_path, dev, daemon_keys=FAST)
     token = dev.issue_refresh_token(USER)
     # The last leader died with its request in flight; the token is still good for long.
     first = grant(token, expires_in=3000, access="held", refresh_sent=T0)
     store = fleet_store(tmp_path, first)
-    async with scheduler(cfg, store, clock) as s:
+    async with running(tmp_path, dev, clock, store) as s:
         await quiet(s)
         assert refreshes(dev) == 0
         store.leading = True
@@ -169,12 +142,11 @@ async def test_poke_after_an_election_retries_an_interrupted_refresh_at_once(
 async def test_a_superseded_refresh_write_drops_the_answer_and_takes_the_stored_grant(
     clock: trio.testing.MockClock, dev: DevProvider, tmp_path: Path
 ) -> None:
-    cfg = make_config(tmp_path, dev, daemon_keys=FAST)
     token = dev.issue_refresh_token(USER)
     store = fleet_store(tmp_path, grant(token, expires_in=300, access="old"))
     store.leading = True
     store.other = grant(token, expires_in=3600, access="written-by-another")
-    async with scheduler(cfg, store, clock) as s:
+    async with running(tmp_path, dev, clock, store) as s:
         await quiet(s)
         assert refreshes(dev) == 1
         held = s.token_now("work", None)
