@@ -18,7 +18,7 @@ import dataclasses
 import enum
 import random
 from collections.abc import Awaitable, Callable
-from datetime import datetime
+from datetime import UTC, datetime
 
 import httpx
 import structlog
@@ -61,6 +61,45 @@ _ALLOWED: dict[Phase, frozenset[Phase]] = {
 }
 
 
+# A record with nothing to wait for: a Quiet that lasts until its inputs change.
+FOREVER = datetime.max.replace(tzinfo=UTC)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Quiet:
+    """
+    What the periodic check concluded of a record that needs nothing yet.
+
+    It holds while `until` has not come and the record still has the very objects
+    the check read (`holds`): no refresh to schedule, no warning to give. So the
+    check reads this instead of working it out again, and a check that finds
+    nothing due costs about what a bare loop over the expiries does
+    (docs/performance.md), not the arithmetic of every record's expiry and
+    refresh-token age.
+    """
+
+    until: datetime  # the token falls due, or its refresh token's age warning comes
+    latest: datetime | None  # the last moment before min_validity (Refresher._last_call)
+    # What the check read: whatever replaces one of them makes this stale.
+    account: Account
+    state: AccountState
+    phase: Phase
+    broken: StateError | None
+    unsaved: AccountState | None
+    age_warned: datetime | None
+
+    def holds(self, slot: Slot, now: datetime) -> bool:
+        return (
+            now < self.until
+            and self.state is slot.state
+            and self.phase is slot.phase
+            and self.account is slot.account
+            and self.unsaved is slot.unsaved
+            and self.broken is slot.broken
+            and self.age_warned is slot.age_warned
+        )
+
+
 @dataclasses.dataclass(eq=False)
 class Slot:
     """One account's live state; only the refresher and the grant operations change it."""
@@ -82,6 +121,7 @@ class Slot:
     bare_refusals: int = 0  # 4xx answers without an OAuth error in a row (oauth.BareRefusal)
     last_on_demand: float | None = None  # trio time of the last refresh a request started
     scope_warning: str | None = None  # a refresh answer dropped a mail scope (until sign-in)
+    quiet: Quiet | None = None  # what the last check concluded, while it holds
 
     # --- the phase --------------------------------------------------------------
 

@@ -6,7 +6,8 @@ those whose access token expires within `refresh_before`, spread over
 `refresh_spread`; at most `max_concurrent_refreshes` run at a time. Whatever
 asks (the check, a retry, a request, a person), an account has at most one
 refresh in flight (`start`). One attempt is attempt.py's; what requests wait
-for is ondemand.py's.
+for is ondemand.py's. What the check concluded of an account that needs
+nothing yet is kept with its record (accounts.Quiet) while it holds.
 
 A fleet shares one store: only the daemon the store lets (`may_refresh`)
 refreshes an account; the others take the grants it stores (`adopt`) and
@@ -29,7 +30,7 @@ from mailoauthd.config import Account, DaemonSettings
 from mailoauthd.errors import StateError, TransientGrantError, UnknownAccount
 from mailoauthd.flows import Flow
 from mailoauthd.lastresort import guarded
-from mailoauthd.refresh.accounts import Phase, Shared, Slot, iso, load_slot
+from mailoauthd.refresh.accounts import FOREVER, Phase, Quiet, Shared, Slot, iso, load_slot
 from mailoauthd.refresh.alerts import MAX_WAIT_SECONDS, warning_time
 from mailoauthd.refresh.attempt import Attempts, backoff_seconds, write_token_file
 from mailoauthd.secret import Secret
@@ -159,57 +160,60 @@ class Refresher:
         """
         The periodic check: schedule refreshes for accounts due within refresh_before.
 
+        A record's conclusion is kept (`Slot.quiet`) while it holds, so a check that
+        finds nothing due compares a few references per account.
+
         Returns:
             How many refreshes it scheduled.
         """
         started = 0
-        spread = self.shared.settings.refresh_spread.total_seconds()
         last_call: datetime | None = None
-        may_refresh = self.shared.store.may_refresh
         for slot in self.slots.values():
-            self._check_age(slot, now)
-            if slot.phase is not Phase.IDLE or not _refreshable(slot):
-                continue
-            remaining = slot.state.valid_for(now)
-            interrupted = slot.state.refresh_sent is not None
-            if remaining > slot.account.refresh_before.total_seconds() and not interrupted:
-                # Normally the next check comes long before this; with a
-                # refresh_before shorter than refresh_interval it might not.
-                assert slot.state.expires_at is not None
-                latest = slot.state.expires_at - slot.account.min_validity
-                if latest > now and (last_call is None or latest < last_call):
-                    last_call = latest
-                continue
-            if not may_refresh(slot.account.name):
-                continue  # another daemon's to refresh
-            # Spread refreshes that fall due together, but never past what the
-            # token has left beyond the clients' minimum validity.
-            room = remaining - slot.account.min_validity.total_seconds()
-            delay = 0.0
-            if room > 0 and spread > 0:
-                delay = self.shared.rng.uniform(0, min(spread, room / 2))
-            if interrupted:
-                # A refresh died with an earlier daemon: the provider's reuse window
-                # for the refresh token we hold may be closing (state.refresh_sent).
-                delay = 0.0
-            slot.schedule(now + timedelta(seconds=delay))
-            started += 1
+            quiet = slot.quiet
+            if quiet is None or not quiet.holds(slot, now):
+                self._check_age(slot, now)
+                quiet = _quiet(slot, now)
+                if quiet is None:
+                    started += self._schedule(slot, now)
+                    continue
+                slot.quiet = quiet
+            # Normally the next check comes long before this; with a refresh_before
+            # shorter than refresh_interval it might not.
+            latest = quiet.latest
+            if latest is not None and latest > now and (last_call is None or latest < last_call):
+                last_call = latest
         self._last_call = last_call
         log.debug("check.done", accounts=len(self.slots), due=started)
         if started:
             self._wakeup.set()
         return started
 
+    def _schedule(self, slot: Slot, now: datetime) -> bool:
+        """Schedule the refresh of a due account, unless it is another daemon's to refresh."""
+        if not self.shared.store.may_refresh(slot.account.name):
+            return False
+        # Spread refreshes that fall due together, but never past what the
+        # token has left beyond the clients' minimum validity.
+        remaining = slot.state.valid_for(now)
+        room = remaining - slot.account.min_validity.total_seconds()
+        spread = self.shared.settings.refresh_spread.total_seconds()
+        delay = 0.0
+        if room > 0 and spread > 0:
+            delay = self.shared.rng.uniform(0, min(spread, room / 2))
+        if slot.state.refresh_sent is not None:
+            # A refresh died with an earlier daemon: the provider's reuse window
+            # for the refresh token we hold may be closing (state.refresh_sent).
+            delay = 0.0
+        slot.schedule(now + timedelta(seconds=delay))
+        return True
+
     def _check_age(self, slot: Slot, now: datetime) -> None:
         """Warn once per refresh token when it nears a cut-off its profile knows of."""
+        due = _age_warning(slot)
+        if due is None or now < due[1]:
+            return
+        deadline = due[0]
         st, provider = slot.state, slot.account.provider
-        if st.refresh_token is None or st.status == state.NEEDS_AUTHORIZATION:
-            return
-        if slot.age_warned == st.refresh_token_issued_at:
-            return
-        deadline = slot.deadline()
-        if deadline is None or now < warning_time(provider, deadline):
-            return
         slot.age_warned = st.refresh_token_issued_at
         name = slot.account.name
         why = " (Google's limit for apps in 'testing' status)" if provider.testing else ""
@@ -258,7 +262,10 @@ class Refresher:
             if superseded:
                 slot.due = None
             slot.finish()
-            self._wakeup.set()  # a retry may be due sooner than the loop's next turn
+            if slot.phase is Phase.RETRY_WAIT:
+                # A retry may be due sooner than the loop's next turn. (Only then: each
+                # turn walks every account, and a full refresh ends 10,000 refreshes.)
+                self._wakeup.set()
         if superseded:
             self.adopt(slot.account.name)
 
@@ -274,6 +281,40 @@ class Refresher:
         )
         delay = backoff_seconds(slot.state.failures + 1, self.shared.rng)
         slot.retry(self.shared.now() + timedelta(seconds=delay))
+
+
+def _quiet(slot: Slot, now: datetime) -> Quiet | None:
+    """
+    What the check concludes of a record at `now`: None if it is due (to refresh now,
+    or to look at again at every check until it may), else until when it needs nothing.
+    """
+    warning = _age_warning(slot)
+    until = FOREVER if warning is None else warning[1]
+    latest = None
+    st = slot.state
+    if slot.phase is Phase.IDLE and _refreshable(slot):
+        if st.refresh_sent is not None or st.access_token is None or st.expires_at is None:
+            return None  # interrupted (see _schedule), or nothing to serve
+        due_at = st.expires_at - slot.account.refresh_before
+        if not now < due_at:
+            return None
+        until = min(until, due_at)
+        latest = st.expires_at - slot.account.min_validity
+    inputs = (slot.account, st, slot.phase, slot.broken, slot.unsaved, slot.age_warned)
+    return Quiet(until, latest, *inputs)
+
+
+def _age_warning(slot: Slot) -> tuple[datetime, datetime] | None:
+    """(when the refresh token stops working, when to warn about it) if a warning is to come."""
+    st = slot.state
+    if st.refresh_token is None or st.status == state.NEEDS_AUTHORIZATION:
+        return None
+    if slot.age_warned == st.refresh_token_issued_at:
+        return None  # said once for this refresh token
+    deadline = slot.deadline()
+    if deadline is None:
+        return None
+    return deadline, warning_time(slot.account.provider, deadline)
 
 
 def _refreshable(slot: Slot) -> bool:
