@@ -20,11 +20,12 @@ from pathlib import Path
 import pytest
 import trio
 from conftest import MAILOAUTHD
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mailoauthd import protocol
 from mailoauthd.errors import ProtocolError
+from mailoauthd.serve import request as request_module
 from mailoauthd.serve.limits import LogLimit
 from mailoauthd.serve.ops import OPS
 from mailoauthd.serve.request import MAX_SECONDS, Request, parse
@@ -46,6 +47,19 @@ requests = st.fixed_dictionaries(
         key: json_values | st.sampled_from([1, "token", "status", "work", 5.0, -1])
         for key in ("v", "op", "account", "min_validity", "timeout", "wait", "refresh_token")
     },
+)
+
+# Mostly well-formed: the helper's keys, with values near and past the limits.
+seconds = (
+    st.integers(-(10**10), 10**10) | st.floats() | st.booleans() | st.none() | st.text(max_size=3)
+)
+token_requests = st.fixed_dictionaries(
+    {
+        "v": st.sampled_from([1] * 6 + [2, True]),
+        "op": st.sampled_from(["token"] * len(OPS) + sorted(OPS)),
+        "account": st.sampled_from(["work", "a.b-c_1", "x" * 64, "", "a b", "x" * 65, 7]),
+    },
+    optional={"min_validity": seconds, "timeout": seconds, "wait": seconds},
 )
 
 
@@ -86,6 +100,33 @@ class TestParse:
     def test_refused(self, raw: dict[str, object]) -> None:
         with pytest.raises(ProtocolError):
             parse(raw)
+
+    @settings(max_examples=300)
+    @given(raw=token_requests)
+    def test_the_token_requests_shortcut_decides_as_the_general_path(
+        self, raw: dict[str, object]
+    ) -> None:
+        """
+        A request with only the helper's keys takes a shorter way through `parse`; a
+        `"flow": null` (the account's own flow) sends the same request the general way.
+        """
+        answers = []
+        for line in (raw, {**raw, "flow": None}):
+            try:
+                answers.append(parse(line))
+            except ProtocolError as exc:
+                answers.append(exc.message)  # type: ignore[arg-type]
+        assert answers[0] == answers[1]
+
+    def test_account_names_are_remembered_within_a_bound(self) -> None:
+        """Checked names are kept to skip the regex; a flood of made-up ones cannot grow it."""
+        for i in range(request_module.MAX_NAMES_KEPT + 500):
+            parse({"v": 1, "op": "token", "account": f"made-up-{i}"})
+        assert len(request_module._NAMES) <= request_module.MAX_NAMES_KEPT
+        assert parse({"v": 1, "op": "token", "account": "made-up-1"}).account == "made-up-1"
+        with pytest.raises(ProtocolError):
+            parse({"v": 1, "op": "token", "account": "made up"})
+        assert "made up" not in request_module._NAMES
 
     def test_a_helpers_request(self) -> None:
         line = protocol.encode_token_request("work", min_validity=60, timeout=15, wait=5)

@@ -46,8 +46,11 @@ def token_now(refresher: Refresher, name: str, min_validity: float | None) -> Ac
     slot = refresher.slots.get(name)
     if slot is None or slot.broken is not None:
         return None
-    wanted = _capped(slot, _wanted(slot, min_validity))
-    return slot.state if slot.state.valid_for(refresher.shared.now()) >= wanted else None
+    st = slot.state
+    remaining = st.valid_for(refresher.shared.now())
+    wanted = _wanted(slot, min_validity)
+    # The cap only ever lowers what is wanted: worked out only when it may matter.
+    return st if remaining >= wanted or remaining >= _capped(slot, wanted) else None
 
 
 async def token(

@@ -161,8 +161,10 @@ class Handlers:
         name = request.name
         if not self.daemon.policy.may_use(peer, name):
             return None  # `gate` refuses it, and logs that, on the general path
-        min_validity = _or(request.min_validity, -1.0)
-        st = self.daemon.scheduler.token_now(name, None if min_validity < 0 else min_validity)
+        min_validity = request.min_validity  # negative: the account's own, as None
+        if min_validity is not None and min_validity < 0:
+            min_validity = None
+        st = self.daemon.scheduler.token_now(name, min_validity)
         return None if st is None else self._token_reply(name, st, peer)
 
     # --- one method per operation (ops.OPS) ----------------------------------------

@@ -12,7 +12,7 @@ import errno
 import os
 import socket as stdsocket
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import trio
 
@@ -26,9 +26,8 @@ _GROUPS_GUESS = 256
 _GID = struct.Struct("I")
 
 
-@dataclass(frozen=True, slots=True)
-class Peer:
-    """Who is on the other end, as the kernel says (SO_PEERCRED)."""
+class Peer(NamedTuple):
+    """Who is on the other end, as the kernel says (SO_PEERCRED); made for every connection."""
 
     pid: int
     uid: int
@@ -45,9 +44,7 @@ def peer_of(sock: trio.socket.SocketType | stdsocket.SocketType, *, groups: bool
     """
     raw = sock.getsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_PEERCRED, _PEERCRED.size)
     pid, uid, gid = _PEERCRED.unpack(raw)
-    if not groups:
-        return Peer(pid=pid, uid=uid, gid=gid)
-    return Peer(pid=pid, uid=uid, gid=gid, groups=_peer_groups(sock))
+    return Peer(pid, uid, gid, _peer_groups(sock) if groups else ())
 
 
 def _peer_groups(sock: trio.socket.SocketType | stdsocket.SocketType) -> tuple[int, ...]:
