@@ -19,7 +19,7 @@ from pathlib import Path
 import structlog
 import trio
 
-from mailoauthd import __version__, config, daemon, logs, paths, proc, proxy
+from mailoauthd import __version__, config, daemon, logs, paths, proc
 from mailoauthd.errors import ConfigError, MailoauthdError
 from mailoauthd.secret import Secret
 from mailoauthd.serve.access import Policy
@@ -131,7 +131,7 @@ def _check_config(
     cfg: config.Config, path: Path, args: argparse.Namespace, env: dict[str, str], system: bool
 ) -> int:
     daemon.read_secrets(cfg, env)
-    proxy.read_passwords(cfg.accounts, cfg.source, env)
+    cfg.proxy_passwords(env)
     seal.load_keyring(cfg.store.encryption_key_file, cfg.store.encryption_key_command, env)
     _, access_warnings = Policy.build(cfg, system=system, own_uid=os.geteuid())
     warnings = [*cfg.warnings, *access_warnings]

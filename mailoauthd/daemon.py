@@ -20,12 +20,13 @@ from collections.abc import Callable, Mapping
 from datetime import datetime
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import structlog
 import trio
 
-from mailoauthd import __version__, config, paths, proxy
+from mailoauthd import __version__, config, paths
 from mailoauthd.errors import ConfigError, GrantError
 from mailoauthd.lastresort import guarded
 from mailoauthd.provider import oauth
@@ -40,6 +41,9 @@ from mailoauthd.storage import fleetd, tokenfile
 from mailoauthd.storage.state import NEEDS_AUTHORIZATION
 from mailoauthd.storage.store import GrantStore
 from mailoauthd.systemd import Notifier
+
+if TYPE_CHECKING:
+    from mailoauthd import proxy
 
 log = structlog.get_logger(__name__)
 
@@ -117,9 +121,7 @@ class Daemon:
         try:
             cfg = await trio.to_thread.run_sync(config.load, self.config_path)
             secrets = await trio.to_thread.run_sync(read_secrets, cfg)
-            passwords = await trio.to_thread.run_sync(
-                proxy.read_passwords, cfg.accounts, cfg.source
-            )
+            passwords = await trio.to_thread.run_sync(cfg.proxy_passwords)
         except ConfigError as exc:
             log.error("config.reload_failed", error=exc.message, kept="the running configuration")
             self.last_reload_error = exc.message
@@ -327,7 +329,10 @@ async def run(
                 # Only now: a token request may start a refresh, which needs the
                 # scheduler running. Clients that connect earlier wait in the backlog.
                 await root.start(daemon.server.serve, listener)
-                if proxy.enabled(cfg.proxy):
+                if cfg.proxy.enabled:
+                    # Loaded only when configured: most daemons run no proxy, and start sooner.
+                    from mailoauthd import proxy
+
                     daemon.proxy = await root.start(
                         partial(proxy.run, cfg, scheduler, lambda: daemon.policy)
                     )

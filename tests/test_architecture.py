@@ -13,7 +13,11 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 import mailoauthd
 
@@ -136,3 +140,21 @@ def test_exceptions_are_in_the_document() -> None:
     text = DOC.read_text(encoding="utf-8")
     for importer, target in UP_IMPORTS:
         assert f"`{importer}` → `{target}`" in text, (importer, target)
+
+
+# Loaded when used, not at start: the proxy when [proxy] configures it, cryptography
+# when a key seals the store, the sign-in (with h11) at the first `authorize`.
+LOADED_WHEN_USED = ("mailoauthd.proxy", "cryptography", "h11", "mailoauthd.authorization")
+
+
+@pytest.mark.integration
+def test_a_start_loads_only_what_it_uses() -> None:
+    """What the daemon imports to start (cli, daemon) leaves out what most starts never use."""
+    script = (
+        "import sys, mailoauthd.cli, mailoauthd.daemon\n"
+        f"print(*sorted(m for m in sys.modules if m.startswith({LOADED_WHEN_USED!r})))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert loaded == []

@@ -14,6 +14,7 @@ from typing import Any
 
 from mailoauthd.config.secrets import SecretSource
 from mailoauthd.flows import Flow
+from mailoauthd.secret import Secret
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -145,6 +146,11 @@ class ProxySettings:
     tls_certificate_file: Path | None = None
     tls_key_file: Path | None = None
 
+    @property
+    def enabled(self) -> bool:
+        """Whether any listener or the socketmap is configured (else proxy/ is not loaded)."""
+        return any((self.imap, self.pop3, self.smtp, self.socketmap))
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
@@ -156,3 +162,15 @@ class Config:
     accounts: Mapping[str, Account] = field(default_factory=_empty, hash=False)
     # Advice about the configuration, not part of it.
     warnings: tuple[str, ...] = field(default=(), compare=False)
+
+    def proxy_passwords(self, env: Mapping[str, str] | None = None) -> dict[str, Secret]:
+        """Every account's proxy password, read now (files, commands), like the client secrets."""
+        return {
+            name: account.proxy_password.read(
+                where=f"{self.source}: [accounts.{name}] "
+                + account.proxy_password.key.replace("client_secret", "proxy_password"),
+                env=env,
+            )
+            for name, account in self.accounts.items()
+            if account.proxy_password is not None
+        }

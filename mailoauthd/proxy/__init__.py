@@ -19,19 +19,15 @@ from pathlib import Path
 
 import trio
 
-from mailoauthd.config import Config, ProxySettings
+from mailoauthd.config import Config
 from mailoauthd.serve.access import Policy
 from mailoauthd.serve.server import Peer, bind
 
 from . import imap, pop3, smtp
-from .service import Proxy, Tokens, read_passwords
+from .service import Proxy, Tokens
 from .socketmap import Socketmap
 
-__all__ = ["Proxy", "enabled", "read_passwords", "run"]
-
-
-def enabled(settings: ProxySettings) -> bool:
-    return any((settings.imap, settings.pop3, settings.smtp, settings.socketmap))
+__all__ = ["Proxy", "run"]
 
 
 def _may_use(policy: Callable[[], Policy], peer: Peer, account: str) -> bool:
@@ -50,7 +46,7 @@ async def run(
     task_status: trio.TaskStatus[Proxy] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Start the configured listeners and the socketmap; runs until cancelled."""
-    proxy = Proxy(cfg.proxy, tokens, read_passwords(cfg.accounts, cfg.source))
+    proxy = Proxy(cfg.proxy, tokens, cfg.proxy_passwords())
     path: Path | None = cfg.proxy.socketmap
     sock = None
     made: tuple[int, int] | None = None

@@ -370,18 +370,3 @@ _BUSY = {
     "pop3": "-ERR [SYS/TEMP] too many connections; try again later",
     "smtp": "421 4.7.0 too many connections; try again later",
 }
-
-
-def read_passwords(
-    accounts: Mapping[str, Account], source: str, env: Mapping[str, str] | None = None
-) -> dict[str, Secret]:
-    """Every account's proxy password, read now (files, commands), like the client secrets."""
-    return {
-        name: account.proxy_password.read(
-            where=f"{source}: [accounts.{name}] "
-            + account.proxy_password.key.replace("client_secret", "proxy_password"),
-            env=env,
-        )
-        for name, account in accounts.items()
-        if account.proxy_password is not None
-    }

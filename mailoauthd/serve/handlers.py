@@ -25,7 +25,6 @@ import structlog
 import trio
 
 from mailoauthd import __version__, config, protocol
-from mailoauthd.authorization import signin
 from mailoauthd.errors import (
     Busy,
     ConfigError,
@@ -272,6 +271,10 @@ class Handlers:
                 f"{name}: a sign-in is already in progress",
                 hint="finish it, or stop its 'mailoauth authorize' (Ctrl-C), first",
             )
+        # Loaded at the first sign-in, not at start: with h11 and the sign-in page, it is
+        # a share of every start's imports that most starts never use (docs/performance.md).
+        from mailoauthd.authorization import signin
+
         self._signing_in.add(name)
         try:
             log.info("authorize.requested", account=name, flow=flow, uid=peer.uid, pid=peer.pid)

@@ -31,12 +31,13 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from typing import TYPE_CHECKING
 
 from mailoauthd.config import SecretSource
 from mailoauthd.errors import STATE_KEY, ConfigError, StateError
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 MAGIC = b"mailoauthd-sealed"
 VERSION = b"v1"
@@ -94,7 +95,7 @@ class Keyring:
         """The envelope of `plaintext`, sealed with the first key and bound to `account`."""
         header = b"%s %s %s " % (MAGIC, VERSION, self.sealing_id.encode("ascii"))
         nonce = os.urandom(NONCE_BYTES)
-        sealed = AESGCM(self.keys[0]).encrypt(nonce, plaintext, header + account.encode("utf-8"))
+        sealed = _aesgcm(self.keys[0]).encrypt(nonce, plaintext, header + account.encode("utf-8"))
         return header + base64.b64encode(nonce + sealed) + b"\n"
 
     def open(self, account: str, blob: bytes, *, where: str) -> bytes:
@@ -132,8 +133,10 @@ class Keyring:
         if base64.b64encode(payload) != found.group(3):
             payload = b""  # only the canonical encoding: no bit of the envelope is free
         header = blob[: found.start(3)]
+        from cryptography.exceptions import InvalidTag  # loaded by _aesgcm below anyway
+
         try:
-            return AESGCM(keys[0]).decrypt(
+            return _aesgcm(keys[0]).decrypt(
                 payload[:NONCE_BYTES], payload[NONCE_BYTES:], header + account.encode("utf-8")
             )
         except (InvalidTag, ValueError):
@@ -141,6 +144,16 @@ class Keyring:
                 f"{where}: refused: it does not authenticate as account {account!r}'s sealed "
                 "state (altered, or copied from another account)",
             ) from None
+
+
+def _aesgcm(key: bytes) -> AESGCM:
+    """
+    AES-256-GCM with `key`. cryptography is loaded when a key is first used, not with
+    this module: a daemon that seals nothing starts without it (docs/performance.md).
+    """
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    return AESGCM(key)
 
 
 def parse_keys(text: str, *, source: str) -> Keyring:
