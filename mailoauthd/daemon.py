@@ -27,7 +27,7 @@ import structlog
 import trio
 
 from mailoauthd import __version__, config, paths
-from mailoauthd.errors import ConfigError, GrantError
+from mailoauthd.errors import ConfigError, GrantError, helper_command
 from mailoauthd.lastresort import guarded
 from mailoauthd.provider import oauth
 from mailoauthd.provider.discovery import Discovery
@@ -177,7 +177,7 @@ class Daemon:
                     self.scheduler.account(name),
                     NEEDS_AUTHORIZATION,
                     message=str(row["last_error"]),
-                    action=str(row["hint"] or f"run 'mailoauth authorize {name}'"),
+                    action=str(row["hint"] or f"run {helper_command('authorize', name)}"),
                     repeat=True,
                 )
 

@@ -54,6 +54,15 @@ STATE_SUPERSEDED = "state-superseded"
 ELSEWHERE = (STATE_KEY, ETCD, ETCD_UNAVAILABLE, ETCD_TLS, STATE_SUPERSEDED)
 
 
+def helper_command(*words: object) -> str:
+    """
+    The command a hint tells a person to run, quoted as every hint quotes it:
+    helper_command("authorize", "work") is "'mailoauth authorize work'". Its one home,
+    so that hints everywhere name the helper and its commands alike.
+    """
+    return "'mailoauth " + " ".join(str(word) for word in words) + "'"
+
+
 def exit_code_for(code: str) -> int:
     """The helper's exit status for a wire error code; unknown codes are plain errors."""
     return EXIT_CODES.get(code, EXIT_ERROR)

@@ -158,3 +158,20 @@ def test_a_start_loads_only_what_it_uses() -> None:
         [sys.executable, "-c", script], capture_output=True, text=True, check=True
     ).stdout.split()
     assert loaded == []
+
+
+# Text templates filled in later (a preset's explanations; the sign-in page's HTML).
+SPELLS_COMMANDS_AS_TEXT = ("presets.py", "signin_page.py")
+
+
+def test_hints_name_commands_through_one_home() -> None:
+    """A hint's command ("run 'mailoauth authorize work'") is errors.helper_command's."""
+    by_hand = re.compile(r"'mailoauth \w+ \{")
+    found = [
+        f"{path.relative_to(PACKAGE.parent)}:{number}"
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if path.name not in SPELLS_COMMANDS_AS_TEXT
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if by_hand.search(line)
+    ]
+    assert found == []

@@ -23,7 +23,12 @@ import httpx
 
 from mailoauthd import presets
 from mailoauthd.config import Account, Provider
-from mailoauthd.errors import AuthorizationFailed, Misconfigured, TransientGrantError
+from mailoauthd.errors import (
+    AuthorizationFailed,
+    Misconfigured,
+    TransientGrantError,
+    helper_command,
+)
 from mailoauthd.flows import Flow
 from mailoauthd.provider import oauth, provider_input
 from mailoauthd.secret import Secret
@@ -108,8 +113,8 @@ def start(
         raise Misconfigured(
             f"{account.name}: provider {provider.name!r} has no authorization_endpoint",
             hint=f"set authorization_endpoint (or issuer) in [providers.{provider.name}], "
-            f"or sign in by device code: "
-            f"'mailoauth authorize {account.name} --flow {Flow.DEVICE_CODE}'",
+            "or sign in by device code: "
+            + helper_command("authorize", account.name, "--flow", Flow.DEVICE_CODE),
         )
     state, verifier = Secret(token(STATE_BYTES)), Secret(token(VERIFIER_BYTES))
     # Some identity providers refuse an OpenID request without a nonce.
@@ -168,7 +173,7 @@ def parse_redirect(text: str, auth: Authorization, *, account: str) -> Secret:
         ForeignRedirect: no state, or another one: not the answer to this request.
         AuthorizationFailed: the provider answered with an error, or without a code.
     """
-    again = f"run 'mailoauth authorize {account}' again"
+    again = f"run {helper_command('authorize', account)} again"
     try:
         params = parse_qs(_query(text), keep_blank_values=True, strict_parsing=True)
     except ValueError:
@@ -214,7 +219,7 @@ def _check_response_issuer(iss: str | None, auth: Authorization, *, account: str
     """
     if auth.issuer is None:
         return
-    hint = f"run 'mailoauth authorize {account}' again, and sign in at {auth.issuer}"
+    hint = f"run {helper_command('authorize', account)} again, and sign in at {auth.issuer}"
     if iss is None:
         if auth.issuer_required:
             raise AuthorizationFailed(
@@ -341,7 +346,7 @@ def parse_device_poll(
         error = provider_input.clean_text(raw_error, 80)
         if error in (PENDING, SLOW_DOWN):
             return error
-        again = f"run 'mailoauth authorize {account}' again"
+        again = f"run {helper_command('authorize', account)} again"
         if error in _DECLINED:
             raise AuthorizationFailed(
                 f"{account}: the sign-in was declined ({error})",
@@ -383,7 +388,7 @@ def shown_device_authorization(grant: DeviceAuthorization, *, account: str) -> D
     """
     hint = (
         "the provider's device authorization answer cannot be shown safely; sign in "
-        f"with a browser: 'mailoauth authorize {account} --flow {Flow.AUTHORIZATION_CODE}'"
+        "with a browser: " + helper_command("authorize", account, "--flow", Flow.AUTHORIZATION_CODE)
     )
     user_code = provider_input.clean_text(grant.user_code, 64)
     if not user_code:

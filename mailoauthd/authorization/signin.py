@@ -39,6 +39,7 @@ from mailoauthd.errors import (
     ProtocolError,
     ReauthorizationRequired,
     TransientGrantError,
+    helper_command,
 )
 from mailoauthd.flows import Flow
 from mailoauthd.lastresort import fault
@@ -162,7 +163,7 @@ def _for_sign_in(exc: MailoauthdError, account: str) -> MailoauthdError:
     if isinstance(exc, TransientGrantError) and (not exc.hint or "keeps retrying" in exc.hint):
         exc.hint = (
             "this is usually temporary, but a sign-in is not retried: "
-            f"run 'mailoauth authorize {account}' again in a while"
+            f"run {helper_command('authorize', account)} again in a while"
         )
     return exc
 
@@ -170,7 +171,7 @@ def _for_sign_in(exc: MailoauthdError, account: str) -> MailoauthdError:
 def _refused(exc: ReauthorizationRequired, account: str) -> AuthorizationFailed:
     return AuthorizationFailed(
         f"{account}: {exc.message}",
-        hint=f"run 'mailoauth authorize {account}' again",
+        hint=f"run {helper_command('authorize', account)} again",
         oauth_error=exc.oauth_error,
     )
 
@@ -367,7 +368,7 @@ async def _browser_flow(session: Session, channel: Channel) -> AccountState:
     minutes = AUTHORIZE_TIMEOUT / 60
     raise AuthorizationFailed(
         f"{account.name}: nobody completed the sign-in within {minutes:g} minutes",
-        hint=f"run 'mailoauth authorize {account.name}' again",
+        hint=f"run {helper_command('authorize', account.name)} again",
     )
 
 
@@ -382,8 +383,8 @@ async def _device_flow(session: Session, channel: Channel) -> AccountState:
         raise Misconfigured(
             f"{account.name}: provider {name!r} has no device_authorization_endpoint",
             hint=f"set device_authorization_endpoint (or issuer) in [providers.{name}], "
-            f"or sign in with a browser: 'mailoauth authorize {account.name} "
-            "--flow authorization_code'",
+            "or sign in with a browser: "
+            + helper_command("authorize", account.name, "--flow", Flow.AUTHORIZATION_CODE),
         )
     what = "the device authorization endpoint"
     request = oauth.device_authorization_request(session.client, endpoint, account.scopes)
@@ -456,5 +457,5 @@ async def _poll(
             await _tell(channel, {"event": "slow_down", "interval": interval})
     raise AuthorizationFailed(
         f"{name}: the code expired before anyone signed in with it",
-        hint=f"run 'mailoauth authorize {name}' again, and enter the new code in time",
+        hint=f"run {helper_command('authorize', name)} again, and enter the new code in time",
     )

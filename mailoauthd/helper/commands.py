@@ -262,7 +262,7 @@ def main(argv: list[str]) -> int:
         if not token:
             raise errors.UsageError(
                 "no refresh token on stdin (paste it, or pipe it in: "
-                f"'mailoauth import {args.account} < file')"
+                f"{errors.helper_command('import', args.account, '<', 'file')})"
             )
         request["refresh_token"] = token
     reply = transport.request_reply(protocol.encode(request), args.socket, timeout + 5)

@@ -8,6 +8,7 @@ import json
 import sys
 
 from mailoauthd import errors, protocol
+from mailoauthd.errors import helper_command
 from mailoauthd.helper import transport
 
 
@@ -77,7 +78,7 @@ def main(
             print(
                 f"{name}: the refresh token (issued {issued}, last used {used}) stops working "
                 f"around {_short_time(row.get('refresh_token_expires_at'))}; "
-                f"run 'mailoauth authorize {name}' before then"
+                f"run {helper_command('authorize', name)} before then"
             )
     _proxy_status(reply, rows)
     if fleet is not None:
@@ -153,7 +154,7 @@ def _check(
         why = f": {row['last_error']}" if row.get("last_error") else ""
         hint = row.get("hint")
         if not hint and row.get("status") == protocol.Status.NEEDS_AUTHORIZATION:
-            hint = f"run 'mailoauth authorize {row.get('account')}'"
+            hint = "run " + helper_command("authorize", row.get("account"))
         hint = f"; {hint}" if hint else ""
         print(f"{row.get('account')}: {row.get('status')}{since}{why}{hint}")
     return status

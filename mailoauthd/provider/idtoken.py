@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 from mailoauthd import presets
 from mailoauthd.config import Account, Provider
-from mailoauthd.errors import AuthorizationFailed
+from mailoauthd.errors import AuthorizationFailed, helper_command
 from mailoauthd.provider.provider_input import clean_text, jwt_claims
 from mailoauthd.secret import Secret
 
@@ -70,7 +70,7 @@ def check_id_token(id_token: Secret | None, account: Account, *, nonce: Secret |
     if "openid" not in account.scopes:
         return
     name = account.name
-    again = f"run 'mailoauth authorize {name}' again"
+    again = f"run {helper_command('authorize', name)} again"
     hint = f"{again}; if this persists, the provider or a proxy is misbehaving"
     if id_token is None:
         raise AuthorizationFailed(

@@ -23,6 +23,7 @@ from mailoauthd.errors import (
     Misconfigured,
     ReauthorizationRequired,
     TransientGrantError,
+    helper_command,
 )
 from mailoauthd.flows import GrantType
 from mailoauthd.provider import provider_input
@@ -302,13 +303,13 @@ def parse_token_response(
         if oauth_error in _NEEDS_AUTH:
             raise ReauthorizationRequired(
                 f"the provider rejected {subject} ({message})",
-                hint=hint or f"run 'mailoauth authorize {account}' and sign in again",
+                hint=hint or f"run {helper_command('authorize', account)} and sign in again",
                 oauth_error=oauth_error,
             )
         # RFC 6749 §5.2: an error code we do not know is still a refusal, and final.
         raise ReauthorizationRequired(
             f"the provider refused {subject} (HTTP {status}, {message})",
-            hint=hint or f"run 'mailoauth authorize {account}' and sign in again",
+            hint=hint or f"run {helper_command('authorize', account)} and sign in again",
             oauth_error=oauth_error,
         )
     reason = _one_line(response.reason_phrase or "no reason given")
@@ -319,7 +320,7 @@ def parse_token_response(
         raise BareRefusal(
             f"the token endpoint refused {subject} (HTTP {status} {reason}, {kind})",
             retry_after=CONFIRM_REFUSAL_SECONDS,
-            hint=f"if it is refused again, run 'mailoauth authorize {account}'",
+            hint=f"if it is refused again, run {helper_command('authorize', account)}",
         )
     raise TransientGrantError(
         f"the token endpoint answered HTTP {status} {reason} with {kind}", retry_after=wait

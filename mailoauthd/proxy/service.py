@@ -26,7 +26,7 @@ import trio
 
 from mailoauthd import hostport
 from mailoauthd.config import Account, ProxySettings
-from mailoauthd.errors import ConfigError, MailoauthdError, ReauthorizationRequired
+from mailoauthd.errors import ConfigError, MailoauthdError, ReauthorizationRequired, helper_command
 from mailoauthd.proxy import upstream
 from mailoauthd.proxy.common import (
     LOGIN_DEADLINE,
@@ -338,7 +338,7 @@ class Proxy:
                 )
         except ReauthorizationRequired as exc:
             raise Denied(
-                Outcome.NEEDS_AUTH, f"{exc.message}; run 'mailoauth authorize {name}'"
+                Outcome.NEEDS_AUTH, f"{exc.message}; run {helper_command('authorize', name)}"
             ) from None
         except MailoauthdError as exc:
             raise Denied(Outcome.UNAVAILABLE, _one_line(exc.message)) from None

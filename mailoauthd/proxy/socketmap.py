@@ -20,7 +20,7 @@ from pathlib import Path
 import structlog
 import trio
 
-from mailoauthd.errors import MailoauthdError, ReauthorizationRequired
+from mailoauthd.errors import MailoauthdError, ReauthorizationRequired, helper_command
 from mailoauthd.proxy.common import MAX_CONNECTIONS, READ_TIMEOUT, Closed
 from mailoauthd.proxy.service import TOKEN_TIMEOUT, Tokens
 from mailoauthd.serve.server import Peer, peer_of
@@ -144,7 +144,7 @@ class Socketmap:
                     state = await self.tokens.token(account, None, deadline)
         except ReauthorizationRequired:
             log.warning("socketmap.needs_authorization", account=account)
-            return f"TEMP {account} needs authorization: run 'mailoauth authorize {account}'"
+            return f"TEMP {account} needs authorization: run {helper_command('authorize', account)}"
         except MailoauthdError as exc:
             return "TEMP " + " ".join(exc.message.split())[:300]
         if state is None or state.access_token is None:

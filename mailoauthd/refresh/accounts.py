@@ -25,7 +25,7 @@ import structlog
 import trio
 
 from mailoauthd.config import Account, DaemonSettings
-from mailoauthd.errors import MailoauthdError, Misconfigured, StateError
+from mailoauthd.errors import MailoauthdError, Misconfigured, StateError, helper_command
 from mailoauthd.flows import Flow
 from mailoauthd.provider import oauth
 from mailoauthd.refresh.alerts import refresh_token_deadline
@@ -189,7 +189,7 @@ class Slot:
             name = self.account.name
             testing = self.account.provider.testing
             _, hint = oauth.explain("invalid_grant", self.state.last_error, name, testing=testing)
-            return hint or f"run 'mailoauth authorize {name}' and sign in again"
+            return hint or f"run {helper_command('authorize', name)} and sign in again"
         return None
 
     def deadline(self) -> datetime | None:
@@ -216,7 +216,7 @@ def load_slot(store: GrantStore, account: Account) -> Slot:
         slot = Slot(account=account, state=AccountState(account=account.name), broken=exc)
         slot.last_exc = StateError(
             f"{exc.message}; the file is kept as it is",
-            hint=f"inspect or remove it, or run 'mailoauth import {account.name}'",
+            hint=f"inspect or remove it, or run {helper_command('import', account.name)}",
         )
         return slot
     return Slot(account=account, state=stored or fresh(account))

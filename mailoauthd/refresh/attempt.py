@@ -26,6 +26,7 @@ from mailoauthd.errors import (
     ReauthorizationRequired,
     StateError,
     TransientGrantError,
+    helper_command,
 )
 from mailoauthd.flows import Flow
 from mailoauthd.presets import PRESETS
@@ -67,8 +68,8 @@ class Attempts:
         if current.refresh_token is None:
             raise ReauthorizationRequired(
                 "no refresh token yet",
-                hint=f"run 'mailoauth authorize {account.name}' "
-                f"or 'mailoauth import {account.name}'",
+                hint=f"run {helper_command('authorize', account.name)} "
+                f"or {helper_command('import', account.name)}",
             )
         # Some providers (Microsoft) want the scopes named on refresh; elsewhere we
         # keep what was granted.
@@ -192,7 +193,7 @@ class Attempts:
             f"the provider no longer grants {', '.join(lost[:3])}: mail programs will be "
             "refused although tokens keep coming (consent withdrawn or narrowed by a policy)"
         )
-        action = f"run 'mailoauth authorize {name}' and grant the mail permission again"
+        action = f"run {helper_command('authorize', name)} and grant the mail permission again"
         log.warning("token.scope_lost", lost=lost[:10])
         self.shared.on_event("scope_lost", slot.account, slot.scope_warning, action)
 
@@ -276,7 +277,7 @@ def _judged(slot: Slot, exc: GrantError) -> GrantError:
     # Refused again after a pause: not a proxy's hiccup; the grant is dead.
     return ReauthorizationRequired(
         f"{exc.message}, again after a retry",
-        hint=f"run 'mailoauth authorize {slot.account.name}' and sign in again",
+        hint=f"run {helper_command('authorize', slot.account.name)} and sign in again",
     )
 
 

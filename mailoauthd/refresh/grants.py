@@ -16,7 +16,7 @@ import structlog
 import trio
 
 from mailoauthd.config import Account
-from mailoauthd.errors import GrantError, StateError, UsageError
+from mailoauthd.errors import GrantError, StateError, UsageError, helper_command
 from mailoauthd.flows import Flow
 from mailoauthd.provider import oauth, provider_http
 from mailoauthd.refresh.accounts import Slot
@@ -86,7 +86,7 @@ class Grants:
                     f"{name}: cannot write {self.shared.store.path(name)}: "
                     f"{exc.strerror or exc}; the new tokens were not kept",
                     hint=f"free disk space or fix permissions, then run "
-                    f"'mailoauth authorize {name}' again",
+                    f"{helper_command('authorize', name)} again",
                 ) from exc
             slot.broken = None
             slot.replace_grant(new)

@@ -20,6 +20,7 @@ from mailoauthd.errors import (
     Misconfigured,
     ReauthorizationRequired,
     TransientGrantError,
+    helper_command,
 )
 from mailoauthd.flows import Flow
 from mailoauthd.refresh.accounts import Slot
@@ -172,11 +173,12 @@ def raise_unusable(slot: Slot) -> None:
         if slot.state.refresh_token is None and slot.state.last_error is None:
             raise ReauthorizationRequired(
                 f"{name}: not authorized yet",
-                hint=f"run 'mailoauth authorize {name}' (or 'mailoauth import {name}')",
+                hint=f"run {helper_command('authorize', name)} "
+                f"(or {helper_command('import', name)})",
             )
         raise ReauthorizationRequired(
             f"{name}: {slot.state.last_error or 'needs authorization'}",
-            hint=slot.hint() or f"run 'mailoauth authorize {name}' and sign in again",
+            hint=slot.hint() or f"run {helper_command('authorize', name)} and sign in again",
         )
     if status == state.MISCONFIGURED:
         hint = slot.last_exc.hint if slot.last_exc else Misconfigured.hint

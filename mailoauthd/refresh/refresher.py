@@ -27,7 +27,7 @@ import structlog
 import trio
 
 from mailoauthd.config import Account, DaemonSettings
-from mailoauthd.errors import StateError, TransientGrantError, UnknownAccount
+from mailoauthd.errors import StateError, TransientGrantError, UnknownAccount, helper_command
 from mailoauthd.flows import Flow
 from mailoauthd.lastresort import guarded
 from mailoauthd.refresh.accounts import FOREVER, Phase, Quiet, Shared, Slot, iso, load_slot
@@ -220,7 +220,7 @@ class Refresher:
         if deadline == st.refresh_token_expires_at:
             why = " (as the provider said when it issued it)"
         message = f"the refresh token stops working around {iso(deadline)}{why}"
-        action = f"run 'mailoauth authorize {name}' before then"
+        action = f"run {helper_command('authorize', name)} before then"
         if provider.testing:
             action += "; publish the app in Google Cloud to lift the 7-day limit"
         log.warning("refresh_token.expiring", account=name, expires_at=iso(deadline))

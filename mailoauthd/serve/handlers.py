@@ -33,6 +33,7 @@ from mailoauthd.errors import (
     TimedOut,
     UnknownAccount,
     UsageError,
+    helper_command,
 )
 from mailoauthd.flows import SIGN_IN_FLOWS, Flow
 from mailoauthd.provider.discovery import Discovery
@@ -302,7 +303,7 @@ class Handlers:
                 f"[providers.{provider.name}] has client_id {provider.client_id!r}; a refresh "
                 "token works only with the client that got it",
                 hint=f"set client_id = {client_id!r} and that client's secret in a provider "
-                f"for {name}, or sign in afresh with 'mailoauth authorize {name}'",
+                f"for {name}, or sign in afresh with {helper_command('authorize', name)}",
             )
 
     async def _bounded(
