@@ -15,7 +15,7 @@ import dataclasses
 import json
 import sys
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -402,7 +402,11 @@ class TestDeadGrants:
     async def test_on_demand_refreshes_are_limited(
         self, clock: trio.testing.MockClock, dev: DevProvider, tmp_path: Path
     ) -> None:
-        """Eight requests for more validity than tokens have: one refresh, not eight."""
+        """
+        Eight requests for more validity than tokens have: one refresh, not eight; and
+        when the token has less left than it should (the wall clock jumped ahead), no
+        second one within the gap however many ask.
+        """
         dev.set_options(access_token_lifetime=100)
         cfg = make_config(
             tmp_path,
@@ -411,18 +415,53 @@ class TestDeadGrants:
             account_keys='refresh_before = "2s"\nmin_validity = "1s"',
         )
         seed(tmp_path, dev, expires_in=5)
-        async with in_process_daemon(cfg, now=mock_now(clock)) as d:
+        ahead = [0.0]  # seconds the wall clock is ahead of trio's
+
+        def now() -> datetime:
+            return T0 + timedelta(seconds=clock.current_time() + ahead[0])
+
+        async with in_process_daemon(cfg, now=now) as d:
             await quiet(d.scheduler)
             before = refreshes(dev)
             assert before == 0
             for _ in range(8):
                 await d.scheduler.token("work", 3600, trio.current_time() + 15)
             assert refreshes(dev) == before + 1
-            clock.jump(55)  # 45 s left; 50 s wanted (the cap), the last refresh 55 s ago
+            ahead[0] = 55  # 45 s left; 50 s wanted (the cap), the last refresh just now
             for _ in range(8):
                 with pytest.raises(TransientGrantError, match="refreshed on demand"):
                     await d.scheduler.token("work", 3600, trio.current_time() + 15)
             assert refreshes(dev) == before + 1
+            ahead[0] = 0
+            clock.jump(51)  # 49 s left, past half the tokens' lifetime since: one more
+            for _ in range(8):
+                await d.scheduler.token("work", 3600, trio.current_time() + 15)
+            assert refreshes(dev) == before + 2
+
+    async def test_short_lived_tokens_are_refreshed_as_often_as_requests_need(
+        self, clock: trio.testing.MockClock, dev: DevProvider, tmp_path: Path
+    ) -> None:
+        """
+        8 s tokens, wanted for 2.5 s, checked every 3 s: between the scheduled refreshes,
+        requests need one every few seconds, and get it (the minute-long gap refused them).
+        """
+        dev.set_options(access_token_lifetime=8)
+        cfg = make_config(
+            tmp_path,
+            dev,
+            daemon_keys='refresh_interval = "3s"\nrefresh_spread = "0s"',
+            account_keys='refresh_before = "3s"\nmin_validity = "1s"',
+        )
+        seed(tmp_path, dev, expires_in=8)
+        async with in_process_daemon(cfg, now=mock_now(clock)) as d:
+            # Requests every 0.7 s: the check runs at the first request after it is due,
+            # so its phase drifts against the tokens', as a refresh's latency makes it do.
+            for _ in range(60):
+                clock.jump(0.7)
+                await quiet(d.scheduler)
+                st = await d.scheduler.token("work", 2.5, trio.current_time() + 15)
+                assert st.valid_for(mock_now(clock)()) >= 2.5
+            assert refreshes(dev) >= 6
 
     def test_aadsts50196_is_a_throttle(self) -> None:
         """Microsoft's loop detection is waited out, not taken as 'sign in again'."""

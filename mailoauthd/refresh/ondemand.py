@@ -3,7 +3,8 @@ What requests wait for: a token valid long enough, now or after a refresh.
 
 A request for a token that is missing or about to expire starts a refresh
 (single flight: the refresher's `start`) and waits for it, within bounds that
-protect the provider: one on-demand refresh a minute per account, none right
+protect the provider: one on-demand refresh a minute per account (or per
+half lifetime of tokens that live less than two minutes), none right
 after a failure, none before the provider's Retry-After. Where another daemon
 of a fleet refreshes the account, a request waits for the grant it stores.
 """
@@ -35,7 +36,8 @@ ON_DEMAND_GAP_SECONDS = 10
 # A request that wants more validity than the token has starts a refresh; one
 # such refresh per account in this many seconds, however many ask (any allowed
 # user could otherwise make us hammer the provider, which Microsoft answers with
-# AADSTS50196 and a throttle).
+# AADSTS50196 and a throttle). Tokens that live under two minutes allow one per
+# half lifetime: what the cap on min_validity (below) may legitimately need.
 ON_DEMAND_REFRESH_GAP_SECONDS = 60
 # A request's min_validity is capped at the lifetime of the tokens the provider
 # issues, less this: more than that no refresh can give.
@@ -106,13 +108,14 @@ def _held_back(slot: Slot, now: datetime, wanted: float) -> float | None:
     remaining = slot.state.valid_for(now)
     asked = slot.last_on_demand
     if remaining > 0 and asked is not None:
-        if trio.current_time() - asked < ON_DEMAND_REFRESH_GAP_SECONDS:
-            # The token still works: one on-demand refresh a minute, however
-            # many ask for more validity than it has.
+        gap = _refresh_gap(slot.state)
+        if trio.current_time() - asked < gap:
+            # The token still works: one on-demand refresh a minute (a half lifetime
+            # of short-lived tokens), however many ask for more validity than it has.
             raise TransientGrantError(
                 f"{name}: the token is valid for {remaining:.0f} s, less than the "
                 f"{wanted:g} s asked for, and it was refreshed on demand "
-                f"less than {ON_DEMAND_REFRESH_GAP_SECONDS} s ago",
+                f"less than {gap:.0f} s ago",
                 hint="ask for a shorter min_validity, or try again in a minute",
             )
     if slot.not_before is not None and slot.not_before > now:
@@ -199,11 +202,29 @@ def _capped(slot: Slot, wanted: float) -> float:
     `wanted`, but no more than the provider's tokens can have: the lifetime of
     the last one issued, less a margin; asking for more would refresh forever.
     """
-    st = slot.state
-    if st.expires_at is None or st.last_refresh is None:
+    lifetime = _lifetime(slot.state)
+    if lifetime is None:
         return wanted
-    lifetime = (st.expires_at - st.last_refresh).total_seconds()
     return min(wanted, max(lifetime / 2, lifetime - LIFETIME_MARGIN_SECONDS))
+
+
+def _refresh_gap(st: AccountState) -> float:
+    """
+    Seconds between on-demand refreshes of an account: a minute, or half the tokens'
+    lifetime when that is shorter. A request may want up to that half (`_capped`), so
+    tokens of 8 s wanted for 2.5 s need a refresh every 5.5 s between the scheduled ones.
+    """
+    lifetime = _lifetime(st)
+    if lifetime is None:
+        return ON_DEMAND_REFRESH_GAP_SECONDS
+    return max(0.0, min(ON_DEMAND_REFRESH_GAP_SECONDS, lifetime / 2))
+
+
+def _lifetime(st: AccountState) -> float | None:
+    """How long the provider's last token was to live, when it was issued to us."""
+    if st.expires_at is None or st.last_refresh is None:
+        return None
+    return (st.expires_at - st.last_refresh).total_seconds()
 
 
 def _wanted(slot: Slot, min_validity: float | None) -> float:
