@@ -116,8 +116,14 @@ def _kv(doc: dict[str, Any]) -> KeyValue:
     )
 
 
-def _why(exc: httpx.HTTPError) -> tuple[str, bool]:
-    """What went wrong with a request, and whether it was TLS (the SSLError under httpx's)."""
+def _why(exc: httpx.HTTPError, *, endpoint: str, certificate: bool) -> tuple[str, bool]:
+    """
+    What went wrong with a request, and whether it was TLS (the SSLError under httpx's).
+
+    Args:
+        endpoint: where it went.
+        certificate: whether we present a client certificate.
+    """
     cause: BaseException | None = exc
     while cause is not None and not isinstance(cause, ssl.SSLError):
         cause = cause.__cause__ or cause.__context__
@@ -128,6 +134,16 @@ def _why(exc: httpx.HTTPError) -> tuple[str, bool]:
             why = "etcd refused our client certificate (cert_file/key_file: none, or not signed"
             return f"TLS: {why} by the CA etcd trusts)", True
         return f"TLS failed: {cause.reason or cause}", True
+    if (
+        isinstance(exc, httpx.ReadError | httpx.RemoteProtocolError)
+        and endpoint.startswith("https:")
+        and not certificate
+    ):
+        # TLS 1.3 lets a client finish its handshake and send before the server has
+        # checked its certificate; on a busy machine the server's alert then loses the
+        # race to a reset, and the refusal arrives as a closed connection instead.
+        why = "etcd closed the connection after the TLS handshake, as it does when it"
+        return f"TLS: {why} requires a client certificate (cert_file/key_file: none)", True
     return type(exc).__name__, False
 
 
@@ -157,7 +173,9 @@ class Etcd:
         timeout: float = 5.0,
         username: str | None = None,
         password: Secret | None = None,
+        certificate: bool = False,
     ) -> None:
+        """`certificate`: whether `http` presents a client certificate (cert_file/key_file)."""
         if not endpoints:
             raise ValueError("etcd needs at least one endpoint")
         self.endpoints = [endpoint.rstrip("/") for endpoint in endpoints]
@@ -165,6 +183,7 @@ class Etcd:
         self.timeout = timeout
         self.username = username
         self.password = password
+        self.certificate = certificate
         self._current = 0
         self._token: str | None = None
 
@@ -185,7 +204,7 @@ class Etcd:
             try:
                 answer = await self._post(endpoint, path, body)
             except httpx.HTTPError as exc:
-                why, was_tls = _why(exc)
+                why, was_tls = _why(exc, endpoint=endpoint, certificate=self.certificate)
                 problems.append(f"{endpoint}: {why}")
                 tls += was_tls
                 continue

@@ -113,6 +113,7 @@ async def open_store(
         timeout=CALL_TIMEOUT_SECONDS,
         username=settings.username,
         password=password,
+        certificate=settings.cert_file is not None and settings.key_file is not None,
     )
     store = FleetStore(etcd, settings, keyring, http)
     try:

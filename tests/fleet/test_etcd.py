@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import time
 
+import httpx
 import pytest
 import trio
 
+from mailoauthd.storage import etcd as etcd_module
 from mailoauthd.storage.etcd import Compare, Etcd, Event, Unavailable
 from mailoauthd.storage.fleet import Lease, Lock
 from tests.fleet.cluster import ETCD, Cluster
@@ -184,3 +186,23 @@ async def test_watch_sees_every_change_in_order_across_a_member_death(
     ]
     revisions = [e.kv.mod_revision for e in seen]
     assert revisions == sorted(revisions)
+
+
+@pytest.mark.parametrize(
+    ("exc", "endpoint", "certificate", "tls"),
+    [
+        # A reset after the handshake, with no certificate to show, over TLS: the refusal.
+        (httpx.ReadError("reset"), "https://127.0.0.1:2379", False, True),
+        (httpx.RemoteProtocolError("closed"), "https://127.0.0.1:2379", False, True),
+        # With a certificate, or without TLS, a reset is an outage to wait out.
+        (httpx.ReadError("reset"), "https://127.0.0.1:2379", True, False),
+        (httpx.ReadError("reset"), "http://127.0.0.1:2379", False, False),
+        (httpx.ConnectError("refused"), "https://127.0.0.1:2379", False, False),
+    ],
+)
+def test_a_missing_client_certificate_is_named_however_it_is_refused(
+    exc: httpx.HTTPError, endpoint: str, certificate: bool, tls: bool
+) -> None:
+    why, was_tls = etcd_module._why(exc, endpoint=endpoint, certificate=certificate)
+    assert was_tls is tls
+    assert ("client certificate" in why) is tls

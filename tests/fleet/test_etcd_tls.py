@@ -261,7 +261,9 @@ def test_daemons_serve_tokens_through_etcd_with_mutual_tls_and_a_password(
 def test_no_client_certificate_is_named(etcd: Etcd, provider: DevProvider, tmp_path: Path) -> None:
     config = write_config(tmp_path, provider, etcd, cert_file="", key_file="")
     log = refused_start(tmp_path, config)
-    assert "etcd refused our client certificate" in log, log
+    # etcd's TLS alert, or on a busy machine the reset that beats it (etcd._why): both name
+    # the missing certificate, and the daemon stops at once instead of waiting for etcd.
+    assert "client certificate (cert_file/key_file: none" in log, log
 
 
 def test_a_wrong_password_is_named(etcd: Etcd, provider: DevProvider, tmp_path: Path) -> None:
