@@ -171,8 +171,7 @@ class Refresher:
         for slot in self.slots.values():
             quiet = slot.quiet
             if quiet is None or not quiet.holds(slot, now):
-                self._check_age(slot, now)
-                quiet = _quiet(slot, now)
+                quiet = _quiet(slot, now, self._check_age(slot, now))
                 if quiet is None:
                     started += self._schedule(slot, now)
                     continue
@@ -207,11 +206,16 @@ class Refresher:
         slot.schedule(now + timedelta(seconds=delay))
         return True
 
-    def _check_age(self, slot: Slot, now: datetime) -> None:
-        """Warn once per refresh token when it nears a cut-off its profile knows of."""
+    def _check_age(self, slot: Slot, now: datetime) -> datetime | None:
+        """
+        Warn once per refresh token when it nears a cut-off its profile knows of.
+
+        Returns:
+            When a warning is still to come, or None.
+        """
         due = _age_warning(slot)
         if due is None or now < due[1]:
-            return
+            return None if due is None else due[1]
         deadline = due[0]
         st, provider = slot.state, slot.account.provider
         slot.age_warned = st.refresh_token_issued_at
@@ -225,6 +229,7 @@ class Refresher:
             action += "; publish the app in Google Cloud to lift the 7-day limit"
         log.warning("refresh_token.expiring", account=name, expires_at=iso(deadline))
         self.shared.on_event("refresh_token_expiring", slot.account, message, action)
+        return None  # said once for this refresh token
 
     # --- single flight -------------------------------------------------------------
 
@@ -283,13 +288,13 @@ class Refresher:
         slot.retry(self.shared.now() + timedelta(seconds=delay))
 
 
-def _quiet(slot: Slot, now: datetime) -> Quiet | None:
+def _quiet(slot: Slot, now: datetime, warn_at: datetime | None) -> Quiet | None:
     """
     What the check concludes of a record at `now`: None if it is due (to refresh now,
     or to look at again at every check until it may), else until when it needs nothing.
+    `warn_at`: when its refresh-token age warning is to come (Refresher._check_age).
     """
-    warning = _age_warning(slot)
-    until = FOREVER if warning is None else warning[1]
+    until = FOREVER if warn_at is None else warn_at
     latest = None
     st = slot.state
     if slot.phase is Phase.IDLE and _refreshable(slot):
