@@ -219,21 +219,13 @@ class Server:
         return peer, received, request, None if reply is None else protocol.encode(reply)
 
     async def _send_rest(self, stream: trio.SocketStream, rest: bytes) -> None:
-        with trio.move_on_after(self.write_timeout):
-            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                await stream.send_all(rest)
-        with contextlib.suppress(OSError):
-            await stream.aclose()
+        await _send(stream, rest, self.write_timeout)
+        await _close(stream)
 
     async def _refuse_busy(self, stream: trio.SocketStream, message: str = BUSY) -> None:
         reply = protocol.error_reply(Busy.code, message, "")
-        with (
-            trio.move_on_after(self.busy_timeout),
-            contextlib.suppress(trio.BrokenResourceError, OSError),
-        ):
-            await stream.send_all(protocol.encode(reply))
-        with contextlib.suppress(OSError):
-            await stream.aclose()
+        await _send(stream, protocol.encode(reply), self.busy_timeout)
+        await _close(stream)
 
     async def _connection(
         self,
@@ -257,15 +249,10 @@ class Server:
                     "mailoauthd failed on this request; its log says where",
                     "try again; if it persists, report it with the daemon's log",
                 )
-            with trio.move_on_after(self.write_timeout):
-                with contextlib.suppress(
-                    trio.BrokenResourceError, trio.ClosedResourceError, OSError
-                ):
-                    await stream.send_all(protocol.encode(reply))
+            await _send(stream, protocol.encode(reply), self.write_timeout)
         finally:
             self.slots.release(peer)
-            with contextlib.suppress(OSError):
-                await stream.aclose()
+            await _close(stream)
 
     async def _answer(
         self,
@@ -387,6 +374,20 @@ async def _hang_up(sock: trio.socket.SocketType, poll: float) -> None:
 def _stream(conn: stdsocket.SocketType) -> trio.SocketStream:
     sock = stdsocket.socket(fileno=conn.detach())
     return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+
+
+async def _send(stream: trio.SocketStream, line: bytes, seconds: float) -> None:
+    """Send an answer within `seconds`; a peer that is gone, or does not read, loses it."""
+    with (
+        trio.move_on_after(seconds),
+        contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError),
+    ):
+        await stream.send_all(line)
+
+
+async def _close(stream: trio.SocketStream) -> None:
+    with contextlib.suppress(OSError):
+        await stream.aclose()
 
 
 def _send_at_once(conn: stdsocket.SocketType, line: bytes) -> bytes:
