@@ -47,7 +47,7 @@ from mailoauthd.errors import (
     TransientGrantError,
 )
 from mailoauthd.provider import discovery, oauth, provider_http, provider_input
-from mailoauthd.refresh import attempt
+from mailoauthd.refresh import attempt, ondemand
 from mailoauthd.secret import Secret
 from mailoauthd.storage import state
 from mailoauthd.storage.state import TokenStore
@@ -738,3 +738,45 @@ class TestSignInKeepsTheGrant:
         assert "secret-ish" not in run.stderr
         assert "RFC 6750" in run.stderr
         assert not (tmp_path / "state" / "work.toml").exists()
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    lifetime=st.floats(1.0, 7200.0),
+    asked=st.floats(0.0, 10_000.0),
+    elapsed=st.floats(0.0, 1.0),
+)
+def test_a_request_within_the_cap_never_meets_the_on_demand_gap(
+    lifetime: float, asked: float, elapsed: float
+) -> None:
+    """
+    Whatever the tokens' lifetime: a request whose min_validity (capped) the token no
+    longer has may start a refresh, however recently a request started the last one,
+    so long as that refresh got this token. Only a token with less left than its age
+    allows (a wall clock that jumped) meets the gap.
+    """
+    account = config.Account(
+        name="work", provider=config.Provider(name="p", client_id="c", token_endpoint="http://x/")
+    )
+    issued = T0
+    slot = ondemand.Slot(
+        account=account,
+        state=state.AccountState(
+            account="work",
+            status=state.OK,
+            access_token=Secret("at"),
+            expires_at=issued + timedelta(seconds=lifetime),
+            last_refresh=issued,
+        ),
+    )
+    wanted = ondemand._capped(slot, asked)
+    age = elapsed * lifetime  # since that refresh got this token
+    now = issued + timedelta(seconds=age)
+    if slot.state.valid_for(now) > wanted - 0.01:
+        return  # the token still has what is wanted: no refresh to start
+
+    async def held_back() -> None:
+        slot.last_on_demand = trio.current_time() - age
+        assert ondemand._held_back(slot, now, wanted) is None
+
+    trio.run(held_back, clock=trio.testing.MockClock())
